@@ -1,0 +1,81 @@
+import { cpus, totalmem } from 'node:os';
+import { onnxRuntimeVersion } from '../src/runtime/session.js';
+
+/** A measured quantity: every run's value, with median and spread. */
+export interface Measurement {
+  readonly name: string;
+  readonly unit: string;
+  readonly runs: readonly number[];
+  readonly median: number;
+  readonly min: number;
+  readonly max: number;
+  /** A derived figure (throughput and the like), computed from the median. */
+  readonly note?: string;
+}
+
+export function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
+
+/** Runs `body` `runs` times after `warmup` unmeasured runs; returns seconds per run. */
+export async function timeRuns(runs: number, body: () => unknown, warmup = 1): Promise<number[]> {
+  for (let i = 0; i < warmup; i++) await body();
+  const out: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const start = process.hrtime.bigint();
+    await body();
+    out.push(Number(process.hrtime.bigint() - start) / 1e9);
+  }
+  return out;
+}
+
+export function measurement(
+  name: string,
+  unit: string,
+  runs: readonly number[],
+  note?: (median: number) => string,
+): Measurement {
+  const m = median(runs);
+  return {
+    name,
+    unit,
+    runs,
+    median: m,
+    min: Math.min(...runs),
+    max: Math.max(...runs),
+    ...(note ? { note: note(m) } : {}),
+  };
+}
+
+export function machine() {
+  return {
+    cpu: cpus()[0]?.model ?? 'unknown',
+    cores: cpus().length,
+    memoryGiB: Math.round(totalmem() / 2 ** 30),
+    node: process.version,
+    onnxruntime: onnxRuntimeVersion,
+    platform: `${process.platform}-${process.arch}`,
+  };
+}
+
+export function formatTable(results: readonly Measurement[]): string {
+  const rows = results.map((r) => [
+    r.name,
+    `${r.median.toPrecision(4)} ${r.unit}`,
+    `${r.min.toPrecision(3)}–${r.max.toPrecision(3)}`,
+    String(r.runs.length),
+    r.note ?? '',
+  ]);
+  const header = ['measurement', 'median', 'range', 'runs', ''];
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  return [header, ...rows]
+    .map((r) =>
+      r
+        .map((c, i) => c.padEnd(widths[i]!))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
+}

@@ -1,0 +1,41 @@
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { foundationSuite } from './foundation.js';
+import { formatTable, machine, type Measurement } from './harness.js';
+
+const SUITES: Record<string, (runs: number) => Promise<Measurement[]>> = {
+  foundation: foundationSuite,
+};
+
+const { values } = parseArgs({
+  options: {
+    suite: { type: 'string', default: Object.keys(SUITES).join(',') },
+    runs: { type: 'string', default: '7' },
+    out: { type: 'string', default: 'bench-results' },
+  },
+});
+const runs = Number(values.runs);
+const info = machine();
+process.stdout.write(
+  `machine: ${info.cpu}, ${info.cores} cores, ${info.memoryGiB} GiB; node ${info.node}; onnxruntime ${info.onnxruntime}\n`,
+);
+for (const name of values.suite.split(',')) {
+  const suite = SUITES[name];
+  if (suite === undefined)
+    throw new Error(`unknown suite '${name}' (have: ${Object.keys(SUITES).join(', ')})`);
+  process.stdout.write(`\n== ${name} (${runs} runs, medians) ==\n`);
+  const results = await suite(runs);
+  process.stdout.write(`${formatTable(results)}\n`);
+  await mkdir(values.out, { recursive: true });
+  const file = join(values.out, `${name}.json`);
+  await writeFile(
+    file,
+    JSON.stringify(
+      { suite: name, date: new Date().toISOString(), machine: info, results },
+      null,
+      2,
+    ),
+  );
+  process.stdout.write(`wrote ${file}\n`);
+}

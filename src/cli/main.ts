@@ -1,0 +1,61 @@
+#!/usr/bin/env node
+import { readFileSync } from 'node:fs';
+import { isUserError } from '../errors.js';
+
+const USAGE = `usage: gesso <command> [options]
+
+commands:
+  inspect PATH      list a .safetensors file's tensors, or a model folder's components
+
+Run 'gesso <command> --help' for a command's options.`;
+
+type Command = (args: readonly string[]) => Promise<number>;
+
+// Commands load on demand, so a quick command never pays for ONNX Runtime's start-up.
+const COMMANDS: Readonly<Record<string, Command>> = {
+  inspect: async (args) => (await import('./inspect.js')).inspectCommand(args),
+};
+
+function version(): string {
+  const pkg = JSON.parse(
+    readFileSync(new URL('../../../package.json', import.meta.url), 'utf8'),
+  ) as { version: string };
+  return pkg.version;
+}
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    process.stdout.write(`${USAGE}\n`);
+    return name === undefined ? 2 : 0;
+  }
+  if (name === '--version' || name === '-v') {
+    process.stdout.write(`gesso ${version()}\n`);
+    return 0;
+  }
+  const command = COMMANDS[name];
+  if (command === undefined) {
+    process.stderr.write(`gesso: unknown command '${name}'\n${USAGE}\n`);
+    return 2;
+  }
+  try {
+    return await command(rest);
+  } catch (error) {
+    if (isUserError(error)) {
+      process.stderr.write(`gesso ${name}: ${error.message}\n`);
+      return 2;
+    }
+    // Argument errors from util.parseArgs are the user's too.
+    if (
+      error instanceof TypeError &&
+      'code' in error &&
+      String(error.code).startsWith('ERR_PARSE_ARGS')
+    ) {
+      process.stderr.write(`gesso ${name}: ${error.message}\n`);
+      return 2;
+    }
+    throw error;
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));

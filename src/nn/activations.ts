@@ -1,0 +1,53 @@
+import type { Value } from '../graph/ir.js';
+import { add, erf, mul, relu, sigmoid, tanh } from '../graph/ops.js';
+
+/** SiLU (swish): x · σ(x). */
+export function silu(x: Value): Value {
+  return mul(x, sigmoid(x));
+}
+
+/** GELU, exact (x · Φ(x), with erf) or PyTorch's tanh approximation. */
+export function gelu(x: Value, approximate: 'none' | 'tanh' = 'none'): Value {
+  if (approximate === 'tanh') {
+    const cube = mul(mul(x, x), x);
+    const inner = mul(add(x, mul(cube, 0.044715)), Math.sqrt(2 / Math.PI));
+    return mul(mul(x, 0.5), add(tanh(inner), 1));
+  }
+  return mul(mul(x, 0.5), add(erf(mul(x, Math.SQRT1_2)), 1));
+}
+
+/** CLIP's QuickGELU: x · σ(1.702 x). */
+export function quickGelu(x: Value): Value {
+  return mul(x, sigmoid(mul(x, 1.702)));
+}
+
+export type Activation =
+  | 'silu'
+  | 'swish'
+  | 'gelu'
+  | 'gelu_tanh'
+  | 'gelu_pytorch_tanh'
+  | 'gelu_new'
+  | 'quick_gelu'
+  | 'relu';
+
+/** Activations by the names configs use (`hidden_act`, `act_fn`). */
+export function activation(name: Activation | string): (x: Value) => Value {
+  switch (name) {
+    case 'silu':
+    case 'swish':
+      return silu;
+    case 'gelu':
+      return (x) => gelu(x);
+    case 'gelu_tanh':
+    case 'gelu_pytorch_tanh':
+    case 'gelu_new':
+      return (x) => gelu(x, 'tanh');
+    case 'quick_gelu':
+      return quickGelu;
+    case 'relu':
+      return relu;
+    default:
+      throw new Error(`unknown activation '${name}'`);
+  }
+}

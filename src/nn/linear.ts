@@ -1,0 +1,29 @@
+import type { Value } from '../graph/ir.js';
+import { add, gemm, matmul, transpose } from '../graph/ops.js';
+import { Module, type ParameterSource } from './module.js';
+
+/** `nn.Linear`: y = x Wᵀ + b, with W stored [out, in] as PyTorch stores it. */
+export class Linear extends Module {
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+  readonly bias: boolean;
+
+  constructor(inFeatures: number, outFeatures: number, bias = true) {
+    super();
+    this.inFeatures = inFeatures;
+    this.outFeatures = outFeatures;
+    this.bias = bias;
+    this.addParameter('weight', [outFeatures, inFeatures]);
+    if (bias) this.addParameter('bias', [outFeatures]);
+  }
+
+  forward(params: ParameterSource, x: Value): Value {
+    return this.scoped(params, () => {
+      const weight = this.param(params, 'weight');
+      const bias = this.bias ? this.param(params, 'bias') : null;
+      if (x.rank === 2) return gemm(x, weight, bias, { transB: true });
+      const y = matmul(x, transpose(weight, [1, 0]));
+      return bias === null ? y : add(y, bias);
+    });
+  }
+}

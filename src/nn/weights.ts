@@ -1,0 +1,214 @@
+import { stat } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { UserError } from '../errors.js';
+import type { ExternalData, Graph, Value } from '../graph/ir.js';
+import { cast } from '../graph/ops.js';
+import { SafetensorsFile, tensorDTypeOf } from '../io/safetensors.js';
+import type { DType } from '../tensor/dtype.js';
+import { Tensor } from '../tensor/tensor.js';
+import type { Module, ParameterSource } from './module.js';
+
+/** One stored weight: where its bytes are and what they are. */
+export interface WeightRecord {
+  readonly key: string;
+  readonly dtype: DType;
+  readonly shape: readonly number[];
+  /** A byte range of a weight file (never copied), or a tensor in memory. */
+  readonly data: ExternalData | Tensor;
+}
+
+function formatShape(shape: readonly number[]): string {
+  return `[${shape.join(', ')}]`;
+}
+
+function listSome(items: readonly string[], limit = 12): string {
+  const shown = items.slice(0, limit).join('; ');
+  return items.length > limit ? `${shown}; and ${items.length - limit} more` : shown;
+}
+
+/** Weights whose names do not fit a module tree: every problem at once. */
+export class WeightMismatchError extends UserError {
+  readonly missing: readonly string[];
+  readonly unexpected: readonly string[];
+  readonly misshapen: readonly string[];
+
+  constructor(
+    origin: string,
+    model: string,
+    missing: string[],
+    unexpected: string[],
+    misshapen: string[],
+  ) {
+    const parts: string[] = [];
+    if (missing.length > 0) parts.push(`missing (${missing.length}): ${listSome(missing)}`);
+    if (unexpected.length > 0)
+      parts.push(`unexpected (${unexpected.length}): ${listSome(unexpected)}`);
+    if (misshapen.length > 0)
+      parts.push(`wrong shape (${misshapen.length}): ${listSome(misshapen)}`);
+    super(
+      'weights-mismatch',
+      `the weights in ${origin} do not fit ${model}:\n  ${parts.join('\n  ')}\n` +
+        `  (is this the right model folder, and does its config.json match its weights?)`,
+    );
+    this.name = 'WeightMismatchError';
+    this.missing = missing;
+    this.unexpected = unexpected;
+    this.misshapen = misshapen;
+  }
+}
+
+/** A set of named weights, read from the headers of weight files or given as host tensors. */
+export class WeightSet {
+  readonly records: ReadonlyMap<string, WeightRecord>;
+  /** What the weights came from, for messages and cache keys. */
+  readonly origin: string;
+  private readonly fingerprintText: string;
+
+  private constructor(
+    records: ReadonlyMap<string, WeightRecord>,
+    origin: string,
+    fingerprint: string,
+  ) {
+    this.records = records;
+    this.origin = origin;
+    this.fingerprintText = fingerprint;
+  }
+
+  /** Reads the headers of .safetensors files (tensor bytes stay on disk). */
+  static async fromFiles(paths: string | readonly string[]): Promise<WeightSet> {
+    const list = typeof paths === 'string' ? [paths] : paths;
+    const records = new Map<string, WeightRecord>();
+    const prints: string[] = [];
+    for (const p of list) {
+      const path = resolve(p);
+      const info = await stat(path).catch(() => undefined);
+      await SafetensorsFile.with(path, async (file) => {
+        for (const t of file.tensors.values()) {
+          const dtype = tensorDTypeOf(t.dtype);
+          if (dtype === undefined) {
+            throw new UserError(
+              'unsupported-dtype',
+              `${path}: weight '${t.name}' has dtype ${t.dtype}, which gesso cannot compute with`,
+            );
+          }
+          if (records.has(t.name)) {
+            throw new UserError(
+              'duplicate-weight',
+              `weight '${t.name}' appears in more than one file (${path})`,
+            );
+          }
+          records.set(t.name, {
+            key: t.name,
+            dtype,
+            shape: t.shape,
+            data: { path, offset: t.byteOffset, length: t.byteLength },
+          });
+        }
+      });
+      prints.push(`${path}:${info?.size ?? 0}:${info?.mtimeMs ?? 0}`);
+    }
+    return new WeightSet(records, list.join(', '), prints.join('|'));
+  }
+
+  static fromTensors(tensors: Readonly<Record<string, Tensor>>, origin = 'memory'): WeightSet {
+    const records = new Map<string, WeightRecord>();
+    for (const [key, t] of Object.entries(tensors))
+      records.set(key, { key, dtype: t.dtype, shape: t.shape, data: t });
+    return new WeightSet(records, origin, `memory:${Math.random()}`);
+  }
+
+  /** Identifies the weights for cache keys: file paths, sizes and modification times. */
+  get fingerprint(): string {
+    return this.fingerprintText;
+  }
+
+  has(key: string): boolean {
+    return this.records.has(key);
+  }
+
+  get(key: string): WeightRecord | undefined {
+    return this.records.get(key);
+  }
+
+  /** The same weights under new names; keys mapped to undefined are dropped. */
+  rename(map: (key: string) => string | undefined): WeightSet {
+    const out = new Map<string, WeightRecord>();
+    for (const [key, record] of this.records) {
+      const renamed = map(key);
+      if (renamed !== undefined) out.set(renamed, { ...record, key: renamed });
+    }
+    return new WeightSet(out, this.origin, this.fingerprintText);
+  }
+
+  /**
+   * Checks that these weights are exactly the module's parameters (same names, same shapes) and
+   * throws one WeightMismatchError naming every missing, unexpected and mis-shaped weight.
+   * `ignoreUnexpected` accepts known extras (such as buffers some exporters save).
+   */
+  bind(
+    module: Module,
+    options: { ignoreUnexpected?: (key: string) => boolean } = {},
+  ): BoundWeights {
+    const expected = module.namedParameters();
+    const missing: string[] = [];
+    const misshapen: string[] = [];
+    for (const [key, shape] of expected) {
+      const record = this.records.get(key);
+      if (record === undefined) missing.push(`${key} ${formatShape(shape)}`);
+      else if (
+        record.shape.length !== shape.length ||
+        record.shape.some((d, i) => d !== shape[i])
+      ) {
+        misshapen.push(
+          `${key} is ${formatShape(record.shape)} in the file, the model expects ${formatShape(shape)}`,
+        );
+      }
+    }
+    const unexpected = [...this.records.keys()].filter(
+      (key) => !expected.has(key) && options.ignoreUnexpected?.(key) !== true,
+    );
+    if (missing.length > 0 || unexpected.length > 0 || misshapen.length > 0) {
+      throw new WeightMismatchError(
+        this.origin,
+        module.constructor.name,
+        missing,
+        unexpected,
+        misshapen,
+      );
+    }
+    return new BoundWeights(this);
+  }
+}
+
+/** Weights checked against a module tree, ready to become graph initializers. */
+export class BoundWeights {
+  readonly weights: WeightSet;
+
+  constructor(weights: WeightSet) {
+    this.weights = weights;
+  }
+
+  /**
+   * A parameter source for one graph: each parameter becomes an initializer named by its key,
+   * pointing into its file in place, cast in the graph when the file's dtype is not `compute`.
+   */
+  parameters(graph: Graph, compute: DType = 'float32'): ParameterSource {
+    const values = new Map<string, Value>();
+    const weights = this.weights;
+    return {
+      graph,
+      parameter(key: string): Value {
+        let value = values.get(key);
+        if (value === undefined) {
+          const record = weights.get(key);
+          if (record === undefined)
+            throw new Error(`no weight '${key}' (bind() should have caught this)`);
+          const stored = graph.initializer(key, record.dtype, record.shape, record.data);
+          value = graph.scope(key, () => cast(stored, compute));
+          values.set(key, value);
+        }
+        return value;
+      },
+    };
+  }
+}

@@ -1,0 +1,323 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { mkdir, readFile, rename, rm } from 'node:fs/promises';
+import { cpus, homedir } from 'node:os';
+import { join } from 'node:path';
+import ort from 'onnxruntime-node';
+import { UserError } from '../errors.js';
+import { writeFileAtomically } from '../io/atomic.js';
+import type { DType } from '../tensor/dtype.js';
+import { Tensor } from '../tensor/tensor.js';
+
+/**
+ * The one place gesso touches ONNX Runtime: sessions from serialized graphs, execution providers,
+ * threads, and the on-disk cache of emitted and ORT-optimized graphs.
+ */
+
+export type ExecutionProvider = 'cpu' | 'cuda' | 'coreml' | 'dml' | 'webgpu';
+export type GraphOptimization = 'disabled' | 'basic' | 'extended' | 'all';
+
+export interface RuntimeOptions {
+  /** Where the graph runs. Default 'cpu'. */
+  readonly executionProvider?: ExecutionProvider;
+  /** Threads inside one op (ORT's intra-op pool). Default: ONNX Runtime's choice (one per core). */
+  readonly threads?: number;
+  readonly interOpThreads?: number;
+  readonly graphOptimization?: GraphOptimization;
+  readonly memoryArena?: boolean;
+  /** Folder for cached graphs; false turns the cache off. Default: see `defaultCacheDir`. */
+  readonly cacheDir?: string | false;
+  /** Also cache ORT's optimized graph (a converted copy of the weights; big for big models). */
+  readonly cacheOptimized?: boolean;
+}
+
+/** A serialized ONNX model and the folder its external-data locations are relative to. */
+export interface OnnxModel {
+  readonly bytes: Uint8Array;
+  readonly externalDataFolder: string | undefined;
+}
+
+/** A graph to run: a cache key naming what shaped it, and how to emit it on a cache miss. */
+export interface GraphSource {
+  /** Everything the graph depends on (model files, config, build options); undefined: never cache. */
+  readonly key: string | undefined;
+  readonly emit: () => OnnxModel | Promise<OnnxModel>;
+}
+
+/** Bump when the emitted graphs change, so older cache entries are not used. */
+const GRAPH_FORMAT = 1;
+
+export function defaultCacheDir(): string {
+  const env = process.env.GESSO_CACHE_DIR;
+  if (env !== undefined && env !== '') return env;
+  const xdg = process.env.XDG_CACHE_HOME;
+  return join(xdg !== undefined && xdg !== '' ? xdg : join(homedir(), '.cache'), 'gesso');
+}
+
+const ORT_TYPES: Readonly<Record<string, DType>> = {
+  float32: 'float32',
+  float16: 'float16',
+  float64: 'float64',
+  int64: 'int64',
+  int32: 'int32',
+  int16: 'int16',
+  int8: 'int8',
+  uint8: 'uint8',
+  bool: 'bool',
+};
+
+function toOrt(t: Tensor): ort.Tensor {
+  if (t.dtype === 'bfloat16') {
+    throw new Error('ONNX Runtime for JavaScript has no bfloat16 tensors; cast to float32 first');
+  }
+  return new ort.Tensor(t.dtype, t.data as ort.Tensor.DataType, [...t.shape]);
+}
+
+function fromOrt(t: ort.Tensor): Tensor {
+  const dtype = ORT_TYPES[t.type];
+  if (dtype === undefined) throw new Error(`unsupported ONNX Runtime output type ${t.type}`);
+  const data = t.data as Tensor['data'];
+  return new Tensor(dtype, t.dims, data);
+}
+
+function providerList(ep: ExecutionProvider): string[] {
+  if (ep === 'cpu') return ['cpu'];
+  const available = ort.listSupportedBackends().map((b) => b.name);
+  const platformHas: Record<ExecutionProvider, boolean> = {
+    cpu: true,
+    cuda: available.includes('cuda'),
+    webgpu: available.includes('webgpu'),
+    coreml: process.platform === 'darwin',
+    dml: process.platform === 'win32',
+  };
+  if (!platformHas[ep]) {
+    const usable = (['cpu', 'cuda', 'coreml', 'dml', 'webgpu'] as const).filter(
+      (p) => platformHas[p],
+    );
+    throw new UserError(
+      'execution-provider-unavailable',
+      `execution provider '${ep}' is not available on ${process.platform}-${process.arch}; use one of: ${usable.join(', ')}`,
+    );
+  }
+  return [ep, 'cpu'];
+}
+
+function sessionOptions(options: RuntimeOptions): ort.InferenceSession.SessionOptions {
+  const ep = options.executionProvider ?? 'cpu';
+  return {
+    executionProviders: providerList(ep),
+    graphOptimizationLevel: options.graphOptimization ?? 'all',
+    ...(options.threads !== undefined ? { intraOpNumThreads: options.threads } : {}),
+    ...(options.interOpThreads !== undefined ? { interOpNumThreads: options.interOpThreads } : {}),
+    ...(options.memoryArena !== undefined ? { enableCpuMemArena: options.memoryArena } : {}),
+    logSeverityLevel: 3,
+  };
+}
+
+function hash(text: string): string {
+  return createHash('sha256').update(text).digest('hex').slice(0, 32);
+}
+
+/** A loaded graph, ready to run. */
+export class Session {
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    /** Where the session came from: 'emitted', 'cache' or 'optimized-cache'. */
+    readonly origin: 'emitted' | 'cache' | 'optimized-cache',
+  ) {}
+
+  get inputNames(): readonly string[] {
+    return this.session.inputNames;
+  }
+
+  get outputNames(): readonly string[] {
+    return this.session.outputNames;
+  }
+
+  async run(
+    feeds: Readonly<Record<string, Tensor>>,
+    outputs?: readonly string[],
+  ): Promise<Record<string, Tensor>> {
+    const ortFeeds: Record<string, ort.Tensor> = {};
+    for (const [name, t] of Object.entries(feeds)) ortFeeds[name] = toOrt(t);
+    const results =
+      outputs === undefined
+        ? await this.session.run(ortFeeds)
+        : await this.session.run(ortFeeds, [...outputs]);
+    const out: Record<string, Tensor> = {};
+    for (const [name, t] of Object.entries(results)) out[name] = fromOrt(t);
+    return out;
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+
+  /**
+   * Creates a session for `source`. With a key and a cache folder, the emitted graph is stored
+   * (and with `cacheOptimized`, ORT's optimized graph too) so the next load skips that work.
+   */
+  static async create(source: GraphSource, options: RuntimeOptions = {}): Promise<Session> {
+    const base = sessionOptions(options);
+    const cacheRoot =
+      options.cacheDir === false ? undefined : (options.cacheDir ?? defaultCacheDir());
+    const entry =
+      cacheRoot !== undefined && source.key !== undefined
+        ? join(
+            cacheRoot,
+            'graphs',
+            hash(
+              JSON.stringify({
+                key: source.key,
+                format: GRAPH_FORMAT,
+                ort: ort.env.versions.common,
+              }),
+            ),
+          )
+        : undefined;
+
+    const optimizedDir =
+      entry !== undefined && options.cacheOptimized === true
+        ? join(
+            entry,
+            `optimized-${hash(
+              JSON.stringify({
+                ep: base.executionProviders,
+                level: base.graphOptimizationLevel,
+                cpu: cpus()[0]?.model ?? '',
+                arch: process.arch,
+              }),
+            )}`,
+          )
+        : undefined;
+    if (optimizedDir !== undefined && existsSync(join(optimizedDir, 'model.onnx'))) {
+      try {
+        const session = await ort.InferenceSession.create(join(optimizedDir, 'model.onnx'), {
+          ...base,
+          graphOptimizationLevel: 'disabled',
+        });
+        return new Session(session, 'optimized-cache');
+      } catch {
+        await rm(optimizedDir, { recursive: true, force: true });
+      }
+    }
+
+    const { model, origin } = await loadOrEmit(source, entry);
+    const extra =
+      model.externalDataFolder !== undefined
+        ? { session: { model_external_initializers_file_folder_path: model.externalDataFolder } }
+        : undefined;
+
+    if (optimizedDir !== undefined) {
+      // ORT writes the optimized graph itself; it goes to a private folder renamed into place after.
+      const staging = `${optimizedDir}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+      await mkdir(staging, { recursive: true });
+      try {
+        const session = await createOrt(model.bytes, {
+          ...base,
+          optimizedModelFilePath: join(staging, 'model.onnx'),
+          extra: {
+            ...extra,
+            session: {
+              ...extra?.session,
+              optimized_model_external_initializers_file_name: 'weights.bin',
+              optimized_model_external_initializers_min_size_in_bytes: '1024',
+            },
+          },
+        });
+        await rename(staging, optimizedDir).catch(() =>
+          rm(staging, { recursive: true, force: true }),
+        );
+        return new Session(session, origin);
+      } catch (error) {
+        await rm(staging, { recursive: true, force: true });
+        throw error;
+      }
+    }
+    try {
+      const session = await createOrt(model.bytes, {
+        ...base,
+        ...(extra !== undefined ? { extra } : {}),
+      });
+      return new Session(session, origin);
+    } catch (error) {
+      if (origin !== 'cache' || entry === undefined) throw error;
+      // A damaged cache entry: drop it and build the graph again.
+      await rm(entry, { recursive: true, force: true });
+      return Session.create(source, options);
+    }
+  }
+}
+
+async function createOrt(
+  bytes: Uint8Array,
+  options: ort.InferenceSession.SessionOptions,
+): Promise<ort.InferenceSession> {
+  try {
+    return await ort.InferenceSession.create(bytes, options);
+  } catch (error) {
+    const providers = options.executionProviders ?? [];
+    if (providers.length > 1) {
+      throw new UserError(
+        'execution-provider-failed',
+        `ONNX Runtime could not start execution provider '${String(providers[0])}': ${(error as Error).message}`,
+        { cause: error },
+      );
+    }
+    throw error;
+  }
+}
+
+async function loadOrEmit(
+  source: GraphSource,
+  entry: string | undefined,
+): Promise<{ model: OnnxModel; origin: 'emitted' | 'cache' }> {
+  if (entry !== undefined) {
+    try {
+      const meta = JSON.parse(await readFile(join(entry, 'meta.json'), 'utf8')) as {
+        externalDataFolder?: string;
+        key?: string;
+      };
+      if (meta.key === source.key) {
+        const bytes = await readFile(join(entry, 'model.onnx'));
+        return { model: { bytes, externalDataFolder: meta.externalDataFolder }, origin: 'cache' };
+      }
+    } catch {
+      // Missing or unreadable entry: emit afresh below.
+    }
+  }
+  const model = await source.emit();
+  if (entry !== undefined) {
+    await mkdir(entry, { recursive: true });
+    await writeFileAtomically(join(entry, 'model.onnx'), model.bytes);
+    // meta.json last: an entry counts only once its graph is complete.
+    await writeFileAtomically(
+      join(entry, 'meta.json'),
+      JSON.stringify({
+        key: source.key,
+        externalDataFolder: model.externalDataFolder,
+        created: new Date().toISOString(),
+      }),
+    );
+  }
+  return { model, origin: 'emitted' };
+}
+
+export const onnxRuntimeVersion: string = ort.env.versions.common;
+
+/** Runs a model once without caching: for tests and one-off graphs. */
+export async function runOnce(
+  model: OnnxModel,
+  feeds: Readonly<Record<string, Tensor>>,
+  options: RuntimeOptions = {},
+): Promise<Record<string, Tensor>> {
+  const session = await Session.create(
+    { key: undefined, emit: () => model },
+    { ...options, cacheDir: false },
+  );
+  try {
+    return await session.run(feeds);
+  } finally {
+    await session.release();
+  }
+}

@@ -1,0 +1,93 @@
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Tensor } from '../src/tensor/tensor.js';
+
+/** The repository root (tests run from dist/test/). */
+export const repoRoot = resolve(fileURLToPath(new URL('../../', import.meta.url)));
+export const fixtures = join(repoRoot, 'test', 'fixtures');
+
+/** `../shared/golden` beside the clone, as CI provides it; undefined when absent. */
+export const goldenDir: string | undefined = (() => {
+  const dir = process.env.GESSO_GOLDEN_DIR ?? resolve(repoRoot, '..', 'shared', 'golden');
+  return existsSync(dir) ? dir : undefined;
+})();
+
+export const GOLDEN_MISSING =
+  'golden reference files are absent: ../shared/golden (or GESSO_GOLDEN_DIR) not found';
+
+/** Skip option for node:test when the golden folder is missing. */
+export function needsGolden(): { skip: string | false } {
+  return { skip: goldenDir === undefined ? GOLDEN_MISSING : false };
+}
+
+export function golden(...parts: string[]): string {
+  if (goldenDir === undefined) throw new Error(GOLDEN_MISSING);
+  return join(goldenDir, ...parts);
+}
+
+export interface Tolerance {
+  /** Absolute tolerance. */
+  atol?: number;
+  /** Tolerance relative to each expected value. */
+  rtol?: number;
+}
+
+/** Elementwise |a - e| <= atol + rtol·|e|, with shape equality; reports the worst element. */
+export function assertClose(
+  actual: Tensor,
+  expected: Tensor,
+  tolerance: Tolerance,
+  label = '',
+): void {
+  assert.deepEqual([...actual.shape], [...expected.shape], `${label} shape`);
+  const a = actual.toFloat32().data;
+  const e = expected.toFloat32().data;
+  const { atol = 0, rtol = 0 } = tolerance;
+  let worst = -1;
+  let worstExcess = 0;
+  for (let i = 0; i < e.length; i++) {
+    const diff = Math.abs(a[i]! - e[i]!);
+    const excess = diff - (atol + rtol * Math.abs(e[i]!));
+    if (!(excess <= 0) && (worst < 0 || excess > worstExcess || Number.isNaN(diff))) {
+      worst = i;
+      worstExcess = excess;
+    }
+  }
+  if (worst >= 0) {
+    assert.fail(
+      `${label}: element ${worst} is ${a[worst]}, expected ${e[worst]} (|diff| ${Math.abs(a[worst]! - e[worst]!)} > atol ${atol} + rtol ${rtol})`,
+    );
+  }
+}
+
+/** Bitwise equality of two float32 tensors (NaN payloads and signed zeros included). */
+export function assertBitEqual(
+  actual: Tensor<'float32'>,
+  expected: Tensor<'float32'>,
+  label = '',
+): void {
+  assert.deepEqual([...actual.shape], [...expected.shape], `${label} shape`);
+  const a = new Uint32Array(actual.data.buffer, actual.data.byteOffset, actual.size);
+  const e = new Uint32Array(expected.data.buffer, expected.data.byteOffset, expected.size);
+  for (let i = 0; i < e.length; i++) {
+    if (a[i] !== e[i]) {
+      assert.fail(
+        `${label}: element ${i} is ${actual.data[i]}, expected ${expected.data[i]} (bits differ)`,
+      );
+    }
+  }
+}
+
+/** A fresh temporary folder, removed after `use`. */
+export async function withTempDir<T>(use: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), 'gesso-test-'));
+  try {
+    return await use(dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,139 @@
+import assert from 'node:assert/strict';
+import { readdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import test from 'node:test';
+import { isUserError } from '../src/errors.js';
+import { Graph } from '../src/graph/ir.js';
+import { emitOnnx } from '../src/graph/onnx.js';
+import * as op from '../src/graph/ops.js';
+import { writeSafetensors } from '../src/io/safetensors.js';
+import { Linear, WeightSet } from '../src/nn/index.js';
+import { runOnce, Session } from '../src/runtime/session.js';
+import { Tensor } from '../src/tensor/tensor.js';
+import { withTempDir } from './helpers.js';
+
+function tinyModel() {
+  const g = new Graph();
+  const x = g.input('x', 'float32', ['n']);
+  g.output(op.add(op.mul(x, 3), 1), 'y');
+  return emitOnnx(g);
+}
+
+test('execution providers: a clear error where the platform has none', async () => {
+  const unavailable = process.platform === 'darwin' ? 'dml' : 'coreml';
+  await assert.rejects(
+    Session.create(
+      { key: undefined, emit: tinyModel },
+      { executionProvider: unavailable, cacheDir: false },
+    ),
+    (e: unknown) => {
+      assert.ok(isUserError(e));
+      assert.equal(e.code, 'execution-provider-unavailable');
+      assert.match(
+        e.message,
+        new RegExp(`'${unavailable}' is not available on ${process.platform}`),
+      );
+      return true;
+    },
+  );
+});
+
+test(
+  'cuda without its libraries fails as a user error, not a crash',
+  { skip: process.platform !== 'linux' ? 'Linux only' : false },
+  async () => {
+    try {
+      const s = await Session.create(
+        { key: undefined, emit: tinyModel },
+        { executionProvider: 'cuda', cacheDir: false },
+      );
+      await s.release(); // a machine with CUDA: nothing to check
+    } catch (e) {
+      assert.ok(isUserError(e), String(e));
+      assert.match(e.code, /execution-provider-(unavailable|failed)/);
+    }
+  },
+);
+
+test('threads and optimization level are honoured options', async () => {
+  for (const [threads, level] of [
+    [1, 'disabled'],
+    [2, 'all'],
+  ] as const) {
+    const r = await runOnce(
+      tinyModel(),
+      { x: Tensor.float32([3], [0, 1, 2]) },
+      { threads, graphOptimization: level },
+    );
+    assert.deepEqual(r.y!.toArray(), [1, 4, 7]);
+  }
+});
+
+test('the graph cache: emit once, reuse by key, rebuild on a new key or a damaged entry', async () => {
+  await withTempDir(async (dir) => {
+    let emits = 0;
+    const source = (key: string) => ({
+      key,
+      emit: () => {
+        emits++;
+        return tinyModel();
+      },
+    });
+    const x = Tensor.float32([2], [1, 2]);
+    const first = await Session.create(source('model-a'), { cacheDir: dir });
+    assert.equal(first.origin, 'emitted');
+    assert.deepEqual((await first.run({ x })).y!.toArray(), [4, 7]);
+    await first.release();
+    const second = await Session.create(source('model-a'), { cacheDir: dir });
+    assert.equal(second.origin, 'cache');
+    assert.deepEqual((await second.run({ x })).y!.toArray(), [4, 7]);
+    await second.release();
+    assert.equal(emits, 1);
+
+    const other = await Session.create(source('model-b'), { cacheDir: dir });
+    assert.equal(other.origin, 'emitted');
+    await other.release();
+    assert.equal(emits, 2);
+
+    // Damage every cached graph: the next load notices and rebuilds.
+    const graphs = join(dir, 'graphs');
+    for (const entry of await readdir(graphs))
+      await writeFile(join(graphs, entry, 'model.onnx'), 'garbage');
+    const rebuilt = await Session.create(source('model-a'), { cacheDir: dir });
+    assert.equal(rebuilt.origin, 'emitted');
+    assert.deepEqual((await rebuilt.run({ x })).y!.toArray(), [4, 7]);
+    await rebuilt.release();
+  });
+});
+
+test('the optimized-graph cache loads ORT’s optimized model and gives the same results', async () => {
+  await withTempDir(async (dir) => {
+    const weightsPath = join(dir, 'w.safetensors');
+    await writeSafetensors(weightsPath, {
+      weight: Tensor.float32(
+        [300, 400],
+        Array.from({ length: 120000 }, (_, i) => Math.sin(i)),
+      ),
+      bias: Tensor.full([300], 0.5),
+    });
+    const layer = new Linear(400, 300);
+    const weights = (await WeightSet.fromFiles(weightsPath)).bind(layer);
+    const emit = () => {
+      const g = new Graph();
+      g.output(layer.forward(weights.parameters(g), g.input('x', 'float32', ['n', 400])), 'y');
+      return emitOnnx(g);
+    };
+    const key = `linear:${weights.weights.fingerprint}`;
+    const x = Tensor.float32(
+      [2, 400],
+      Array.from({ length: 800 }, (_, i) => Math.cos(i)),
+    );
+    const cold = await Session.create({ key, emit }, { cacheDir: dir, cacheOptimized: true });
+    const expected = (await cold.run({ x })).y!;
+    await cold.release();
+    const warm = await Session.create({ key, emit }, { cacheDir: dir, cacheOptimized: true });
+    assert.equal(warm.origin, 'optimized-cache');
+    assert.deepEqual((await warm.run({ x })).y!.toArray(), expected.toArray());
+    await warm.release();
+  });
+});
