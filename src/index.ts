@@ -12,3 +12,13 @@ export { emitOnnx, OPSET, IR_VERSION, type EmittedModel } from './graph/onnx.js'
 export * from './runtime/session.js';
 export * as nn from './nn/index.js';
 export { describeModelFolder } from './loaders/describe.js';
+export { ClipTokenizer } from './tokenizers/clip.js';
+export { createScheduler, SCHEDULER_NAMES, Scheduler } from './schedulers/index.js';
+export {
+  StableDiffusionPipeline,
+  type GenerateOptions,
+  type GenerateResult,
+} from './pipelines/stable-diffusion.js';
+export { readImage, toUint8, writePng } from './io/image.js';
+export { decodePng, encodePng } from './io/png.js';
+export { formatInfotext, parseInfotext } from './io/infotext.js';

@@ -5,6 +5,7 @@ import { isUserError } from '../errors.js';
 const USAGE = `usage: gesso <command> [options]
 
 commands:
+  generate PROMPT   draw an image (gesso generate --help for the options)
   inspect PATH      list a .safetensors file's tensors, or a model folder's components
 
 Run 'gesso <command> --help' for a command's options.`;
@@ -13,6 +14,7 @@ type Command = (args: readonly string[]) => Promise<number>;
 
 // Commands load on demand, so a quick command never pays for ONNX Runtime's start-up.
 const COMMANDS: Readonly<Record<string, Command>> = {
+  generate: async (args) => (await import('./generate.js')).generateCommand(args),
   inspect: async (args) => (await import('./inspect.js')).inspectCommand(args),
 };
 

@@ -531,6 +531,53 @@ export function upsampleNearest(x: Value, factors: readonly number[]): Value {
   );
 }
 
+/** The runtime shape of `x` as an int64 vector (optionally dims [start, end)). */
+export function shapeOf(x: Value, start?: number, end?: number): Value {
+  const attrs: Record<string, Attr> = {};
+  if (start !== undefined) attrs.start = attr.int(start);
+  if (end !== undefined) attrs.end = attr.int(end);
+  const from = start === undefined ? 0 : start < 0 ? start + x.rank : start;
+  const to = end === undefined ? x.rank : end < 0 ? end + x.rank : end;
+  return node('Shape', [x], attrs, 'int64', [Math.max(0, to - from)]);
+}
+
+/** Reshapes `x` to the runtime shape of `like` (same element count). */
+export function reshapeLike(x: Value, like: Value): Value {
+  return node('Reshape', [x, shapeOf(like)], {}, x.dtype, like.shape);
+}
+
+/**
+ * Nearest-neighbour resize of the spatial dims to those of `like` (PyTorch's
+ * `interpolate(size=..., mode='nearest')`), for upsampling onto a skip connection's size.
+ */
+export function resizeNearestLike(x: Value, like: Value): Value {
+  const sizes = concat([shapeOf(x, 0, 2), shapeOf(like, 2)], 0);
+  return node(
+    'Resize',
+    [x, null, null, sizes],
+    {
+      mode: attr.string('nearest'),
+      coordinate_transformation_mode: attr.string('asymmetric'),
+      nearest_mode: attr.string('floor'),
+    },
+    x.dtype,
+    [x.shape[0]!, x.shape[1]!, ...like.shape.slice(2)],
+  );
+}
+
+/** Index of the largest element along `axis` (the first one on ties). */
+export function argMax(x: Value, axis: number, keepdims = false): Value {
+  const a = normalizeAxis(axis, x.rank);
+  const out = x.shape.flatMap((d, i) => (i !== a ? [d] : keepdims ? [1] : []));
+  return node(
+    'ArgMax',
+    [x],
+    { axis: attr.int(a), keepdims: attr.int(keepdims ? 1 : 0) },
+    'int64',
+    out,
+  );
+}
+
 // ---- reductions and normalization ----
 
 function reduce(op: string, x: Value, axes: readonly number[], keepdims: boolean): Value {

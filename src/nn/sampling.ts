@@ -1,9 +1,12 @@
 import type { Value } from '../graph/ir.js';
-import { averagePool, pad, upsampleNearest } from '../graph/ops.js';
+import { averagePool, pad, resizeNearestLike, upsampleNearest } from '../graph/ops.js';
 import { Conv2d } from './conv.js';
 import { Module, type ParameterSource } from './module.js';
 
-/** diffusers' `Upsample2D`: nearest-neighbour ×2, then an optional 3×3 `conv`. */
+/**
+ * diffusers' `Upsample2D`: nearest-neighbour ×2 (or onto the spatial size of `like`, as diffusers'
+ * `upsample_size` does for odd sizes), then an optional 3×3 `conv`.
+ */
 export class Upsample2D extends Module {
   private readonly conv: Conv2d | undefined;
 
@@ -18,9 +21,9 @@ export class Upsample2D extends Module {
       : undefined;
   }
 
-  forward(params: ParameterSource, x: Value): Value {
+  forward(params: ParameterSource, x: Value, like?: Value): Value {
     return this.scoped(params, () => {
-      const up = upsampleNearest(x, [2, 2]);
+      const up = like === undefined ? upsampleNearest(x, [2, 2]) : resizeNearestLike(x, like);
       return this.conv === undefined ? up : this.conv.forward(params, up);
     });
   }

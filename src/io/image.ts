@@ -1,0 +1,68 @@
+import { readFile } from 'node:fs/promises';
+import sharp from 'sharp';
+import { UserError } from '../errors.js';
+import { Tensor } from '../tensor/tensor.js';
+import { writeFileAtomically } from './atomic.js';
+import { encodePng } from './png.js';
+
+/** Images between files and tensors: NHWC uint8 for pixels, NHWC float in [0, 1] from models. */
+
+/** Float [0, 1] → uint8 as diffusers' `numpy_to_pil` does: (x · 255) rounded half to even. */
+export function toUint8(images: Tensor<'float32'>): Tensor<'uint8'> {
+  const out = new Uint8Array(images.size);
+  const src = images.data;
+  for (let i = 0; i < out.length; i++) {
+    const v = Math.fround(Math.min(Math.max(src[i]!, 0), 1) * 255);
+    const r = Math.round(v);
+    out[i] = v - Math.floor(v) === 0.5 && r % 2 === 1 ? r - 1 : r;
+  }
+  return new Tensor('uint8', images.shape, out);
+}
+
+/** One image of an NHWC batch as a PNG file, written atomically, with text chunks. */
+export async function writePng(
+  path: string,
+  images: Tensor<'uint8'>,
+  index = 0,
+  text: Readonly<Record<string, string>> = {},
+): Promise<void> {
+  const [, h, w, c] = images.shape as [number, number, number, number];
+  const data = (images.data as Uint8Array).subarray(index * h * w * c, (index + 1) * h * w * c);
+  await writeFileAtomically(
+    path,
+    encodePng({ width: w, height: h, channels: c as 1 | 3 | 4, data }, text),
+  );
+}
+
+/**
+ * Reads any common image file (PNG, JPEG, WebP, ...) as RGB, NHWC uint8 [1, H, W, 3], resized
+ * with Lanczos filtering to `width`×`height` when given (as diffusers' image processor resizes).
+ */
+export async function readImage(
+  path: string,
+  size?: { width: number; height: number },
+): Promise<Tensor<'uint8'>> {
+  let bytes: Buffer;
+  try {
+    bytes = await readFile(path);
+  } catch (error) {
+    throw new UserError('file-not-found', `cannot read image ${path}: ${(error as Error).message}`);
+  }
+  try {
+    let pipeline = sharp(bytes, { failOn: 'error' }).removeAlpha().toColourspace('srgb');
+    if (size !== undefined)
+      pipeline = pipeline.resize(size.width, size.height, { fit: 'fill', kernel: 'lanczos3' });
+    const { data, info } = await pipeline.raw().toBuffer({ resolveWithObject: true });
+    if (info.channels !== 3) throw new Error(`decoded ${info.channels} channels`);
+    return new Tensor(
+      'uint8',
+      [1, info.height, info.width, 3],
+      new Uint8Array(data.buffer, data.byteOffset, data.byteLength),
+    );
+  } catch (error) {
+    throw new UserError(
+      'bad-image',
+      `${path} is not an image gesso can read: ${(error as Error).message}`,
+    );
+  }
+}

@@ -1,0 +1,283 @@
+import { Graph, type Value } from '../graph/ir.js';
+import { emitOnnx } from '../graph/onnx.js';
+import { findWeightFiles, readConfig } from '../loaders/component.js';
+import { AutoencoderKL, autoencoderKLConfig } from '../models/autoencoder-kl.js';
+import { ClipTextModel, clipTextConfig } from '../models/clip-text.js';
+import { UNet2DConditionModel, unetConfig } from '../models/unet-2d-condition.js';
+import type { Module, ParameterSource } from '../nn/module.js';
+import { WeightSet, type BoundWeights } from '../nn/weights.js';
+import { Session, type RuntimeOptions } from '../runtime/session.js';
+import type { Tensor } from '../tensor/tensor.js';
+
+/**
+ * The model components of a pipeline: a module tree bound to its weight files, compiled on first
+ * use into ONNX Runtime sessions (one per graph variant), cached on disk by the runtime.
+ */
+
+/** Bump when graphs built from the same model change shape, so old cache entries are not reused. */
+const GRAPH_VERSION = 'sd-1';
+
+export interface ComponentOptions extends RuntimeOptions {
+  /** Weight-file variant (`fp16` for `diffusion_pytorch_model.fp16.safetensors`). */
+  readonly variant?: string;
+  /** Use ONNX Runtime's fused attention (default true). */
+  readonly fusedAttention?: boolean;
+}
+
+type Build = (graph: Graph, params: ParameterSource) => void;
+
+/** A module bound to weights, with a session per graph variant. */
+class Compiled<M extends Module> {
+  readonly module: M;
+  private readonly weights: BoundWeights;
+  private readonly identity: string;
+  private readonly options: ComponentOptions;
+  private readonly sessions = new Map<string, Promise<Session>>();
+
+  constructor(module: M, weights: BoundWeights, identity: string, options: ComponentOptions) {
+    this.module = module;
+    this.weights = weights;
+    this.identity = identity;
+    this.options = options;
+  }
+
+  /** The session for graph `variant`, built by `build` the first time. */
+  session(variant: string, build: Build): Promise<Session> {
+    let session = this.sessions.get(variant);
+    if (session === undefined) {
+      const key = JSON.stringify({
+        graph: GRAPH_VERSION,
+        identity: this.identity,
+        weights: this.weights.weights.fingerprint,
+        variant,
+        fused: this.options.fusedAttention ?? true,
+      });
+      session = Session.create(
+        {
+          key,
+          emit: () => {
+            const graph = new Graph(variant);
+            build(graph, this.weights.parameters(graph));
+            return emitOnnx(graph, { docString: `gesso ${variant}` });
+          },
+        },
+        this.options,
+      );
+      session.catch(() => this.sessions.delete(variant));
+      this.sessions.set(variant, session);
+    }
+    return session;
+  }
+
+  async release(): Promise<void> {
+    const sessions = [...this.sessions.values()];
+    this.sessions.clear();
+    for (const s of sessions) await (await s.catch(() => undefined))?.release();
+  }
+}
+
+async function bindComponent<M extends Module>(
+  dir: string,
+  base: string,
+  make: (config: Record<string, unknown>) => M,
+  options: ComponentOptions,
+  ignore?: (key: string) => boolean,
+): Promise<Compiled<M>> {
+  const config = await readConfig(dir);
+  const module = make(config);
+  const weights = await WeightSet.fromFiles(await findWeightFiles(dir, base, options.variant));
+  const bound = weights.bind(module, ignore === undefined ? {} : { ignoreUnexpected: ignore });
+  return new Compiled(module, bound, JSON.stringify({ dir, config }), options);
+}
+
+export interface TextEncoding {
+  /** Per-token states for cross-attention: [B, 77, hidden]. */
+  readonly hidden: Tensor<'float32'>;
+  /** The pooled state at the end-of-text token: [B, hidden]. */
+  readonly pooled: Tensor<'float32'>;
+}
+
+export class TextEncoder {
+  private readonly compiled: Compiled<ClipTextModel>;
+
+  private constructor(compiled: Compiled<ClipTextModel>) {
+    this.compiled = compiled;
+  }
+
+  static async load(dir: string, options: ComponentOptions): Promise<TextEncoder> {
+    const compiled = await bindComponent(
+      dir,
+      'model',
+      (c) => new ClipTextModel(clipTextConfig(c)),
+      options,
+      ClipTextModel.isIgnorableKey,
+    );
+    return new TextEncoder(compiled);
+  }
+
+  get config() {
+    return this.compiled.module.config;
+  }
+
+  /**
+   * Encodes token ids [B, 77]. `clipSkip` k > 0 takes the output k layers before the last,
+   * through the final layer norm, as diffusers' `clip_skip` does.
+   */
+  async encode(ids: Tensor<'int64'>, clipSkip = 0): Promise<TextEncoding> {
+    const model = this.compiled.module;
+    const length = ids.shape[1]!;
+    const session = await this.compiled.session(
+      `text_encoder:len${length}:skip${clipSkip}`,
+      (g, p) => {
+        const out = model.forward(p, g.input('input_ids', 'int64', ['batch', length]));
+        const states = out.hiddenStates;
+        if (clipSkip >= states.length - 1) {
+          throw new Error(
+            `clip skip ${clipSkip} is deeper than the text encoder's ${states.length - 1} layers`,
+          );
+        }
+        const hidden =
+          clipSkip > 0 ? out.finalNorm(states[states.length - 1 - clipSkip]!) : out.lastHiddenState;
+        g.output(hidden, 'hidden');
+        g.output(out.pooled, 'pooled');
+      },
+    );
+    const r = await session.run({ input_ids: ids });
+    return { hidden: r.hidden as Tensor<'float32'>, pooled: r.pooled as Tensor<'float32'> };
+  }
+
+  release(): Promise<void> {
+    return this.compiled.release();
+  }
+}
+
+export interface UNetCall {
+  readonly sample: Tensor<'float32'>;
+  /** One per batch element. */
+  readonly timestep: Tensor<'float32'>;
+  readonly encoderHiddenStates: Tensor<'float32'>;
+  readonly timestepCond?: Tensor<'float32'>;
+}
+
+export class UNet {
+  private readonly compiled: Compiled<UNet2DConditionModel>;
+
+  private constructor(compiled: Compiled<UNet2DConditionModel>) {
+    this.compiled = compiled;
+  }
+
+  static async load(dir: string, options: ComponentOptions): Promise<UNet> {
+    const compiled = await bindComponent(
+      dir,
+      'diffusion_pytorch_model',
+      (c) =>
+        new UNet2DConditionModel(unetConfig(c), { fusedAttention: options.fusedAttention ?? true }),
+      options,
+    );
+    return new UNet(compiled);
+  }
+
+  get config() {
+    return this.compiled.module.config;
+  }
+
+  async predict(call: UNetCall): Promise<Tensor<'float32'>> {
+    const model = this.compiled.module;
+    const c = model.config;
+    const context = call.encoderHiddenStates.shape;
+    const session = await this.compiled.session(`unet:ctx${context[1]}x${context[2]}`, (g, p) => {
+      const inputs = {
+        sample: g.input('sample', 'float32', ['batch', c.inChannels, 'height', 'width']),
+        timestep: g.input('timestep', 'float32', ['batch']),
+        encoderHiddenStates: g.input('encoder_hidden_states', 'float32', [
+          'batch',
+          context[1]!,
+          context[2]!,
+        ]),
+        ...(c.timeCondProjDim !== null
+          ? { timestepCond: g.input('timestep_cond', 'float32', ['batch', c.timeCondProjDim]) }
+          : {}),
+      };
+      g.output(model.forward(p, inputs), 'out_sample');
+    });
+    const feeds: Record<string, Tensor> = {
+      sample: call.sample,
+      timestep: call.timestep,
+      encoder_hidden_states: call.encoderHiddenStates,
+    };
+    if (c.timeCondProjDim !== null) {
+      if (call.timestepCond === undefined)
+        throw new Error('this UNet needs timestep_cond (an LCM guidance embedding)');
+      feeds.timestep_cond = call.timestepCond;
+    }
+    return (await session.run(feeds)).out_sample as Tensor<'float32'>;
+  }
+
+  release(): Promise<void> {
+    return this.compiled.release();
+  }
+}
+
+export class Vae {
+  private readonly compiled: Compiled<AutoencoderKL>;
+
+  private constructor(compiled: Compiled<AutoencoderKL>) {
+    this.compiled = compiled;
+  }
+
+  static async load(dir: string, options: ComponentOptions): Promise<Vae> {
+    const compiled = await bindComponent(
+      dir,
+      'diffusion_pytorch_model',
+      (c) =>
+        new AutoencoderKL(autoencoderKLConfig(c), {
+          fusedAttention: options.fusedAttention ?? true,
+        }),
+      options,
+    );
+    return new Vae(compiled);
+  }
+
+  get config() {
+    return this.compiled.module.config;
+  }
+
+  /** 2^(number of downsamplings): pixels per latent. */
+  get scaleFactor(): number {
+    return 2 ** (this.config.blockOutChannels.length - 1);
+  }
+
+  /** Unscaled latents → pixels in about [−1, 1], NCHW. */
+  async decode(latents: Tensor<'float32'>): Promise<Tensor<'float32'>> {
+    const model = this.compiled.module;
+    const session = await this.compiled.session('vae_decoder', (g, p) => {
+      const z: Value = g.input('latent_sample', 'float32', [
+        'batch',
+        model.config.latentChannels,
+        'height',
+        'width',
+      ]);
+      g.output(model.decode(p, z), 'sample');
+    });
+    return (await session.run({ latent_sample: latents })).sample as Tensor<'float32'>;
+  }
+
+  /** Pixels in [−1, 1], NCHW → mean and standard deviation of the (unscaled) latent distribution. */
+  async encode(
+    image: Tensor<'float32'>,
+  ): Promise<{ mean: Tensor<'float32'>; std: Tensor<'float32'> }> {
+    const model = this.compiled.module;
+    const session = await this.compiled.session('vae_encoder', (g, p) => {
+      const x = g.input('sample', 'float32', ['batch', model.config.inChannels, 'height', 'width']);
+      const d = model.encode(p, x);
+      g.output(d.mean, 'mean');
+      g.output(d.std, 'std');
+    });
+    const r = await session.run({ sample: image });
+    return { mean: r.mean as Tensor<'float32'>, std: r.std as Tensor<'float32'> };
+  }
+
+  release(): Promise<void> {
+    return this.compiled.release();
+  }
+}

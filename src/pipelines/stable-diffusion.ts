@@ -1,0 +1,469 @@
+import { join } from 'node:path';
+import { UserError } from '../errors.js';
+import { readConfig } from '../loaders/component.js';
+import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedulers/index.js';
+import { chunk, concat, map, zip } from '../tensor/ops.js';
+import { TorchGenerator } from '../tensor/rng.js';
+import { Tensor } from '../tensor/tensor.js';
+import { ClipTokenizer } from '../tokenizers/clip.js';
+import { TextEncoder, UNet, Vae, type ComponentOptions } from './components.js';
+
+/**
+ * Text-to-image and image-to-image with Stable Diffusion 1.x/2.x models from a diffusers folder,
+ * step for step as diffusers' `StableDiffusionPipeline` and `StableDiffusionImg2ImgPipeline`:
+ * tokenizer → text encoder → scheduler loop over the UNet with classifier-free guidance → VAE.
+ */
+
+type F32 = Tensor<'float32'>;
+
+export interface ProgressInfo {
+  /** 1-based index of the step just finished, and the number of steps. */
+  readonly step: number;
+  readonly steps: number;
+  readonly timestep: number;
+  /** The latents after this step. */
+  readonly latents: F32;
+}
+
+export interface GenerateOptions {
+  readonly prompt: string | readonly string[];
+  readonly negativePrompt?: string | readonly string[];
+  /** Denoising steps (default 50). */
+  readonly steps?: number;
+  /** Classifier-free guidance scale (default 7.5); 1 or less turns guidance off. */
+  readonly guidance?: number;
+  /** Image size in pixels (default: the model's native size), multiples of 8. */
+  readonly width?: number;
+  readonly height?: number;
+  /** Images per prompt (default 1). */
+  readonly count?: number;
+  /**
+   * A seed for one generator drawing the whole batch (as diffusers with one `torch.Generator`),
+   * or one seed per image (one generator each). Default: a random seed.
+   */
+  readonly seed?: number | readonly number[];
+  /** Generators to draw from instead of seeds. */
+  readonly generator?: TorchGenerator | readonly TorchGenerator[];
+  /**
+   * A scheduler by name (`euler_a`, `dpmpp_2m_karras`, ...), which keeps the folder's
+   * training-schedule keys as diffusers' `from_config` does; or a Scheduler built by the caller.
+   * Default: the folder's.
+   */
+  readonly scheduler?: string | Scheduler;
+  /** Scheduler config keys to override (`timestep_spacing`, `use_karras_sigmas`, ...). */
+  readonly schedulerConfig?: SchedulerConfig;
+  /** Starting noise [B, 4, h, w], unscaled (the scheduler's init sigma is applied, as diffusers). */
+  readonly latents?: F32;
+  /** Use the text encoder's output this many layers before the last. */
+  readonly clipSkip?: number;
+  /** DDIM's η (default 0). */
+  readonly eta?: number;
+  /** Guidance rescale φ of Lin et al. (2023), 0 to 1 (default 0). */
+  readonly guidanceRescale?: number;
+  /** Image-to-image: the starting image, NCHW float in [0, 1] or NHWC uint8. */
+  readonly image?: Tensor;
+  /** Image-to-image: how much of the schedule to run (default 0.8). */
+  readonly strength?: number;
+  readonly signal?: AbortSignal;
+  readonly onProgress?: (info: ProgressInfo) => void | Promise<void>;
+  /** Skip the VAE and return only latents. */
+  readonly latentsOnly?: boolean;
+}
+
+export interface GenerateResult {
+  /** NHWC float in [0, 1] (empty when latentsOnly). */
+  readonly images: F32;
+  /** The final latents. */
+  readonly latents: F32;
+  /** The seed behind each image's generator, where seeds were used. */
+  readonly seeds: readonly number[] | undefined;
+}
+
+export interface PipelineOptions extends ComponentOptions {
+  /** A scheduler by name to use by default instead of the folder's. */
+  readonly scheduler?: string;
+}
+
+function asList(value: string | readonly string[]): string[] {
+  return typeof value === 'string' ? [value] : [...value];
+}
+
+function randomSeed(): number {
+  return Math.floor(Math.random() * 2 ** 32);
+}
+
+/** diffusers' guidance-scale embedding for LCM-distilled UNets (`get_guidance_scale_embedding`). */
+function guidanceEmbedding(w: number, dim: number, batch: number): F32 {
+  const half = Math.floor(dim / 2);
+  const f = Math.fround;
+  const step = f(f(Math.log(10000)) / (half - 1));
+  const out = new Tensor('float32', [batch, dim]);
+  const scaled = f(w * 1000);
+  for (let b = 0; b < batch; b++) {
+    for (let i = 0; i < half; i++) {
+      const angle = f(scaled * f(Math.exp(f(i * -step))));
+      out.data[b * dim + i] = Math.sin(angle);
+      out.data[b * dim + half + i] = Math.cos(angle);
+    }
+  }
+  return out;
+}
+
+/** Mean and unbiased std over all but the first dim, per batch element. */
+function stdPerItem(t: F32): number[] {
+  const batch = t.shape[0]!;
+  const per = t.size / batch;
+  return Array.from({ length: batch }, (_, b) => {
+    const row = t.data.subarray(b * per, (b + 1) * per);
+    const mean = row.reduce((s, v) => s + v, 0) / per;
+    return Math.sqrt(row.reduce((s, v) => s + (v - mean) ** 2, 0) / (per - 1));
+  });
+}
+
+export class StableDiffusionPipeline {
+  readonly path: string;
+  readonly tokenizer: ClipTokenizer;
+  readonly textEncoder: TextEncoder;
+  readonly unet: UNet;
+  readonly vae: Vae;
+  readonly schedulerConfig: SchedulerConfig;
+  readonly options: PipelineOptions;
+
+  private constructor(
+    path: string,
+    parts: {
+      tokenizer: ClipTokenizer;
+      textEncoder: TextEncoder;
+      unet: UNet;
+      vae: Vae;
+      schedulerConfig: SchedulerConfig;
+    },
+    options: PipelineOptions,
+  ) {
+    this.path = path;
+    this.tokenizer = parts.tokenizer;
+    this.textEncoder = parts.textEncoder;
+    this.unet = parts.unet;
+    this.vae = parts.vae;
+    this.schedulerConfig = parts.schedulerConfig;
+    this.options = options;
+  }
+
+  /** Loads a diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`). */
+  static async fromPretrained(
+    path: string,
+    options: PipelineOptions = {},
+  ): Promise<StableDiffusionPipeline> {
+    const index = await readConfig(path, 'model_index.json');
+    for (const part of ['tokenizer', 'text_encoder', 'unet', 'vae', 'scheduler']) {
+      if (!Array.isArray(index[part]) || (index[part] as unknown[])[0] === null) {
+        throw new UserError(
+          'missing-component',
+          `${path}/model_index.json names no '${part}'; this is not a Stable Diffusion folder`,
+        );
+      }
+    }
+    const [tokenizer, textEncoder, unet, vae, schedulerConfig] = await Promise.all([
+      ClipTokenizer.fromFolder(join(path, 'tokenizer')),
+      TextEncoder.load(join(path, 'text_encoder'), options),
+      UNet.load(join(path, 'unet'), options),
+      Vae.load(join(path, 'vae'), options),
+      readConfig(join(path, 'scheduler'), 'scheduler_config.json'),
+    ]);
+    if (options.scheduler !== undefined) createScheduler(schedulerConfig, options.scheduler); // fail early on a bad name
+    return new StableDiffusionPipeline(
+      path,
+      { tokenizer, textEncoder, unet, vae, schedulerConfig },
+      options,
+    );
+  }
+
+  /** The default image size: the UNet's sample size times the VAE's scale factor. */
+  get defaultSize(): number {
+    return (this.unet.config.sampleSize ?? 64) * this.vae.scaleFactor;
+  }
+
+  /** A fresh scheduler for one generation. */
+  makeScheduler(name?: string, overrides: SchedulerConfig = {}): Scheduler {
+    return createScheduler(this.schedulerConfig, name ?? this.options.scheduler, overrides);
+  }
+
+  /** Token ids for each prompt, padded to the text encoder's length. */
+  tokenize(prompts: readonly string[]): Tensor<'int64'> {
+    const length = this.tokenizer.options.maxLength;
+    const ids = prompts.flatMap((p) => this.tokenizer.encode(p, { maxLength: length }));
+    return Tensor.int64([prompts.length, length], ids);
+  }
+
+  /** Prompt embeddings: [negative..., positive...] with guidance, else [positive...]; `count` each. */
+  async encodePrompts(
+    prompts: readonly string[],
+    negatives: readonly string[] | undefined,
+    count: number,
+    clipSkip = 0,
+  ): Promise<F32> {
+    const repeat = (list: readonly string[]) =>
+      list.flatMap((p) => new Array<string>(count).fill(p));
+    const positive = (await this.textEncoder.encode(this.tokenize(repeat(prompts)), clipSkip))
+      .hidden;
+    if (negatives === undefined) return positive;
+    const negative = (await this.textEncoder.encode(this.tokenize(repeat(negatives)), clipSkip))
+      .hidden;
+    return concat([negative, positive]);
+  }
+
+  async generate(options: GenerateOptions): Promise<GenerateResult> {
+    const signal = options.signal;
+    signal?.throwIfAborted();
+    const prompts = asList(options.prompt);
+    if (prompts.length === 0) throw new UserError('bad-request', 'no prompt given');
+    const count = options.count ?? 1;
+    const batch = prompts.length * count;
+    const steps = options.steps ?? 50;
+    const guidance = options.guidance ?? 7.5;
+    const cfg = guidance > 1 && this.unet.config.timeCondProjDim === null;
+    const imageInput = options.image;
+    const scale = this.vae.scaleFactor;
+    const width =
+      options.width ?? (imageInput !== undefined ? imageWidth(imageInput) : this.defaultSize);
+    const height =
+      options.height ?? (imageInput !== undefined ? imageHeight(imageInput) : this.defaultSize);
+    checkSize(width, height, scale);
+    if (!Number.isInteger(steps) || steps < 1)
+      throw new UserError('bad-steps', `steps must be a positive integer (got ${steps})`);
+    if (!Number.isInteger(count) || count < 1)
+      throw new UserError('bad-request', `count must be a positive integer (got ${count})`);
+
+    let negatives: string[] | undefined;
+    if (cfg) {
+      negatives =
+        options.negativePrompt === undefined
+          ? new Array<string>(prompts.length).fill('')
+          : asList(options.negativePrompt);
+      if (negatives.length === 1 && prompts.length > 1)
+        negatives = new Array<string>(prompts.length).fill(negatives[0]!);
+      if (negatives.length !== prompts.length) {
+        throw new UserError(
+          'bad-request',
+          `${negatives.length} negative prompts for ${prompts.length} prompts`,
+        );
+      }
+    }
+
+    // Generators: one for the batch, or one per image, as diffusers accepts.
+    let seeds: number[] | undefined;
+    let generator: TorchGenerator | TorchGenerator[];
+    if (options.generator !== undefined) {
+      generator = Array.isArray(options.generator)
+        ? [...options.generator]
+        : (options.generator as TorchGenerator);
+    } else {
+      const seed = options.seed ?? randomSeed();
+      if (typeof seed === 'number') {
+        seeds = new Array<number>(batch).fill(seed);
+        generator = new TorchGenerator(seed);
+      } else {
+        if (seed.length !== batch)
+          throw new UserError('bad-request', `${seed.length} seeds for ${batch} images`);
+        seeds = [...seed];
+        generator = seeds.map((s) => new TorchGenerator(s));
+      }
+    }
+    if (Array.isArray(generator) && generator.length !== batch) {
+      throw new UserError('bad-request', `${generator.length} generators for ${batch} images`);
+    }
+    const randn = (shape: readonly number[]): F32 =>
+      Array.isArray(generator)
+        ? concat((generator as TorchGenerator[]).map((g) => g.randn([1, ...shape.slice(1)])))
+        : (generator as TorchGenerator).randn(shape);
+
+    const embeddings = await this.encodePrompts(prompts, negatives, count, options.clipSkip ?? 0);
+    signal?.throwIfAborted();
+
+    const scheduler =
+      typeof options.scheduler === 'object'
+        ? options.scheduler
+        : this.makeScheduler(options.scheduler, options.schedulerConfig);
+    if (options.eta !== undefined && 'eta' in scheduler)
+      (scheduler as { eta: number }).eta = options.eta;
+    scheduler.setTimesteps(steps);
+    let timesteps = scheduler.timesteps;
+    const latentShape = [batch, this.unet.config.inChannels, height / scale, width / scale];
+
+    let latents: F32;
+    if (imageInput !== undefined) {
+      const strength = options.strength ?? 0.8;
+      if (!(strength >= 0 && strength <= 1))
+        throw new UserError('bad-request', `strength must be within [0, 1] (got ${strength})`);
+      const initSteps = Math.min(Math.floor(steps * strength), steps);
+      const start = Math.max(steps - initSteps, 0);
+      timesteps = timesteps.slice(start * scheduler.order);
+      scheduler.setBeginIndex(start * scheduler.order);
+      if (timesteps.length === 0) {
+        throw new UserError(
+          'bad-request',
+          `strength ${strength} with ${steps} steps leaves no step to run; raise either`,
+        );
+      }
+      latents = await this.imageLatents(imageInput, batch, width, height, randn);
+      const noise = randn(latents.shape);
+      latents = scheduler.addNoise(latents, noise, timesteps[0]!);
+    } else if (options.latents !== undefined) {
+      if (options.latents.shape.join() !== latentShape.join()) {
+        throw new UserError(
+          'bad-latents',
+          `starting latents have shape [${options.latents.shape.join(', ')}], this generation needs [${latentShape.join(', ')}]`,
+        );
+      }
+      latents = map(options.latents.toFloat32(), (v) => v * scheduler.initNoiseSigma);
+    } else {
+      latents = map(randn(latentShape), (v) => v * scheduler.initNoiseSigma);
+    }
+
+    const timestepCond =
+      this.unet.config.timeCondProjDim !== null
+        ? guidanceEmbedding(guidance - 1, this.unet.config.timeCondProjDim, batch)
+        : undefined;
+    const rescale = options.guidanceRescale ?? 0;
+
+    for (let i = 0; i < timesteps.length; i++) {
+      signal?.throwIfAborted();
+      const t = timesteps[i]!;
+      const input = scheduler.scaleModelInput(cfg ? concat([latents, latents]) : latents, t);
+      const prediction = await this.unet.predict({
+        sample: input,
+        timestep: Tensor.full([input.shape[0]!], t),
+        encoderHiddenStates: embeddings,
+        ...(timestepCond !== undefined ? { timestepCond } : {}),
+      });
+      let noise = prediction;
+      if (cfg) {
+        const [uncond, text] = chunk(prediction, 2) as [F32, F32];
+        noise = zip(uncond, text, (u, c) => u + guidance * (c - u));
+        if (rescale > 0) noise = rescaleGuidance(noise, text, rescale);
+      }
+      latents = scheduler.step(noise, t, latents, generator);
+      await options.onProgress?.({ step: i + 1, steps: timesteps.length, timestep: t, latents });
+    }
+    signal?.throwIfAborted();
+
+    if (options.latentsOnly === true) return { images: new Tensor('float32', [0]), latents, seeds };
+    const images = await this.decode(latents);
+    return { images, latents, seeds };
+  }
+
+  /** Latents → NHWC images in [0, 1], as diffusers' VAE decode and postprocessing. */
+  async decode(latents: F32): Promise<F32> {
+    const { scalingFactor, shiftFactor } = this.vae.config;
+    const unscaled = map(latents, (v) => v / scalingFactor + shiftFactor);
+    const pixels = await this.vae.decode(unscaled);
+    const [b, c, h, w] = pixels.shape as [number, number, number, number];
+    const out = new Tensor('float32', [b, h, w, c]);
+    const src = pixels.data;
+    for (let n = 0; n < b; n++) {
+      for (let ch = 0; ch < c; ch++) {
+        for (let i = 0; i < h * w; i++) {
+          const v = Math.fround(Math.fround(src[(n * c + ch) * h * w + i]! / 2) + 0.5);
+          out.data[(n * h * w + i) * c + ch] = Math.min(Math.max(v, 0), 1);
+        }
+      }
+    }
+    return out;
+  }
+
+  /** VAE-encoded, sampled and scaled latents of the starting image, repeated to the batch. */
+  private async imageLatents(
+    image: Tensor,
+    batch: number,
+    width: number,
+    height: number,
+    randn: (shape: readonly number[]) => F32,
+  ): Promise<F32> {
+    const pixels = toModelPixels(image);
+    if (pixels.shape[2] !== height || pixels.shape[3] !== width) {
+      throw new UserError(
+        'bad-image',
+        `the starting image is ${pixels.shape[3]}×${pixels.shape[2]}, the generation is ${width}×${height}; resize it first`,
+      );
+    }
+    if (batch % pixels.shape[0]! !== 0) {
+      throw new UserError(
+        'bad-image',
+        `${pixels.shape[0]} starting images do not divide a batch of ${batch}`,
+      );
+    }
+    const { mean, std } = await this.vae.encode(pixels);
+    const noise = randn(mean.shape);
+    const scaling = this.vae.config.scalingFactor;
+    const shift = this.vae.config.shiftFactor;
+    const out = new Tensor('float32', mean.shape);
+    for (let i = 0; i < out.size; i++) {
+      out.data[i] = scaling * (mean.data[i]! + std.data[i]! * noise.data[i]! - shift);
+    }
+    const repeats = batch / pixels.shape[0]!;
+    return repeats === 1 ? out : concat(new Array<F32>(repeats).fill(out));
+  }
+
+  async release(): Promise<void> {
+    await Promise.all([this.textEncoder.release(), this.unet.release(), this.vae.release()]);
+  }
+}
+
+function rescaleGuidance(cfg: F32, text: F32, phi: number): F32 {
+  const stdText = stdPerItem(text);
+  const stdCfg = stdPerItem(cfg);
+  const per = cfg.size / cfg.shape[0]!;
+  return map(cfg, (v, i) => {
+    const b = Math.floor(i / per);
+    return phi * v * (stdText[b]! / stdCfg[b]!) + (1 - phi) * v;
+  });
+}
+
+function imageWidth(image: Tensor): number {
+  return image.dtype === 'uint8' ? image.shape[2]! : image.shape[3]!;
+}
+
+function imageHeight(image: Tensor): number {
+  return image.dtype === 'uint8' ? image.shape[1]! : image.shape[2]!;
+}
+
+/** NHWC uint8 or NCHW float in [0, 1] → NCHW float in [−1, 1]. */
+function toModelPixels(image: Tensor): F32 {
+  if (image.dtype === 'uint8') {
+    const [b, h, w, c] = image.shape as [number, number, number, number];
+    if (c !== 3)
+      throw new UserError('bad-image', `the starting image has ${c} channels; RGB is needed`);
+    const out = new Tensor('float32', [b, 3, h, w]);
+    const src = image.data as Uint8Array;
+    for (let n = 0; n < b; n++) {
+      for (let i = 0; i < h * w; i++) {
+        for (let ch = 0; ch < 3; ch++)
+          out.data[(n * 3 + ch) * h * w + i] =
+            Math.fround(src[(n * h * w + i) * 3 + ch]! / 255) * 2 - 1;
+      }
+    }
+    return out;
+  }
+  if (image.rank !== 4 || image.shape[1] !== 3) {
+    throw new UserError(
+      'bad-image',
+      `the starting image must be NCHW RGB; got shape [${image.shape.join(', ')}]`,
+    );
+  }
+  return map(image.toFloat32(), (v) => 2 * v - 1);
+}
+
+function checkSize(width: number, height: number, factor: number): void {
+  for (const [name, v] of [
+    ['width', width],
+    ['height', height],
+  ] as const) {
+    if (!Number.isInteger(v) || v <= 0 || v % 8 !== 0 || v % factor !== 0) {
+      throw new UserError(
+        'bad-size',
+        `${name} ${v} must be a positive multiple of ${Math.max(8, factor)}`,
+      );
+    }
+    if (v > 8192) throw new UserError('bad-size', `${name} ${v} is larger than 8192 pixels`);
+  }
+}

@@ -1,0 +1,157 @@
+import { UserError } from '../errors.js';
+import { DDIMScheduler } from './ddim.js';
+import { DDPMScheduler } from './ddpm.js';
+import { DPMSolverMultistepScheduler } from './dpm-solver.js';
+import { EulerAncestralDiscreteScheduler } from './euler-ancestral.js';
+import { EulerDiscreteScheduler } from './euler.js';
+import { HeunDiscreteScheduler } from './heun.js';
+import { LCMScheduler } from './lcm.js';
+import { LMSDiscreteScheduler } from './lms.js';
+import { PNDMScheduler } from './pndm.js';
+import type { Scheduler, SchedulerConfig } from './scheduler.js';
+import { UniPCMultistepScheduler } from './unipc.js';
+
+export { Scheduler } from './scheduler.js';
+export type { Generators, SchedulerConfig } from './scheduler.js';
+
+const CLASSES: Readonly<Record<string, new (config: SchedulerConfig) => Scheduler>> = {
+  DDIMScheduler,
+  DDPMScheduler,
+  PNDMScheduler,
+  LMSDiscreteScheduler,
+  EulerDiscreteScheduler,
+  EulerAncestralDiscreteScheduler,
+  HeunDiscreteScheduler,
+  DPMSolverMultistepScheduler,
+  LCMScheduler,
+  UniPCMultistepScheduler,
+};
+
+/** Scheduler names users know (diffusers, AUTOMATIC1111, ComfyUI) → class and config overrides. */
+const NAMES: Readonly<Record<string, readonly [string, SchedulerConfig]>> = {
+  ddim: ['DDIMScheduler', {}],
+  ddpm: ['DDPMScheduler', {}],
+  pndm: ['PNDMScheduler', { skip_prk_steps: true }],
+  plms: ['PNDMScheduler', { skip_prk_steps: true }],
+  lms: ['LMSDiscreteScheduler', { use_karras_sigmas: false }],
+  lms_karras: ['LMSDiscreteScheduler', { use_karras_sigmas: true }],
+  euler: ['EulerDiscreteScheduler', { use_karras_sigmas: false }],
+  euler_karras: ['EulerDiscreteScheduler', { use_karras_sigmas: true }],
+  euler_a: ['EulerAncestralDiscreteScheduler', {}],
+  euler_ancestral: ['EulerAncestralDiscreteScheduler', {}],
+  heun: ['HeunDiscreteScheduler', { use_karras_sigmas: false }],
+  heun_karras: ['HeunDiscreteScheduler', { use_karras_sigmas: true }],
+  dpmpp_2m: [
+    'DPMSolverMultistepScheduler',
+    { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: false },
+  ],
+  dpmpp_2m_karras: [
+    'DPMSolverMultistepScheduler',
+    { algorithm_type: 'dpmsolver++', solver_order: 2, use_karras_sigmas: true },
+  ],
+  dpmpp_2m_sde: [
+    'DPMSolverMultistepScheduler',
+    { algorithm_type: 'sde-dpmsolver++', solver_order: 2, use_karras_sigmas: false },
+  ],
+  dpmpp_2m_sde_karras: [
+    'DPMSolverMultistepScheduler',
+    { algorithm_type: 'sde-dpmsolver++', solver_order: 2, use_karras_sigmas: true },
+  ],
+  dpm_2m: [
+    'DPMSolverMultistepScheduler',
+    { algorithm_type: 'dpmsolver', solver_order: 2, use_karras_sigmas: false },
+  ],
+  dpmpp_3m: [
+    'DPMSolverMultistepScheduler',
+    { algorithm_type: 'dpmsolver++', solver_order: 3, use_karras_sigmas: false },
+  ],
+  lcm: ['LCMScheduler', {}],
+  unipc: ['UniPCMultistepScheduler', {}],
+};
+
+/** `DPM++ 2M Karras`, `Euler a`, `dpmpp-2m-karras` → `dpmpp_2m_karras`, `euler_a`, ... */
+export function normalizeSchedulerName(name: string): string {
+  return name
+    .trim()
+    .toLowerCase()
+    .replace(/\+\+/g, 'pp')
+    .replace(/[\s\-.]+/g, '_')
+    .replace(/^k_/, '');
+}
+
+export const SCHEDULER_NAMES: readonly string[] = Object.keys(NAMES);
+export const SCHEDULER_CLASSES: readonly string[] = Object.keys(CLASSES);
+
+/** The A1111 display name for a gesso scheduler name (for PNG metadata and the A1111 API). */
+export function displayName(name: string): string {
+  const names: Record<string, string> = {
+    ddim: 'DDIM',
+    ddpm: 'DDPM',
+    pndm: 'PLMS',
+    plms: 'PLMS',
+    lms: 'LMS',
+    lms_karras: 'LMS Karras',
+    euler: 'Euler',
+    euler_karras: 'Euler Karras',
+    euler_a: 'Euler a',
+    euler_ancestral: 'Euler a',
+    heun: 'Heun',
+    heun_karras: 'Heun Karras',
+    dpmpp_2m: 'DPM++ 2M',
+    dpmpp_2m_karras: 'DPM++ 2M Karras',
+    dpmpp_2m_sde: 'DPM++ 2M SDE',
+    dpmpp_2m_sde_karras: 'DPM++ 2M SDE Karras',
+    dpm_2m: 'DPM2 M',
+    dpmpp_3m: 'DPM++ 3M',
+    lcm: 'LCM',
+    unipc: 'UniPC',
+  };
+  const byClass: Record<string, string> = {
+    DDIMScheduler: 'DDIM',
+    DDPMScheduler: 'DDPM',
+    PNDMScheduler: 'PLMS',
+    LMSDiscreteScheduler: 'LMS',
+    EulerDiscreteScheduler: 'Euler',
+    EulerAncestralDiscreteScheduler: 'Euler a',
+    HeunDiscreteScheduler: 'Heun',
+    DPMSolverMultistepScheduler: 'DPM++ 2M',
+    LCMScheduler: 'LCM',
+    UniPCMultistepScheduler: 'UniPC',
+  };
+  return byClass[name] ?? names[normalizeSchedulerName(name)] ?? name;
+}
+
+/**
+ * A scheduler from a model folder's `scheduler_config.json` (`base`), optionally switched to
+ * another one by user name (`euler_a`) or diffusers class name, which keeps the folder's
+ * training-schedule keys as diffusers' `from_config` does.
+ */
+export function createScheduler(
+  base: SchedulerConfig,
+  name?: string,
+  overrides: SchedulerConfig = {},
+): Scheduler {
+  let className = typeof base._class_name === 'string' ? base._class_name : undefined;
+  let extra: SchedulerConfig = {};
+  if (name !== undefined) {
+    const known = NAMES[normalizeSchedulerName(name)];
+    if (known !== undefined) [className, extra] = known;
+    else if (CLASSES[name] !== undefined) className = name;
+    else {
+      throw new UserError(
+        'unknown-scheduler',
+        `unknown scheduler '${name}'; use one of: ${SCHEDULER_NAMES.join(', ')}`,
+      );
+    }
+  }
+  if (className === undefined)
+    throw new UserError('bad-config', 'the scheduler config names no _class_name');
+  const Class = CLASSES[className];
+  if (Class === undefined) {
+    throw new UserError(
+      'unsupported-model',
+      `gesso does not implement ${className}; use one of: ${SCHEDULER_NAMES.join(', ')}`,
+    );
+  }
+  return new Class({ ...base, ...extra, ...overrides, _class_name: className });
+}

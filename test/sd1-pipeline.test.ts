@@ -1,0 +1,334 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import test from 'node:test';
+import { decodePng } from '../src/io/png.js';
+import { parseInfotext } from '../src/io/infotext.js';
+import { SafetensorsFile, writeSafetensors } from '../src/io/safetensors.js';
+import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
+import { createScheduler } from '../src/schedulers/index.js';
+import { chunk } from '../src/tensor/ops.js';
+import { Tensor } from '../src/tensor/tensor.js';
+import { assertClose, golden, goldenDir, needsGolden, repoRoot, withTempDir } from './helpers.js';
+
+interface Run {
+  key: string;
+  scheduler: string;
+  steps: number;
+  guidance_scale: number;
+  generator_seed: number;
+  negative_prompt_used: boolean;
+}
+interface Spec {
+  prompt: string;
+  negative_prompt: string;
+  runs: Run[];
+  seeded: { key: string; scheduler: string; steps: number; guidance_scale: number; seed: number };
+  img2img: {
+    scheduler: string;
+    steps: number;
+    strength: number;
+    guidance_scale: number;
+    seed: number;
+  };
+}
+interface Meta {
+  scheduler_meta: {
+    scheduler_base_config: Record<string, unknown>;
+    schedulers: Record<string, { class: string; extra: Record<string, unknown> }>;
+  };
+}
+
+const spec =
+  goldenDir === undefined
+    ? undefined
+    : (JSON.parse(readFileSync(golden('sd1-tiny', 'pipeline.json'), 'utf8')) as Spec);
+const meta =
+  goldenDir === undefined
+    ? undefined
+    : (JSON.parse(readFileSync(golden('sd1-tiny', 'meta.json'), 'utf8')) as Meta).scheduler_meta;
+
+/** The golden runs build each scheduler from the base config in meta.json (class-default spacing). */
+function goldenScheduler(name: string) {
+  const info = meta!.schedulers[name]!;
+  return createScheduler({ ...meta!.scheduler_base_config, ...info.extra }, info.class);
+}
+
+async function goldenTensor(name: string): Promise<Tensor<'float32'>> {
+  return (
+    await SafetensorsFile.with(golden('sd1-tiny', 'pipeline.safetensors'), (f) => f.read(name))
+  ).toFloat32();
+}
+
+function maxAbs(t: Tensor<'float32'>): number {
+  return t.data.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+}
+
+let shared: Promise<StableDiffusionPipeline> | undefined;
+const pipeline = () =>
+  (shared ??= StableDiffusionPipeline.fromPretrained(golden('sd1-tiny', 'sd-tiny'), {
+    cacheDir: false,
+  }));
+
+for (const variant of ['fp32', 'fp16'] as const) {
+  // fp32: final latents within 1e-3 of their scale, images within 2e-3. fp16 weights: 5e-3 and 1e-2.
+  const [latentTol, imageTol] = variant === 'fp32' ? [1e-3, 2e-3] : [5e-3, 1e-2];
+  test(
+    `every golden pipeline run (${variant} weights): final latents and image`,
+    needsGolden(),
+    async () => {
+      const pipe =
+        variant === 'fp32'
+          ? await pipeline()
+          : await StableDiffusionPipeline.fromPretrained(golden('sd1-tiny', 'sd-tiny'), {
+              cacheDir: false,
+              variant: 'fp16',
+            });
+      const latentsIn = await goldenTensor('latents_in');
+      assert.equal(spec!.runs.length, 12);
+      for (const run of spec!.runs) {
+        const result = await pipe.generate({
+          prompt: spec!.prompt,
+          ...(run.negative_prompt_used ? { negativePrompt: spec!.negative_prompt } : {}),
+          steps: run.steps,
+          guidance: run.guidance_scale,
+          seed: run.generator_seed,
+          latents: latentsIn,
+          scheduler: goldenScheduler(run.scheduler),
+        });
+        const latents = await goldenTensor(`${run.key}_latents`);
+        assertClose(
+          result.latents,
+          latents,
+          { atol: latentTol * maxAbs(latents) },
+          `${run.key} latents`,
+        );
+        assertClose(
+          result.images,
+          await goldenTensor(`${run.key}_image`),
+          { atol: imageTol },
+          `${run.key} image`,
+        );
+      }
+      if (variant === 'fp16') await pipe.release();
+    },
+  );
+}
+
+test(
+  'the seeded run: latents drawn from torch.Generator(42), Euler, guidance 5',
+  needsGolden(),
+  async () => {
+    const s = spec!.seeded;
+    const result = await (
+      await pipeline()
+    ).generate({
+      prompt: spec!.prompt,
+      negativePrompt: spec!.negative_prompt,
+      steps: s.steps,
+      guidance: s.guidance_scale,
+      seed: s.seed,
+      scheduler: goldenScheduler(s.scheduler),
+    });
+    assert.deepEqual(result.seeds, [42]);
+    assertClose(result.images, await goldenTensor(s.key), { atol: 2e-3 }, 'seeded image');
+  },
+);
+
+test(
+  'image-to-image: DDIM, strength 0.6, VAE sample then add_noise from one generator',
+  needsGolden(),
+  async () => {
+    const s = spec!.img2img;
+    const result = await (
+      await pipeline()
+    ).generate({
+      prompt: spec!.prompt,
+      negativePrompt: spec!.negative_prompt,
+      steps: s.steps,
+      guidance: s.guidance_scale,
+      seed: s.seed,
+      strength: s.strength,
+      image: await goldenTensor('img2img_init_image_0to1'),
+      scheduler: goldenScheduler(s.scheduler),
+    });
+    assertClose(
+      result.images,
+      await goldenTensor('img2img_image'),
+      { atol: 2e-3 },
+      'img2img image',
+    );
+  },
+);
+
+test('progress every step, cancellation by AbortSignal, and batching', needsGolden(), async () => {
+  const pipe = await pipeline();
+  const seen: number[] = [];
+  const result = await pipe.generate({
+    prompt: 'a cat',
+    steps: 5,
+    seed: 3,
+    scheduler: 'euler_a',
+    onProgress: ({ step, steps, latents }) => {
+      assert.equal(steps, 5);
+      assert.deepEqual(latents.shape, [1, 4, 32, 32]);
+      seen.push(step);
+    },
+  });
+  assert.deepEqual(seen, [1, 2, 3, 4, 5]);
+  assert.deepEqual(result.images.shape, [1, 64, 64, 3]);
+
+  const controller = new AbortController();
+  let steps = 0;
+  await assert.rejects(
+    pipe.generate({
+      prompt: 'a cat',
+      steps: 20,
+      seed: 3,
+      signal: controller.signal,
+      onProgress: () => {
+        steps++;
+        if (steps === 2) controller.abort();
+      },
+    }),
+    (e: unknown) => (e as Error).name === 'AbortError',
+  );
+  assert.equal(steps, 2, 'stopped right after the step that cancelled');
+
+  // Two prompts with one generator each equal each prompt alone with its seed.
+  const both = await pipe.generate({
+    prompt: ['a cat', 'a dog'],
+    steps: 4,
+    seed: [7, 8],
+    scheduler: 'euler_a',
+    negativePrompt: 'blurry',
+  });
+  const [cat, dog] = chunk(both.images, 2);
+  const catAlone = await pipe.generate({
+    prompt: 'a cat',
+    steps: 4,
+    seed: 7,
+    scheduler: 'euler_a',
+    negativePrompt: 'blurry',
+  });
+  const dogAlone = await pipe.generate({
+    prompt: 'a dog',
+    steps: 4,
+    seed: 8,
+    scheduler: 'euler_a',
+    negativePrompt: 'blurry',
+  });
+  assertClose(cat!, catAlone.images, { atol: 1e-5 }, 'cat in batch');
+  assertClose(dog!, dogAlone.images, { atol: 1e-5 }, 'dog in batch');
+  const counted = await pipe.generate({
+    prompt: 'a cat',
+    count: 3,
+    steps: 2,
+    seed: 1,
+    width: 48,
+    height: 32,
+  });
+  assert.deepEqual(counted.images.shape, [3, 32, 48, 3]);
+});
+
+test('bad requests are refused with clear errors', needsGolden(), async () => {
+  const pipe = await pipeline();
+  await assert.rejects(
+    pipe.generate({ prompt: 'x', width: 100 }),
+    /width 100 must be a positive multiple of 8/,
+  );
+  await assert.rejects(
+    pipe.generate({ prompt: 'x', steps: 0 }),
+    /steps must be a positive integer/,
+  );
+  await assert.rejects(
+    pipe.generate({ prompt: 'x', scheduler: 'nope' }),
+    /unknown scheduler 'nope'/,
+  );
+  await assert.rejects(
+    pipe.generate({ prompt: 'x', latents: Tensor.float32([1, 4, 8, 8]) }),
+    /starting latents have shape \[1, 4, 8, 8\], this generation needs \[1, 4, 32, 32\]/,
+  );
+  await assert.rejects(pipe.generate({ prompt: [] }), /no prompt/);
+  await assert.rejects(
+    StableDiffusionPipeline.fromPretrained('/nonexistent'),
+    /model_index\.json is missing/,
+  );
+});
+
+const BIN = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+
+test('gesso generate reproduces a golden run from the command line', needsGolden(), async () => {
+  await withTempDir(async (dir) => {
+    const latents = join(dir, 'noise.safetensors');
+    await writeSafetensors(latents, { latents: await goldenTensor('latents_in') });
+    const run = spec!.runs.find((r) => r.scheduler === 'pndm')!;
+    const args = [
+      BIN,
+      'generate',
+      '--model',
+      golden('sd1-tiny', 'sd-tiny'),
+      '--prompt',
+      spec!.prompt,
+      '--negative-prompt',
+      spec!.negative_prompt,
+      '--steps',
+      String(run.steps),
+      '--guidance',
+      String(run.guidance_scale),
+      '--scheduler',
+      'pndm',
+      '--seed',
+      String(run.generator_seed),
+      '--latents',
+      latents,
+    ];
+    const raw = spawnSync(process.execPath, [...args, '--out', join(dir, 'out.safetensors')], {
+      encoding: 'utf8',
+    });
+    assert.equal(raw.status, 0, raw.stderr);
+    const out = await SafetensorsFile.with(join(dir, 'out.safetensors'), async (f) => ({
+      image: (await f.read('image')).toFloat32(),
+      latents: (await f.read('latents')).toFloat32(),
+    }));
+    const expected = await goldenTensor(`${run.key}_latents`);
+    assertClose(out.latents, expected, { atol: 1e-3 * maxAbs(expected) }, 'CLI latents');
+    assertClose(out.image, await goldenTensor(`${run.key}_image`), { atol: 2e-3 }, 'CLI image');
+
+    const png = spawnSync(process.execPath, [...args, '--out', join(dir, 'out.png')], {
+      encoding: 'utf8',
+    });
+    assert.equal(png.status, 0, png.stderr);
+    const decoded = decodePng(readFileSync(join(dir, 'out.png')));
+    assert.deepEqual([decoded.width, decoded.height, decoded.channels], [64, 64, 3]);
+    // The PNG holds the float image rounded to 8 bits.
+    const golden8 = await goldenTensor(`${run.key}_image`);
+    for (let i = 0; i < decoded.data.length; i++)
+      assert.ok(Math.abs(decoded.data[i]! - golden8.data[i]! * 255) <= 1.01, `pixel ${i}`);
+    const info = parseInfotext(decoded.text.parameters!);
+    assert.equal(info.prompt, spec!.prompt);
+    assert.equal(info.negativePrompt, spec!.negative_prompt);
+    assert.deepEqual(Object.fromEntries(info.params).Steps, '10');
+    assert.deepEqual(Object.fromEntries(info.params).Seed, String(run.generator_seed));
+
+    const bad = spawnSync(
+      process.execPath,
+      [
+        BIN,
+        'generate',
+        '--model',
+        golden('sd1-tiny', 'sd-tiny'),
+        'x',
+        '--width',
+        '100',
+        '--out',
+        join(dir, 'x.png'),
+      ],
+      { encoding: 'utf8' },
+    );
+    assert.equal(bad.status, 2);
+    assert.match(bad.stderr, /width 100 must be a positive multiple of 8/);
+    assert.doesNotMatch(bad.stderr, /\n\s+at /);
+  });
+});
