@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import test from 'node:test';
+import { fromTensor, interpret } from '../src/graph/interpret.js';
 import { Graph } from '../src/graph/ir.js';
 import { emitOnnx, IR_VERSION, OPSET, onnxSchema } from '../src/graph/onnx.js';
 import * as op from '../src/graph/ops.js';
@@ -234,6 +235,21 @@ test('every op helper runs in ONNX Runtime with the shape it inferred', async ()
   for (const [name, value] of Object.entries(outs)) {
     assert.deepEqual(r[name]!.shape, value.shape, `${name} shape`);
   }
+  // The float64 reference interpreter agrees with ONNX Runtime on every op (float32 tolerance).
+  const reference = interpret(
+    g,
+    Object.fromEntries(Object.entries(feeds).map(([k, t]) => [k, fromTensor(t)])),
+  );
+  g.outputs.forEach((o, k) => {
+    const expected = reference[k]!;
+    assert.deepEqual(expected.shape, [...r[o.name]!.shape], `${o.name} interpreter shape`);
+    r[o.name]!.toArray().forEach((v, i) =>
+      assert.ok(
+        Math.abs(v - expected.data[i]!) <= 1e-5 * Math.max(1, Math.abs(expected.data[i]!)),
+        `${o.name}[${i}]: ORT ${v}, interpreter ${expected.data[i]}`,
+      ),
+    );
+  });
   assert.deepEqual(r.where!.toArray().slice(0, 8), [0, 0, 0, 0, 0, 0, 0, 1 / 3].map(Math.fround));
   assert.deepEqual(r.expand!.toArray().slice(5, 10), [1, 2, 3, 4, 5]);
   assert.deepEqual(r.gather!.toArray(), [0, 1, 2, 3, 4, 5, 6, 7, 6, 7, 0, 1]);

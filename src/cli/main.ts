@@ -7,6 +7,7 @@ const USAGE = `usage: gesso <command> [options]
 commands:
   generate PROMPT   draw an image (gesso generate --help for the options)
   inspect PATH      list a .safetensors file's tensors, or a model folder's components
+  train             train a text-to-image model from scratch (gesso train --help)
 
 Run 'gesso <command> --help' for a command's options.`;
 
@@ -16,6 +17,7 @@ type Command = (args: readonly string[]) => Promise<number>;
 const COMMANDS: Readonly<Record<string, Command>> = {
   generate: async (args) => (await import('./generate.js')).generateCommand(args),
   inspect: async (args) => (await import('./inspect.js')).inspectCommand(args),
+  train: async (args) => (await import('./train.js')).trainCommand(args),
 };
 
 function version(): string {

@@ -98,6 +98,8 @@ export class Graph {
   readonly domains = new Map<string, number>();
   private readonly names = new Set<string>();
   private scopePath = '';
+  /** Next suffix per base name, so unique names cost O(1). */
+  private readonly suffixes = new Map<string, number>();
   private readonly scalars = new Map<string, Value>();
   private nextId = 0;
 
@@ -123,7 +125,9 @@ export class Graph {
   uniqueName(base: string): string {
     const scoped = this.scopePath !== '' ? `${this.scopePath}/${base}` : base;
     let name = scoped;
-    for (let i = 1; this.names.has(name); i++) name = `${scoped}_${i}`;
+    let i = this.suffixes.get(scoped) ?? 1;
+    while (this.names.has(name)) name = `${scoped}_${i++}`;
+    this.suffixes.set(scoped, i);
     this.names.add(name);
     return name;
   }

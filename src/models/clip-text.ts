@@ -27,6 +27,11 @@ export interface ClipTextConfig {
   readonly eosTokenId: number;
   /** Width of `text_projection` (CLIPTextModelWithProjection), or undefined for none. */
   readonly projectionDim: number | undefined;
+  /**
+   * Causal self-attention, as CLIP; gesso's own text encoders are bidirectional (config key
+   * `causal: false`).
+   */
+  readonly causal: boolean;
 }
 
 function num(config: Record<string, unknown>, key: string, fallback?: number): number {
@@ -53,6 +58,7 @@ export function clipTextConfig(config: Record<string, unknown>): ClipTextConfig 
     layerNormEps: num(config, 'layer_norm_eps', 1e-5),
     eosTokenId: num(config, 'eos_token_id', 2),
     projectionDim: withProjection ? num(config, 'projection_dim') : undefined,
+    causal: config.causal !== false,
   };
 }
 
@@ -72,16 +78,14 @@ class ClipAttention extends Module {
     this.out = this.addModule('out_proj', new Linear(width, width));
   }
 
-  forward(p: ParameterSource, x: Value, mask: Value): Value {
+  forward(p: ParameterSource, x: Value, mask: Value | undefined): Value {
     return this.scoped(p, () => {
       const attended = scaledDotProductAttention(
         this.q.forward(p, x),
         this.k.forward(p, x),
         this.v.forward(p, x),
         this.heads,
-        {
-          bias: mask,
-        },
+        mask === undefined ? {} : { bias: mask },
       );
       return this.out.forward(p, attended);
     });
@@ -122,7 +126,7 @@ class ClipEncoderLayer extends Module {
     this.norm2 = this.addModule('layer_norm2', new LayerNorm(c.hiddenSize, c.layerNormEps));
   }
 
-  forward(p: ParameterSource, x: Value, mask: Value): Value {
+  forward(p: ParameterSource, x: Value, mask: Value | undefined): Value {
     const h = op.add(x, this.attention.forward(p, this.norm1.forward(p, x), mask));
     return op.add(h, this.mlp.forward(p, this.norm2.forward(p, h)));
   }

@@ -48,10 +48,11 @@ export function scaledDotProductAttention(
   if (options.fused === true && options.bias === undefined) {
     return multiHeadAttention(q, k, v, heads, scale);
   }
-  const qh = transpose(reshape(q, [0, 0, heads, headDim]), [0, 2, 1, 3]);
+  // Scaling q (not the scores) costs S·D multiplications instead of S·L.
+  const qh = transpose(reshape(mul(q, scale), [0, 0, heads, headDim]), [0, 2, 1, 3]);
   const kh = transpose(reshape(k, [0, 0, heads, headDim]), [0, 2, 3, 1]);
   const vh = transpose(reshape(v, [0, 0, heads, valueDim]), [0, 2, 1, 3]);
-  let scores = mul(matmul(qh, kh), scale);
+  let scores = matmul(qh, kh);
   if (options.bias !== undefined) scores = add(scores, options.bias);
   const out = matmul(softmax(scores, -1), vh);
   return reshape(transpose(out, [0, 2, 1, 3]), [0, 0, heads * valueDim]);

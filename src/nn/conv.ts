@@ -46,8 +46,12 @@ export class Conv2d extends Module {
         `Conv2d: ${inChannels} -> ${outChannels} channels do not split into ${this.groups} groups`,
       );
     }
-    this.addParameter('weight', [outChannels, inChannels / this.groups, ...this.kernel]);
-    if (this.bias) this.addParameter('bias', [outChannels]);
+    const bound = 1 / Math.sqrt((inChannels / this.groups) * this.kernel[0] * this.kernel[1]);
+    this.addParameter('weight', [outChannels, inChannels / this.groups, ...this.kernel], {
+      kind: 'uniform',
+      bound,
+    });
+    if (this.bias) this.addParameter('bias', [outChannels], { kind: 'uniform', bound });
   }
 
   forward(params: ParameterSource, x: Value): Value {

@@ -11,7 +11,8 @@ export class Embedding extends Module {
     super();
     this.count = count;
     this.dim = dim;
-    this.addParameter('weight', [count, dim]);
+    // transformers' CLIP initializes embeddings with std 0.02 (PyTorch's own default is 1).
+    this.addParameter('weight', [count, dim], { kind: 'normal', std: 0.02 });
   }
 
   forward(params: ParameterSource, ids: Value): Value {

@@ -13,8 +13,10 @@ export class Linear extends Module {
     this.inFeatures = inFeatures;
     this.outFeatures = outFeatures;
     this.bias = bias;
-    this.addParameter('weight', [outFeatures, inFeatures]);
-    if (bias) this.addParameter('bias', [outFeatures]);
+    // PyTorch's default: U(±1/√fan_in) for weight and bias.
+    const bound = 1 / Math.sqrt(inFeatures);
+    this.addParameter('weight', [outFeatures, inFeatures], { kind: 'uniform', bound });
+    if (bias) this.addParameter('bias', [outFeatures], { kind: 'uniform', bound });
   }
 
   forward(params: ParameterSource, x: Value): Value {

@@ -10,6 +10,18 @@ export interface ParameterSource {
   parameter(key: string, shape: readonly number[]): Value;
 }
 
+/** How a parameter starts before training (PyTorch's defaults for each layer kind). */
+export type Init =
+  | { readonly kind: 'uniform'; readonly bound: number }
+  | { readonly kind: 'normal'; readonly std: number }
+  | { readonly kind: 'constant'; readonly value: number };
+
+/** A source of random numbers for initialization (TorchGenerator fits). */
+export interface InitRandom {
+  rand(shape: readonly number[]): { data: Float32Array };
+  randn(shape: readonly number[]): { data: Float32Array };
+}
+
 /**
  * A node of a model tree, mirroring a PyTorch `nn.Module`: parameters and children registered by
  * name, so every parameter's full path is exactly its state-dict key in diffusers/transformers
@@ -19,6 +31,7 @@ export abstract class Module {
   private parentModule: Module | undefined;
   private nameInParent = '';
   private readonly parameterShapes = new Map<string, readonly number[]>();
+  private readonly parameterInits = new Map<string, Init>();
   private readonly childModules = new Map<string, Module>();
 
   /** The dotted path from the root (empty for the root). */
@@ -28,11 +41,16 @@ export abstract class Module {
     return parent === '' ? this.nameInParent : `${parent}.${this.nameInParent}`;
   }
 
-  protected addParameter(name: string, shape: readonly number[]): void {
+  protected addParameter(
+    name: string,
+    shape: readonly number[],
+    init: Init = { kind: 'constant', value: 0 },
+  ): void {
     if (this.parameterShapes.has(name) || this.childModules.has(name)) {
       throw new Error(`${this.constructor.name} already has a member named '${name}'`);
     }
     this.parameterShapes.set(name, Object.freeze([...shape]));
+    this.parameterInits.set(name, init);
   }
 
   protected addModule<M extends Module>(name: string, module: M): M {
@@ -70,6 +88,28 @@ export abstract class Module {
       out.set(prefix === '' ? name : `${prefix}.${name}`, shape);
     for (const [name, child] of this.childModules)
       child.collect(prefix === '' ? name : `${prefix}.${name}`, out);
+  }
+
+  /** Freshly initialized parameters for training from scratch: full key → values. */
+  initialParameters(random: InitRandom): Map<string, Float32Array> {
+    const out = new Map<string, Float32Array>();
+    this.initialize(this.path, random, out);
+    return out;
+  }
+
+  private initialize(prefix: string, random: InitRandom, out: Map<string, Float32Array>): void {
+    for (const [name, shape] of this.parameterShapes) {
+      const init = this.parameterInits.get(name)!;
+      let values: Float32Array;
+      if (init.kind === 'constant')
+        values = new Float32Array(shape.reduce((a, d) => a * d, 1)).fill(init.value);
+      else if (init.kind === 'uniform')
+        values = random.rand(shape).data.map((u) => (2 * u - 1) * init.bound);
+      else values = random.randn(shape).data.map((z) => z * init.std);
+      out.set(prefix === '' ? name : `${prefix}.${name}`, values);
+    }
+    for (const [name, child] of this.childModules)
+      child.initialize(prefix === '' ? name : `${prefix}.${name}`, random, out);
   }
 
   parameterCount(): number {

@@ -19,7 +19,7 @@ export class GroupNorm extends Module {
     this.eps = eps;
     this.affine = affine;
     if (affine) {
-      this.addParameter('weight', [channels]);
+      this.addParameter('weight', [channels], { kind: 'constant', value: 1 });
       this.addParameter('bias', [channels]);
     }
   }
@@ -51,7 +51,7 @@ export class LayerNorm extends Module {
     this.eps = eps;
     this.affine = options.affine ?? true;
     this.bias = this.affine && (options.bias ?? true);
-    if (this.affine) this.addParameter('weight', [dim]);
+    if (this.affine) this.addParameter('weight', [dim], { kind: 'constant', value: 1 });
     if (this.bias) this.addParameter('bias', [dim]);
   }
 

@@ -3,7 +3,9 @@ import { emitOnnx } from '../graph/onnx.js';
 import { findWeightFiles, readConfig } from '../loaders/component.js';
 import { AutoencoderKL, autoencoderKLConfig } from '../models/autoencoder-kl.js';
 import { ClipTextModel, clipTextConfig } from '../models/clip-text.js';
+import { PatchAutoencoder, patchAutoencoderConfig } from '../models/patch-autoencoder.js';
 import { UNet2DConditionModel, unetConfig } from '../models/unet-2d-condition.js';
+import * as op from '../graph/ops.js';
 import type { Module, ParameterSource } from '../nn/module.js';
 import { WeightSet, type BoundWeights } from '../nn/weights.js';
 import { Session, type RuntimeOptions } from '../runtime/session.js';
@@ -218,14 +220,29 @@ export class UNet {
   }
 }
 
-export class Vae {
-  private readonly compiled: Compiled<AutoencoderKL>;
+type Codec = AutoencoderKL | PatchAutoencoder;
 
-  private constructor(compiled: Compiled<AutoencoderKL>) {
+/** The image codec of a pipeline: a KL autoencoder, or gesso's parameter-free patch codec. */
+export class Vae {
+  private readonly compiled: Compiled<Codec>;
+
+  private constructor(compiled: Compiled<Codec>) {
     this.compiled = compiled;
   }
 
   static async load(dir: string, options: ComponentOptions): Promise<Vae> {
+    const config = await readConfig(dir);
+    if (config._class_name === 'GessoPatchAutoencoder') {
+      const module = new PatchAutoencoder(patchAutoencoderConfig(config));
+      return new Vae(
+        new Compiled<Codec>(
+          module,
+          WeightSet.fromTensors({}, dir).bind(module),
+          JSON.stringify({ dir, config }),
+          options,
+        ),
+      );
+    }
     const compiled = await bindComponent(
       dir,
       'diffusion_pytorch_model',
@@ -235,29 +252,45 @@ export class Vae {
         }),
       options,
     );
-    return new Vae(compiled);
+    return new Vae(compiled as Compiled<Codec>);
   }
 
-  get config() {
-    return this.compiled.module.config;
+  private get codec(): Codec {
+    return this.compiled.module;
   }
 
-  /** 2^(number of downsamplings): pixels per latent. */
+  get scalingFactor(): number {
+    return this.codec.config.scalingFactor;
+  }
+
+  get shiftFactor(): number {
+    return this.codec instanceof AutoencoderKL ? this.codec.config.shiftFactor : 0;
+  }
+
+  get latentChannels(): number {
+    return this.codec instanceof AutoencoderKL
+      ? this.codec.config.latentChannels
+      : this.codec.latentChannels;
+  }
+
+  /** Pixels per latent. */
   get scaleFactor(): number {
-    return 2 ** (this.config.blockOutChannels.length - 1);
+    return this.codec instanceof AutoencoderKL
+      ? 2 ** (this.codec.config.blockOutChannels.length - 1)
+      : this.codec.config.patchSize;
   }
 
   /** Unscaled latents → pixels in about [−1, 1], NCHW. */
   async decode(latents: Tensor<'float32'>): Promise<Tensor<'float32'>> {
-    const model = this.compiled.module;
+    const codec = this.codec;
     const session = await this.compiled.session('vae_decoder', (g, p) => {
       const z: Value = g.input('latent_sample', 'float32', [
         'batch',
-        model.config.latentChannels,
+        this.latentChannels,
         'height',
         'width',
       ]);
-      g.output(model.decode(p, z), 'sample');
+      g.output(codec instanceof AutoencoderKL ? codec.decode(p, z) : codec.decode(z), 'sample');
     });
     return (await session.run({ latent_sample: latents })).sample as Tensor<'float32'>;
   }
@@ -266,12 +299,18 @@ export class Vae {
   async encode(
     image: Tensor<'float32'>,
   ): Promise<{ mean: Tensor<'float32'>; std: Tensor<'float32'> }> {
-    const model = this.compiled.module;
+    const codec = this.codec;
     const session = await this.compiled.session('vae_encoder', (g, p) => {
-      const x = g.input('sample', 'float32', ['batch', model.config.inChannels, 'height', 'width']);
-      const d = model.encode(p, x);
-      g.output(d.mean, 'mean');
-      g.output(d.std, 'std');
+      const x = g.input('sample', 'float32', ['batch', 3, 'height', 'width']);
+      if (codec instanceof AutoencoderKL) {
+        const d = codec.encode(p, x);
+        g.output(d.mean, 'mean');
+        g.output(d.std, 'std');
+      } else {
+        const mean = codec.encode(x);
+        g.output(mean, 'mean');
+        g.output(op.mul(mean, 0), 'std');
+      }
     });
     const r = await session.run({ sample: image });
     return { mean: r.mean as Tensor<'float32'>, std: r.std as Tensor<'float32'> };

@@ -5,7 +5,7 @@ import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedu
 import { chunk, concat, map, zip } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
-import { ClipTokenizer } from '../tokenizers/clip.js';
+import { loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
 import { TextEncoder, UNet, Vae, type ComponentOptions } from './components.js';
 
 /**
@@ -122,7 +122,7 @@ function stdPerItem(t: F32): number[] {
 
 export class StableDiffusionPipeline {
   readonly path: string;
-  readonly tokenizer: ClipTokenizer;
+  readonly tokenizer: Tokenizer;
   readonly textEncoder: TextEncoder;
   readonly unet: UNet;
   readonly vae: Vae;
@@ -132,7 +132,7 @@ export class StableDiffusionPipeline {
   private constructor(
     path: string,
     parts: {
-      tokenizer: ClipTokenizer;
+      tokenizer: Tokenizer;
       textEncoder: TextEncoder;
       unet: UNet;
       vae: Vae;
@@ -164,7 +164,7 @@ export class StableDiffusionPipeline {
       }
     }
     const [tokenizer, textEncoder, unet, vae, schedulerConfig] = await Promise.all([
-      ClipTokenizer.fromFolder(join(path, 'tokenizer')),
+      loadTokenizer(join(path, 'tokenizer')),
       TextEncoder.load(join(path, 'text_encoder'), options),
       UNet.load(join(path, 'unet'), options),
       Vae.load(join(path, 'vae'), options),
@@ -190,7 +190,7 @@ export class StableDiffusionPipeline {
 
   /** Token ids for each prompt, padded to the text encoder's length. */
   tokenize(prompts: readonly string[]): Tensor<'int64'> {
-    const length = this.tokenizer.options.maxLength;
+    const length = this.tokenizer.maxLength;
     const ids = prompts.flatMap((p) => this.tokenizer.encode(p, { maxLength: length }));
     return Tensor.int64([prompts.length, length], ids);
   }
@@ -354,7 +354,7 @@ export class StableDiffusionPipeline {
 
   /** Latents → NHWC images in [0, 1], as diffusers' VAE decode and postprocessing. */
   async decode(latents: F32): Promise<F32> {
-    const { scalingFactor, shiftFactor } = this.vae.config;
+    const { scalingFactor, shiftFactor } = this.vae;
     const unscaled = map(latents, (v) => v / scalingFactor + shiftFactor);
     const pixels = await this.vae.decode(unscaled);
     const [b, c, h, w] = pixels.shape as [number, number, number, number];
@@ -394,8 +394,8 @@ export class StableDiffusionPipeline {
     }
     const { mean, std } = await this.vae.encode(pixels);
     const noise = randn(mean.shape);
-    const scaling = this.vae.config.scalingFactor;
-    const shift = this.vae.config.shiftFactor;
+    const scaling = this.vae.scalingFactor;
+    const shift = this.vae.shiftFactor;
     const out = new Tensor('float32', mean.shape);
     for (let i = 0; i < out.size; i++) {
       out.data[i] = scaling * (mean.data[i]! + std.data[i]! * noise.data[i]! - shift);

@@ -166,6 +166,10 @@ export class ClipTokenizer {
     });
   }
 
+  get maxLength(): number {
+    return this.options.maxLength;
+  }
+
   get bosId(): number {
     return this.vocab.get(this.options.bosToken)!;
   }

@@ -1,0 +1,252 @@
+import { readFile } from 'node:fs/promises';
+import { extname } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { UserError } from '../errors.js';
+import { DEFAULT_DIFFUSION_RECIPE } from './diffusion.js';
+
+/**
+ * `gesso train`'s configuration: a JSON or YAML file, flags over it, defaults under both. Every
+ * field is listed in FIELDS with its meaning; `gesso train --help` prints them.
+ */
+
+export interface TrainConfig {
+  route: 'diffusion';
+  out: string;
+  seed: number;
+  steps: number;
+  batch_size: number;
+  learning_rate: number;
+  final_learning_rate: number;
+  warmup_steps: number;
+  decay: 'cosine' | 'constant';
+  ema_decay: number;
+  weight_decay: number;
+  max_grad_norm: number;
+  caption_dropout: number;
+  save_every: number;
+  sample_every: number;
+  sample_prompts: string[];
+  sample_steps: number;
+  sample_guidance: number;
+  data: string;
+  threads: number | null;
+  model: {
+    patch_size: number;
+    max_length: number;
+    text_encoder: Record<string, unknown>;
+    unet: Record<string, unknown>;
+    noise: Record<string, unknown>;
+  };
+}
+
+interface Field {
+  readonly type: 'number' | 'integer' | 'string' | 'object' | 'string[]' | 'integer|null';
+  readonly doc: string;
+  readonly choices?: readonly string[];
+  readonly min?: number;
+}
+
+export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
+  route: {
+    type: 'string',
+    choices: ['diffusion'],
+    doc: 'which generator to train: diffusion (the GAN route arrives with its own issue)',
+  },
+  out: {
+    type: 'string',
+    doc: 'run folder: checkpoint/ (resumable state), model/ (the trained model, loadable by gesso generate), samples/, log.jsonl',
+  },
+  seed: {
+    type: 'integer',
+    min: 0,
+    doc: 'seeds initialization, data and noise: the same seed and config give the same run',
+  },
+  steps: { type: 'integer', min: 1, doc: 'optimizer steps in all' },
+  batch_size: { type: 'integer', min: 1, doc: 'images per step' },
+  learning_rate: { type: 'number', min: 0, doc: 'peak AdamW learning rate, reached after warm-up' },
+  final_learning_rate: {
+    type: 'number',
+    min: 0,
+    doc: 'learning rate at the last step with cosine decay',
+  },
+  warmup_steps: { type: 'integer', min: 0, doc: 'steps of linear learning-rate warm-up from zero' },
+  decay: {
+    type: 'string',
+    choices: ['cosine', 'constant'],
+    doc: 'learning-rate schedule after warm-up',
+  },
+  ema_decay: {
+    type: 'number',
+    min: 0,
+    doc: 'decay of the weights’ exponential moving average (the exported model uses the EMA)',
+  },
+  weight_decay: {
+    type: 'number',
+    min: 0,
+    doc: 'AdamW decoupled weight decay on matrices and kernels',
+  },
+  max_grad_norm: {
+    type: 'number',
+    min: 0,
+    doc: 'clip the gradients’ global norm to this (0 turns clipping off)',
+  },
+  caption_dropout: {
+    type: 'number',
+    min: 0,
+    doc: 'fraction of captions replaced by the empty caption, for classifier-free guidance',
+  },
+  save_every: {
+    type: 'integer',
+    min: 1,
+    doc: 'write the checkpoint and the model every this many steps (and on exit or Ctrl-C)',
+  },
+  sample_every: {
+    type: 'integer',
+    min: 0,
+    doc: 'write a grid of samples for sample_prompts every this many steps (0: never)',
+  },
+  sample_prompts: { type: 'string[]', doc: 'prompts drawn in the sample grids' },
+  sample_steps: { type: 'integer', min: 1, doc: 'denoising steps for sample grids' },
+  sample_guidance: { type: 'number', min: 0, doc: 'guidance scale for sample grids' },
+  data: {
+    type: 'string',
+    doc: '"shapes" (the shapes world, generated on the fly) or a folder of images with captions (NAME.txt beside each, or metadata.jsonl)',
+  },
+  threads: { type: 'integer|null', min: 1, doc: 'compute threads (null: one per core)' },
+  model: {
+    type: 'object',
+    doc: 'architecture: patch_size (pixels per side of a patch), max_length (tokens), text_encoder (a CLIP text config; causal false), unet (a diffusers UNet2DConditionModel config), noise (diffusers DDPM scheduler keys: beta_schedule, prediction_type, ...)',
+  },
+};
+
+export const DEFAULT_TRAIN_CONFIG: TrainConfig = {
+  route: 'diffusion',
+  out: 'runs/shapes-diffusion',
+  seed: 1,
+  steps: 6000,
+  batch_size: DEFAULT_DIFFUSION_RECIPE.batchSize,
+  learning_rate: 1e-3,
+  final_learning_rate: 1e-4,
+  warmup_steps: 200,
+  decay: 'cosine',
+  ema_decay: 0.999,
+  weight_decay: 0.01,
+  max_grad_norm: 1,
+  caption_dropout: DEFAULT_DIFFUSION_RECIPE.captionDropout,
+  save_every: 500,
+  sample_every: 500,
+  sample_prompts: [
+    'a red circle',
+    'a small blue square in the top left corner',
+    'three green triangles',
+    'a yellow circle to the left of a purple square',
+    'a large white diamond on a black background',
+    'an orange circle',
+    'two blue diamonds on a white background',
+    'a green triangle above a red square',
+  ],
+  sample_steps: 20,
+  sample_guidance: 4,
+  data: 'shapes',
+  threads: null,
+  model: {
+    patch_size: DEFAULT_DIFFUSION_RECIPE.patchSize,
+    max_length: DEFAULT_DIFFUSION_RECIPE.maxLength,
+    text_encoder: { ...DEFAULT_DIFFUSION_RECIPE.textEncoder },
+    unet: { ...DEFAULT_DIFFUSION_RECIPE.unet },
+    noise: { ...DEFAULT_DIFFUSION_RECIPE.noise },
+  },
+};
+
+function check(key: string, value: unknown): void {
+  const field = FIELDS[key as keyof TrainConfig];
+  if (field === undefined) {
+    throw new UserError(
+      'bad-config',
+      `unknown training config field '${key}' (known: ${Object.keys(FIELDS).join(', ')})`,
+    );
+  }
+  const bad = (what: string): never => {
+    throw new UserError(
+      'bad-config',
+      `training config field '${key}' must be ${what} (got ${JSON.stringify(value)})`,
+    );
+  };
+  switch (field.type) {
+    case 'number':
+      if (typeof value !== 'number' || !Number.isFinite(value)) bad('a number');
+      break;
+    case 'integer':
+      if (!Number.isInteger(value)) bad('an integer');
+      break;
+    case 'integer|null':
+      if (value !== null && !Number.isInteger(value)) bad('an integer or null');
+      break;
+    case 'string':
+      if (typeof value !== 'string') bad('a string');
+      break;
+    case 'string[]':
+      if (!Array.isArray(value) || !value.every((v) => typeof v === 'string'))
+        bad('a list of strings');
+      break;
+    case 'object':
+      if (typeof value !== 'object' || value === null || Array.isArray(value)) bad('an object');
+      break;
+  }
+  if (field.choices !== undefined && !field.choices.includes(value as string))
+    bad(`one of ${field.choices.join(', ')}`);
+  if (field.min !== undefined && typeof value === 'number' && value < field.min)
+    bad(`at least ${field.min}`);
+}
+
+/** Reads a JSON (.json) or YAML (.yaml, .yml) config file. */
+export async function readTrainConfigFile(path: string): Promise<Record<string, unknown>> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (error) {
+    throw new UserError(
+      'file-not-found',
+      `cannot read the training config ${path}: ${(error as Error).message}`,
+    );
+  }
+  let value: unknown;
+  try {
+    value = ['.yaml', '.yml'].includes(extname(path).toLowerCase())
+      ? parseYaml(text)
+      : JSON.parse(text);
+  } catch (error) {
+    throw new UserError(
+      'bad-config',
+      `${path} is not valid ${extname(path) === '.json' ? 'JSON' : 'YAML'}: ${(error as Error).message}`,
+    );
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value))
+    throw new UserError('bad-config', `${path} must hold a mapping of fields`);
+  return value as Record<string, unknown>;
+}
+
+/** Defaults, then the file's fields, then flags; every field checked. */
+export function resolveTrainConfig(...layers: readonly Record<string, unknown>[]): TrainConfig {
+  const config = structuredClone(DEFAULT_TRAIN_CONFIG) as unknown as Record<string, unknown>;
+  for (const layer of layers) {
+    for (const [key, value] of Object.entries(layer)) {
+      if (value === undefined) continue;
+      check(key, value);
+      config[key] =
+        key === 'model'
+          ? { ...(config.model as Record<string, unknown>), ...(value as Record<string, unknown>) }
+          : value;
+    }
+  }
+  return config as unknown as TrainConfig;
+}
+
+export function describeFields(): string {
+  return Object.entries(FIELDS)
+    .map(
+      ([key, f]) =>
+        `  ${key.padEnd(20)} ${f.doc}${f.choices ? ` (${f.choices.join(' | ')})` : ''}; default ${JSON.stringify((DEFAULT_TRAIN_CONFIG as unknown as Record<string, unknown>)[key]).slice(0, 60)}`,
+    )
+    .join('\n');
+}

@@ -1,0 +1,231 @@
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { shapesSource, type DataSource } from '../data/source.js';
+import type { Graph, Value } from '../graph/ir.js';
+import * as op from '../graph/ops.js';
+import { writeSafetensors } from '../io/safetensors.js';
+import { ClipTextModel, clipTextConfig } from '../models/clip-text.js';
+import { patchify } from '../models/patch-autoencoder.js';
+import { UNet2DConditionModel, unetConfig } from '../models/unet-2d-condition.js';
+import { Module, type ParameterSource } from '../nn/module.js';
+import { alphasCumprodFor } from '../schedulers/scheduler.js';
+import type { TorchGenerator } from '../tensor/rng.js';
+import { Tensor } from '../tensor/tensor.js';
+import { WordTokenizer } from '../tokenizers/word.js';
+import type { DataRandom, TrainingTask } from './trainer.js';
+
+/**
+ * The diffusion route: a bidirectional text encoder trained jointly with a cross-attention UNet
+ * that denoises shapes-world images in pixel space (as a grid of p×p patches), with caption
+ * dropout so classifier-free guidance works. The trained model is an ordinary model folder.
+ */
+
+export interface DiffusionRecipe {
+  readonly batchSize: number;
+  /** Fraction of captions replaced by the empty caption (for classifier-free guidance). */
+  readonly captionDropout: number;
+  readonly patchSize: number;
+  /** Token sequence length. */
+  readonly maxLength: number;
+  /** The text encoder's config.json (a CLIP text model with `causal: false`). */
+  readonly textEncoder: Readonly<Record<string, unknown>>;
+  /** The UNet's config.json, diffusers' keys. */
+  readonly unet: Readonly<Record<string, unknown>>;
+  /** The noise schedule trained on: diffusers DDPM scheduler keys. */
+  readonly noise: Readonly<Record<string, unknown>>;
+}
+
+export const DEFAULT_DIFFUSION_RECIPE: DiffusionRecipe = {
+  batchSize: 32,
+  captionDropout: 0.1,
+  patchSize: 4,
+  maxLength: 24,
+  textEncoder: {
+    architectures: ['GessoTextModel'],
+    hidden_size: 128,
+    intermediate_size: 256,
+    num_hidden_layers: 2,
+    num_attention_heads: 4,
+    max_position_embeddings: 24,
+    hidden_act: 'gelu',
+    layer_norm_eps: 1e-5,
+    causal: false,
+  },
+  unet: {
+    in_channels: 48,
+    out_channels: 48,
+    sample_size: 16,
+    block_out_channels: [64, 128, 128],
+    layers_per_block: 1,
+    down_block_types: ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
+    up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
+    only_cross_attention: [true, false, false],
+    cross_attention_dim: 128,
+    attention_head_dim: 4,
+    norm_num_groups: 16,
+  },
+  noise: {
+    num_train_timesteps: 1000,
+    beta_schedule: 'squaredcos_cap_v2',
+    prediction_type: 'v_prediction',
+  },
+};
+
+/** The module tree: `text_encoder.*` and `unet.*`, exported to their own folders. */
+class DiffusionModel extends Module {
+  readonly textEncoder: ClipTextModel;
+  readonly unet: UNet2DConditionModel;
+
+  constructor(recipe: DiffusionRecipe, vocabularySize: number) {
+    super();
+    this.textEncoder = this.addModule(
+      'text_encoder',
+      new ClipTextModel(
+        clipTextConfig({ ...recipe.textEncoder, vocab_size: vocabularySize, eos_token_id: 2 }),
+      ),
+    );
+    this.unet = this.addModule(
+      'unet',
+      new UNet2DConditionModel(unetConfig(recipe.unet), { fusedAttention: false }),
+    );
+  }
+}
+
+export class DiffusionTask implements TrainingTask {
+  readonly recipe: DiffusionRecipe;
+  readonly data: DataSource;
+  readonly tokenizer: WordTokenizer;
+  readonly model: DiffusionModel;
+  readonly shapes: ReadonlyMap<string, readonly number[]>;
+  private readonly alphasCumprod: Float32Array;
+
+  constructor(
+    recipe: DiffusionRecipe = DEFAULT_DIFFUSION_RECIPE,
+    data: DataSource = shapesSource(),
+  ) {
+    this.recipe = recipe;
+    this.data = data;
+    this.tokenizer = new WordTokenizer(data.vocabulary, recipe.maxLength);
+    this.model = new DiffusionModel(recipe, this.tokenizer.vocab.length);
+    this.shapes = this.model.namedParameters();
+    this.alphasCumprod = alphasCumprodFor(recipe.noise);
+  }
+
+  get cacheKey(): string {
+    return JSON.stringify({ diffusion: this.recipe, vocabulary: this.tokenizer.vocab });
+  }
+
+  initialParameters(random: TorchGenerator): Map<string, Float32Array> {
+    return this.model.initialParameters(random);
+  }
+
+  buildLoss(p: ParameterSource, g: Graph): Value {
+    const { batchSize: b, maxLength, patchSize } = this.recipe;
+    const c = this.model.unet.config.inChannels;
+    const side = 64 / patchSize;
+    const ids = g.input('input_ids', 'int64', [b, maxLength]);
+    const noisy = g.input('noisy', 'float32', [b, c, side, side]);
+    const timestep = g.input('timestep', 'float32', [b]);
+    const target = g.input('target', 'float32', [b, c, side, side]);
+    const context = this.model.textEncoder.forward(p, ids).lastHiddenState;
+    const prediction = this.model.unet.forward(p, {
+      sample: noisy,
+      timestep,
+      encoderHiddenStates: context,
+    });
+    const error = op.sub(prediction, target);
+    return op.reduceMean(op.mul(error, error), [0, 1, 2, 3], false);
+  }
+
+  batch(_step: number, random: DataRandom, noise: TorchGenerator): Record<string, Tensor> {
+    const { batchSize: b, captionDropout, patchSize, maxLength } = this.recipe;
+    const { images, captions } = this.data.sample(random.uniform, b);
+    const prompts = captions.map((caption) => (random.next() < captionDropout ? '' : caption));
+    const ids = Tensor.int64(
+      [b, maxLength],
+      prompts.flatMap((p) => this.tokenizer.encode(p)),
+    );
+    const x0 = patchify(images, patchSize);
+    const eps = noise.randn(x0.shape);
+    const total = this.alphasCumprod.length;
+    const per = x0.size / b;
+    const noisy = new Tensor('float32', x0.shape);
+    const target = new Tensor('float32', x0.shape);
+    const timesteps = new Float32Array(b);
+    const vPrediction = this.recipe.noise.prediction_type === 'v_prediction';
+    for (let n = 0; n < b; n++) {
+      const t = Math.min(total - 1, Math.floor(random.next() * total));
+      timesteps[n] = t;
+      const a = Math.sqrt(this.alphasCumprod[t]!);
+      const s = Math.sqrt(1 - this.alphasCumprod[t]!);
+      for (let i = n * per; i < (n + 1) * per; i++) {
+        noisy.data[i] = a * x0.data[i]! + s * eps.data[i]!;
+        target.data[i] = vPrediction ? a * eps.data[i]! - s * x0.data[i]! : eps.data[i]!;
+      }
+    }
+    return { input_ids: ids, noisy, timestep: new Tensor('float32', [b], timesteps), target };
+  }
+
+  /** Writes a model folder that StableDiffusionPipeline.fromPretrained loads. */
+  async exportModel(
+    dir: string,
+    weights: Readonly<Record<string, Tensor>>,
+    options: { fp16?: boolean; note?: string } = {},
+  ): Promise<void> {
+    const part = (prefix: string) => {
+      const out: Record<string, Tensor> = {};
+      for (const [key, t] of Object.entries(weights)) {
+        if (key.startsWith(`${prefix}.`))
+          out[key.slice(prefix.length + 1)] = options.fp16 === true ? t.to('float16') : t;
+      }
+      return out;
+    };
+    const json = (value: unknown) => `${JSON.stringify(value, null, 2)}\n`;
+    const write = async (sub: string, files: Record<string, string>) => {
+      await mkdir(join(dir, sub), { recursive: true });
+      for (const [name, text] of Object.entries(files)) await writeFile(join(dir, sub, name), text);
+    };
+    const te = this.model.textEncoder.config;
+    await write('', {
+      'model_index.json': json({
+        _class_name: 'StableDiffusionPipeline',
+        _gesso: { route: 'diffusion', note: options.note ?? '' },
+        tokenizer: ['gesso', 'GessoWordTokenizer'],
+        text_encoder: ['gesso', 'GessoTextModel'],
+        unet: ['diffusers', 'UNet2DConditionModel'],
+        vae: ['gesso', 'GessoPatchAutoencoder'],
+        scheduler: ['diffusers', 'DPMSolverMultistepScheduler'],
+      }),
+    });
+    await write('tokenizer', this.tokenizer.files());
+    await write('text_encoder', {
+      'config.json': json({
+        ...this.recipe.textEncoder,
+        vocab_size: te.vocabSize,
+        eos_token_id: 2,
+      }),
+    });
+    await write('unet', {
+      'config.json': json({ _class_name: 'UNet2DConditionModel', ...this.recipe.unet }),
+    });
+    await write('vae', {
+      'config.json': json({
+        _class_name: 'GessoPatchAutoencoder',
+        patch_size: this.recipe.patchSize,
+        in_channels: 3,
+        scaling_factor: 1,
+      }),
+    });
+    await write('scheduler', {
+      'scheduler_config.json': json({
+        _class_name: 'DPMSolverMultistepScheduler',
+        ...this.recipe.noise,
+        algorithm_type: 'dpmsolver++',
+        solver_order: 2,
+        timestep_spacing: 'trailing',
+      }),
+    });
+    await writeSafetensors(join(dir, 'text_encoder', 'model.safetensors'), part('text_encoder'));
+    await writeSafetensors(join(dir, 'unet', 'diffusion_pytorch_model.safetensors'), part('unet'));
+  }
+}

@@ -1,0 +1,187 @@
+import { gradients } from '../graph/autodiff.js';
+import { Graph, type Value } from '../graph/ir.js';
+import * as op from '../graph/ops.js';
+import type { ParameterSource } from '../nn/module.js';
+import { Tensor } from '../tensor/tensor.js';
+
+/**
+ * One training step as one ONNX graph: forward, loss, backward, global-norm gradient clipping,
+ * AdamW (decoupled weight decay) and an exponential moving average of the weights.
+ *
+ * All parameters live in one flat float32 vector (and so do Adam's moments and the EMA): the model
+ * reads each parameter as a slice of it, and the update is a handful of ops over whole vectors
+ * instead of a dozen per parameter. The host keeps the four vectors between steps.
+ */
+
+export interface AdamWConfig {
+  readonly beta1: number;
+  readonly beta2: number;
+  readonly eps: number;
+  readonly weightDecay: number;
+  /** Clip the gradients' global L2 norm to this (0: no clipping). */
+  readonly maxGradNorm: number;
+  /** Keep an EMA of the weights. */
+  readonly ema: boolean;
+}
+
+export const DEFAULT_ADAMW: AdamWConfig = {
+  beta1: 0.9,
+  beta2: 0.999,
+  eps: 1e-8,
+  weightDecay: 0.01,
+  maxGradNorm: 1,
+  ema: true,
+};
+
+/** Names of the step graph's state inputs; outputs are the same names with `next/` in front. */
+export const STATE = ['params', 'adam_m', 'adam_v', 'ema'] as const;
+export type StateName = (typeof STATE)[number];
+export const next = (name: string) => `next/${name}`;
+
+/** Scalar inputs the host sets every step. */
+export const STEP_SCALARS = ['lr', 'bias_correction1', 'bias_correction2', 'ema_decay'] as const;
+
+/** Where each parameter sits in the flat vector. */
+export interface ParameterLayout {
+  readonly keys: readonly string[];
+  readonly shapes: ReadonlyMap<string, readonly number[]>;
+  readonly offsets: ReadonlyMap<string, number>;
+  readonly size: number;
+}
+
+export function parameterLayout(shapes: ReadonlyMap<string, readonly number[]>): ParameterLayout {
+  const offsets = new Map<string, number>();
+  let size = 0;
+  for (const [key, shape] of shapes) {
+    offsets.set(key, size);
+    size += shape.reduce((a, d) => a * d, 1);
+  }
+  return { keys: [...shapes.keys()], shapes, offsets, size };
+}
+
+/** The named tensors of a flat vector (views, not copies). */
+export function unflatten(
+  layout: ParameterLayout,
+  flat: Float32Array,
+): Record<string, Tensor<'float32'>> {
+  const out: Record<string, Tensor<'float32'>> = {};
+  for (const key of layout.keys) {
+    const shape = layout.shapes.get(key)!;
+    const offset = layout.offsets.get(key)!;
+    const n = shape.reduce((a, d) => a * d, 1);
+    out[key] = new Tensor('float32', shape, flat.subarray(offset, offset + n));
+  }
+  return out;
+}
+
+/** Named tensors into a flat vector; every key of the layout must be present with its shape. */
+export function flatten(
+  layout: ParameterLayout,
+  tensors: Readonly<Record<string, Tensor>>,
+): Float32Array {
+  const flat = new Float32Array(layout.size);
+  for (const key of layout.keys) {
+    const t = tensors[key];
+    const shape = layout.shapes.get(key)!;
+    if (t === undefined) throw new Error(`missing parameter '${key}'`);
+    if (t.shape.join() !== shape.join())
+      throw new Error(
+        `parameter '${key}' is [${t.shape.join(', ')}], expected [${shape.join(', ')}]`,
+      );
+    flat.set(t.toFloat32().data, layout.offsets.get(key)!);
+  }
+  return flat;
+}
+
+export interface TrainStep {
+  readonly graph: Graph;
+  readonly layout: ParameterLayout;
+}
+
+/**
+ * Builds the step graph. `buildLoss` emits the forward pass and returns a scalar loss; it gets the
+ * parameters as graph values and declares its own data inputs. `decays(key, shape)` says which
+ * parameters take weight decay (by default: matrices and kernels, not biases or norms).
+ */
+export function buildTrainStep(
+  shapes: ReadonlyMap<string, readonly number[]>,
+  buildLoss: (params: ParameterSource, graph: Graph) => Value,
+  config: AdamWConfig = DEFAULT_ADAMW,
+  decays: (key: string, shape: readonly number[]) => boolean = (_, shape) => shape.length >= 2,
+): TrainStep {
+  const layout = parameterLayout(shapes);
+  const graph = new Graph('train_step');
+  const flat = graph.input('params', 'float32', [layout.size]);
+  const params = new Map<string, Value>();
+  graph.scope('parameters', () => {
+    for (const key of layout.keys) {
+      const shape = layout.shapes.get(key)!;
+      const offset = layout.offsets.get(key)!;
+      const n = shape.reduce((a, d) => a * d, 1);
+      params.set(key, op.reshape(op.slice(flat, [offset], [offset + n], [0]), shape));
+    }
+  });
+  const source: ParameterSource = {
+    graph,
+    parameter: (key: string) => {
+      const v = params.get(key);
+      if (v === undefined) throw new Error(`the training step has no parameter '${key}'`);
+      return v;
+    },
+  };
+  const loss = buildLoss(source, graph);
+  const leaves = layout.keys.map((k) => params.get(k)!);
+  const grads = gradients(loss, leaves);
+
+  const [lr, bc1, bc2, emaDecay] = STEP_SCALARS.map((name) => graph.input(name, 'float32', [])) as [
+    Value,
+    Value,
+    Value,
+    Value,
+  ];
+  graph.scope('optimizer', () => {
+    let g = op.concat(
+      leaves.map((v) => op.reshape(grads.get(v)!, [-1])),
+      0,
+    );
+    const norm = op.sqrt(op.reduceSum(op.mul(g, g), [0], false));
+    graph.output(loss, 'loss');
+    graph.output(norm, 'grad_norm');
+    if (config.maxGradNorm > 0)
+      g = op.mul(g, op.min(op.div(config.maxGradNorm, op.add(norm, 1e-6)), 1));
+    const m = graph.input('adam_m', 'float32', [layout.size]);
+    const v = graph.input('adam_v', 'float32', [layout.size]);
+    const m2 = op.add(op.mul(m, config.beta1), op.mul(g, 1 - config.beta1));
+    const v2 = op.add(op.mul(v, config.beta2), op.mul(op.mul(g, g), 1 - config.beta2));
+    const update = op.div(op.mul(m2, bc1), op.add(op.sqrt(op.mul(v2, bc2)), config.eps));
+    let p = flat;
+    if (config.weightDecay > 0) {
+      const mask = new Float32Array(layout.size);
+      for (const key of layout.keys) {
+        const shape = layout.shapes.get(key)!;
+        if (decays(key, shape))
+          mask.fill(
+            config.weightDecay,
+            layout.offsets.get(key)!,
+            layout.offsets.get(key)! + shape.reduce((a, d) => a * d, 1),
+          );
+      }
+      p = op.sub(
+        p,
+        op.mul(
+          op.mul(p, graph.constant(new Tensor('float32', [layout.size], mask), 'weight_decay')),
+          lr,
+        ),
+      );
+    }
+    const p2 = op.sub(p, op.mul(update, lr));
+    graph.output(p2, next('params'));
+    graph.output(m2, next('adam_m'));
+    graph.output(v2, next('adam_v'));
+    if (config.ema) {
+      const e = graph.input('ema', 'float32', [layout.size]);
+      graph.output(op.add(op.mul(e, emaDecay), op.mul(p2, op.sub(1, emaDecay))), next('ema'));
+    }
+  });
+  return { graph, layout };
+}

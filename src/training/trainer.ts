@@ -1,0 +1,247 @@
+import { UserError } from '../errors.js';
+import type { Graph, Value } from '../graph/ir.js';
+import { emitOnnx } from '../graph/onnx.js';
+import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
+import type { ParameterSource } from '../nn/module.js';
+import { Session, type RuntimeOptions } from '../runtime/session.js';
+import { TorchGenerator } from '../tensor/rng.js';
+import { Tensor } from '../tensor/tensor.js';
+import {
+  buildTrainStep,
+  DEFAULT_ADAMW,
+  next,
+  parameterLayout,
+  STATE,
+  type AdamWConfig,
+  type ParameterLayout,
+  type StateName,
+} from './step.js';
+
+/**
+ * The training loop: state on the host, one ONNX Runtime call per step. Everything random (data
+ * and noise) comes from generators whose state is part of the checkpoint, and ONNX Runtime is
+ * deterministic on CPU for a fixed thread count, so resuming continues bit for bit.
+ */
+
+/** A generator of training batches and the loss to train on them. */
+export interface TrainingTask {
+  /** Parameter shapes by full key (the model's state-dict keys). */
+  readonly shapes: ReadonlyMap<string, readonly number[]>;
+  /** Fresh parameters for a new run. */
+  initialParameters(random: TorchGenerator): Map<string, Float32Array>;
+  /** Emits the forward pass and returns the scalar loss; declares its own data inputs. */
+  buildLoss(params: ParameterSource, graph: Graph): Value;
+  /** The data inputs of step `step`, drawn from `random` (data) and `noise` (model noise). */
+  batch(step: number, random: DataRandom, noise: TorchGenerator): Record<string, Tensor>;
+  /** Identifies the graph (architecture and batch shape) for the graph cache. */
+  readonly cacheKey: string;
+}
+
+/** mulberry32 with visible state, for reproducible data. */
+export class DataRandom {
+  state: number;
+
+  constructor(seed: number) {
+    this.state = seed >>> 0;
+  }
+
+  next(): number {
+    this.state = (this.state + 0x6d2b79f5) >>> 0;
+    let t = this.state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+
+  /** A `() => number` view for samplers. */
+  readonly uniform = (): number => this.next();
+}
+
+export interface Schedule {
+  readonly steps: number;
+  readonly learningRate: number;
+  readonly warmupSteps: number;
+  /** 'cosine' decays to `finalLearningRate`; 'constant' holds after warm-up. */
+  readonly decay: 'cosine' | 'constant';
+  readonly finalLearningRate: number;
+  /** The EMA decay, reached gradually ((1 + step) / (10 + step) early on). */
+  readonly emaDecay: number;
+}
+
+export function learningRateAt(s: Schedule, step: number): number {
+  if (step < s.warmupSteps) return (s.learningRate * (step + 1)) / s.warmupSteps;
+  if (s.decay === 'constant') return s.learningRate;
+  const progress = Math.min(1, (step - s.warmupSteps) / Math.max(1, s.steps - s.warmupSteps));
+  return (
+    s.finalLearningRate +
+    0.5 * (s.learningRate - s.finalLearningRate) * (1 + Math.cos(Math.PI * progress))
+  );
+}
+
+export function emaDecayAt(s: Schedule, step: number): number {
+  return Math.min(s.emaDecay, (1 + step) / (10 + step));
+}
+
+export interface TrainerOptions {
+  readonly schedule: Schedule;
+  readonly adam?: AdamWConfig;
+  readonly seed: number;
+  readonly runtime?: RuntimeOptions;
+}
+
+export interface StepResult {
+  readonly step: number;
+  readonly loss: number;
+  readonly gradNorm: number;
+  readonly learningRate: number;
+}
+
+export class Trainer {
+  readonly task: TrainingTask;
+  readonly options: TrainerOptions;
+  readonly layout: ParameterLayout;
+  /** Steps done. */
+  step = 0;
+  readonly state: Record<StateName, Float32Array>;
+  readonly dataRandom: DataRandom;
+  readonly noise: TorchGenerator;
+  private readonly session: Session;
+
+  private constructor(
+    task: TrainingTask,
+    options: TrainerOptions,
+    layout: ParameterLayout,
+    session: Session,
+    state: Record<StateName, Float32Array>,
+  ) {
+    this.task = task;
+    this.options = options;
+    this.layout = layout;
+    this.session = session;
+    this.state = state;
+    this.dataRandom = new DataRandom(options.seed);
+    this.noise = new TorchGenerator(options.seed + 1);
+  }
+
+  static async create(task: TrainingTask, options: TrainerOptions): Promise<Trainer> {
+    const adam = options.adam ?? DEFAULT_ADAMW;
+    const layout = parameterLayout(task.shapes);
+    const session = await Session.create(
+      {
+        key: JSON.stringify({ trainStep: task.cacheKey, adam }),
+        emit: () =>
+          emitOnnx(buildTrainStep(task.shapes, (p, g) => task.buildLoss(p, g), adam).graph),
+      },
+      options.runtime ?? {},
+    );
+    const init = task.initialParameters(new TorchGenerator(options.seed));
+    const params = new Float32Array(layout.size);
+    for (const key of layout.keys) {
+      const values = init.get(key);
+      if (values === undefined) throw new Error(`no initial value for '${key}'`);
+      params.set(values, layout.offsets.get(key)!);
+    }
+    const state = {
+      params,
+      adam_m: new Float32Array(layout.size),
+      adam_v: new Float32Array(layout.size),
+      ema: params.slice(),
+    };
+    return new Trainer(task, options, layout, session, state);
+  }
+
+  /** A trainer continuing from a checkpoint written by `save`. */
+  static async resume(path: string, task: TrainingTask, options: TrainerOptions): Promise<Trainer> {
+    const trainer = await Trainer.create(task, options);
+    await SafetensorsFile.with(path, async (file) => {
+      const meta = file.metadata;
+      if (meta.format !== 'gesso-training-state')
+        throw new UserError('bad-checkpoint', `${path} is not a gesso training checkpoint`);
+      if (meta.layout !== JSON.stringify([...trainer.layout.shapes])) {
+        throw new UserError(
+          'bad-checkpoint',
+          `${path} was written for a different model or configuration; start a new run or use its config`,
+        );
+      }
+      for (const name of STATE) {
+        const t = await file.read(name);
+        trainer.state[name].set(t.toFloat32().data);
+      }
+      trainer.step = Number(meta.step);
+      trainer.dataRandom.state = Number(meta.data_random);
+      trainer.noise.setState(
+        JSON.parse(meta.noise_random!) as Parameters<TorchGenerator['setState']>[0],
+      );
+    });
+    return trainer;
+  }
+
+  async runStep(): Promise<StepResult> {
+    const { schedule, adam = DEFAULT_ADAMW } = this.options;
+    const step = this.step;
+    const learningRate = learningRateAt(schedule, step);
+    const t = step + 1;
+    const feeds: Record<string, Tensor> = {
+      ...this.task.batch(step, this.dataRandom, this.noise),
+      lr: Tensor.full([], learningRate),
+      bias_correction1: Tensor.full([], 1 / (1 - adam.beta1 ** t)),
+      bias_correction2: Tensor.full([], 1 / (1 - adam.beta2 ** t)),
+      ema_decay: Tensor.full([], emaDecayAt(schedule, step)),
+    };
+    for (const name of STATE)
+      feeds[name] = new Tensor('float32', [this.layout.size], this.state[name]);
+    const out = await this.session.run(feeds);
+    for (const name of STATE) {
+      const updated = out[next(name)];
+      if (updated !== undefined) this.state[name].set(updated.data as Float32Array);
+    }
+    this.step += 1;
+    const loss = (out.loss!.data as Float32Array)[0]!;
+    if (!Number.isFinite(loss))
+      throw new Error(`the loss became ${loss} at step ${step}; lower the learning rate`);
+    return {
+      step: this.step,
+      loss,
+      gradNorm: (out.grad_norm!.data as Float32Array)[0]!,
+      learningRate,
+    };
+  }
+
+  /** Named weights (the EMA by default) as inference loads them. */
+  weights(which: 'ema' | 'params' = 'ema'): Record<string, Tensor<'float32'>> {
+    const flat = this.state[which];
+    const out: Record<string, Tensor<'float32'>> = {};
+    for (const key of this.layout.keys) {
+      const shape = this.layout.shapes.get(key)!;
+      const offset = this.layout.offsets.get(key)!;
+      out[key] = new Tensor(
+        'float32',
+        shape,
+        flat.slice(offset, offset + shape.reduce((a, d) => a * d, 1)),
+      );
+    }
+    return out;
+  }
+
+  /** Writes everything needed to resume (atomically). */
+  async save(path: string, extraMetadata: Record<string, string> = {}): Promise<void> {
+    const tensors: Record<string, Tensor> = {};
+    for (const name of STATE)
+      tensors[name] = new Tensor('float32', [this.layout.size], this.state[name]);
+    await writeSafetensors(path, tensors, {
+      ...extraMetadata,
+      format: 'gesso-training-state',
+      step: String(this.step),
+      layout: JSON.stringify([...this.layout.shapes]),
+      data_random: String(this.dataRandom.state),
+      noise_random: JSON.stringify({
+        ...this.noise.getState(),
+        mt: Array.from(this.noise.getState().mt),
+      }),
+    });
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}

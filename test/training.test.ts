@@ -1,0 +1,308 @@
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import test from 'node:test';
+import { detect } from '../src/data/detect.js';
+import { centroid, HELD_OUT, sampleBatch, seededRandom, SHAPES_WORDS } from '../src/data/shapes.js';
+import { Graph } from '../src/graph/ir.js';
+import { emitOnnx } from '../src/graph/onnx.js';
+import { SafetensorsFile } from '../src/io/safetensors.js';
+import { PatchAutoencoder, patchify } from '../src/models/patch-autoencoder.js';
+import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
+import { runOnce } from '../src/runtime/session.js';
+import { Tensor } from '../src/tensor/tensor.js';
+import { WordTokenizer } from '../src/tokenizers/word.js';
+import { resolveTrainConfig } from '../src/training/config.js';
+import { DiffusionTask, type DiffusionRecipe } from '../src/training/diffusion.js';
+import { Trainer, type TrainerOptions } from '../src/training/trainer.js';
+import { repoRoot, withTempDir } from './helpers.js';
+
+const TINY: DiffusionRecipe = {
+  batchSize: 4,
+  captionDropout: 0.1,
+  patchSize: 8,
+  maxLength: 16,
+  textEncoder: {
+    hidden_size: 16,
+    intermediate_size: 32,
+    num_hidden_layers: 1,
+    num_attention_heads: 2,
+    max_position_embeddings: 16,
+    hidden_act: 'gelu',
+    causal: false,
+  },
+  unet: {
+    in_channels: 192,
+    out_channels: 192,
+    sample_size: 8,
+    block_out_channels: [16, 32],
+    layers_per_block: 1,
+    down_block_types: ['CrossAttnDownBlock2D', 'DownBlock2D'],
+    up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D'],
+    cross_attention_dim: 16,
+    attention_head_dim: 2,
+    norm_num_groups: 8,
+  },
+  noise: {
+    num_train_timesteps: 1000,
+    beta_schedule: 'squaredcos_cap_v2',
+    prediction_type: 'v_prediction',
+  },
+};
+
+const options = (steps: number): TrainerOptions => ({
+  seed: 7,
+  schedule: {
+    steps,
+    learningRate: 3e-3,
+    warmupSteps: 5,
+    decay: 'cosine',
+    finalLearningRate: 3e-4,
+    emaDecay: 0.99,
+  },
+  runtime: { cacheDir: false },
+});
+
+test('the shapes world: every caption form, held-out pairs never in training data, clean renders detected exactly', () => {
+  const random = seededRandom(3);
+  const { images, captions, scenes } = sampleBatch(random, 1500, { excludeHeldOut: true });
+  for (const scene of scenes) {
+    for (const o of scene.objects) {
+      assert.ok(
+        !HELD_OUT.some(([c, s]) => c === o.colour && s === o.shape),
+        `held-out ${o.colour} ${o.shape} in training data`,
+      );
+      assert.notEqual(o.colour, scene.background);
+    }
+  }
+  for (const caption of captions) {
+    assert.ok(!HELD_OUT.some(([c, s]) => new RegExp(`\\b${c} ${s}`).test(caption)), caption);
+    assert.match(caption, /^[a-z ]+$/);
+  }
+  const text = captions.join('\n');
+  for (const form of [
+    /^a photo of /m,
+    /^an image of /m,
+    /^a picture of /m,
+    /^a drawing of /m,
+    /^there is /m,
+    / to the left of /,
+    / to the right of /,
+    / above /,
+    / below /,
+    / and /,
+    /(two|three|four) \w+ \w+s/,
+    / in the top left corner/,
+    / at the bottom/,
+    / on a (gray|white|black) background/,
+    /\b(small|large) /,
+  ]) {
+    assert.match(text, form);
+  }
+  const pixels = 64 * 64 * 3;
+  scenes.forEach((scene, i) => {
+    const found = detect((images.data as Uint8Array).subarray(i * pixels, (i + 1) * pixels));
+    assert.equal(found.background, scene.background);
+    assert.equal(found.objects.length, scene.objects.length, captions[i]);
+    for (const o of scene.objects) {
+      const [x, y] = centroid(o);
+      assert.ok(
+        found.objects.some(
+          (d) =>
+            d.colour === o.colour &&
+            d.shape === o.shape &&
+            Math.abs(d.size - o.size) <= 2 &&
+            Math.hypot(d.cx - x, d.cy - y) < 1.5,
+        ),
+        `${captions[i]}: ${o.colour} ${o.shape} not found`,
+      );
+    }
+  });
+});
+
+test('the word tokenizer ignores case and punctuation and maps unknown words to <unk>', () => {
+  const t = new WordTokenizer(SHAPES_WORDS, 12);
+  assert.deepEqual(t.encode('A  RED, circle!'), t.encode('a red circle'));
+  const ids = t.encode('a crimson circle');
+  assert.equal(ids[2], t.unkId);
+  assert.equal(ids.length, 12);
+  assert.equal(t.decode(t.encode('three blue squares')), 'three blue squares');
+});
+
+test('host patchify equals the graph codec, and decoding inverts it', async () => {
+  const { images } = sampleBatch(seededRandom(1), 2, { excludeHeldOut: true });
+  const host = patchify(images, 4);
+  const codec = new PatchAutoencoder({ patchSize: 4, inChannels: 3, scalingFactor: 1 });
+  const g = new Graph();
+  const x = g.input('x', 'float32', [2, 3, 64, 64]);
+  const z = codec.encode(x);
+  g.output(z, 'z');
+  g.output(codec.decode(z), 'back');
+  const nchw = new Tensor('float32', [2, 3, 64, 64]);
+  for (let n = 0; n < 2; n++)
+    for (let i = 0; i < 4096; i++)
+      for (let c = 0; c < 3; c++)
+        nchw.data[(n * 3 + c) * 4096 + i] =
+          (images.data as Uint8Array)[(n * 4096 + i) * 3 + c]! / 127.5 - 1;
+  const r = await runOnce(emitOnnx(g), { x: nchw });
+  assert.deepEqual(r.z!.toArray(), host.toArray());
+  assert.deepEqual(r.back!.toArray(), nchw.toArray());
+});
+
+test('a very small diffusion model trains: the loss falls over a few dozen steps', async () => {
+  const trainer = await Trainer.create(new DiffusionTask(TINY), options(40));
+  const losses: number[] = [];
+  for (let i = 0; i < 40; i++) losses.push((await trainer.runStep()).loss);
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+  assert.ok(
+    mean(losses.slice(-8)) < 0.8 * mean(losses.slice(0, 8)),
+    `loss ${mean(losses.slice(0, 8))} → ${mean(losses.slice(-8))}`,
+  );
+  await trainer.release();
+});
+
+test('resuming from a checkpoint continues bit for bit', async () => {
+  await withTempDir(async (dir) => {
+    const straight = await Trainer.create(new DiffusionTask(TINY), options(8));
+    for (let i = 0; i < 8; i++) await straight.runStep();
+    const first = await Trainer.create(new DiffusionTask(TINY), options(8));
+    for (let i = 0; i < 5; i++) await first.runStep();
+    await first.save(join(dir, 'state.safetensors'));
+    await first.release();
+    const resumed = await Trainer.resume(
+      join(dir, 'state.safetensors'),
+      new DiffusionTask(TINY),
+      options(8),
+    );
+    assert.equal(resumed.step, 5);
+    for (let i = 0; i < 3; i++) await resumed.runStep();
+    for (const name of ['params', 'adam_m', 'adam_v', 'ema'] as const) {
+      assert.deepEqual(
+        Buffer.from(resumed.state[name].buffer),
+        Buffer.from(straight.state[name].buffer),
+        `${name} differs after resume`,
+      );
+    }
+    await straight.release();
+    await resumed.release();
+  });
+});
+
+test('a trained model folder loads and generates through the ordinary pipeline', async () => {
+  await withTempDir(async (dir) => {
+    const task = new DiffusionTask(TINY);
+    const trainer = await Trainer.create(task, options(3));
+    for (let i = 0; i < 3; i++) await trainer.runStep();
+    await task.exportModel(join(dir, 'model'), trainer.weights('ema'), { fp16: true });
+    const pipe = await StableDiffusionPipeline.fromPretrained(join(dir, 'model'), {
+      cacheDir: false,
+    });
+    const { images } = await pipe.generate({ prompt: 'a red circle', steps: 3, seed: 1 });
+    assert.deepEqual(images.shape, [1, 64, 64, 3]);
+    assert.ok(images.data.every((v) => v >= 0 && v <= 1));
+    await pipe.release();
+    const unet = await SafetensorsFile.with(
+      join(dir, 'model', 'unet', 'diffusion_pytorch_model.safetensors'),
+      async (f) => f.info('conv_in.weight'),
+    );
+    assert.equal(unet.dtype, 'F16');
+    await trainer.release();
+  });
+});
+
+test('training config: defaults, file fields and flags, with clear errors', () => {
+  const c = resolveTrainConfig({ steps: 10, model: { patch_size: 8 } }, { batch_size: 2 });
+  assert.equal(c.steps, 10);
+  assert.equal(c.batch_size, 2);
+  assert.equal(c.model.patch_size, 8);
+  assert.equal(c.model.max_length, 24);
+  assert.throws(() => resolveTrainConfig({ stepz: 3 }), /unknown training config field 'stepz'/);
+  assert.throws(() => resolveTrainConfig({ steps: 2.5 }), /'steps' must be an integer/);
+  assert.throws(() => resolveTrainConfig({ decay: 'linear' }), /one of cosine, constant/);
+});
+
+const BIN = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+
+test('gesso train: Ctrl-C saves, --resume finishes, and the result equals an uninterrupted run', async () => {
+  await withTempDir(async (dir) => {
+    const config = {
+      steps: 12,
+      batch_size: TINY.batchSize,
+      save_every: 100,
+      sample_every: 0,
+      warmup_steps: 2,
+      model: {
+        patch_size: TINY.patchSize,
+        max_length: TINY.maxLength,
+        text_encoder: TINY.textEncoder,
+        unet: TINY.unet,
+        noise: TINY.noise,
+      },
+    };
+    writeFileSync(
+      join(dir, 'tiny.yaml'),
+      Object.entries(config)
+        .map(([k, v]) => `${k}: ${JSON.stringify(v)}`)
+        .join('\n'),
+    );
+    const straight = spawnSync(
+      process.execPath,
+      [BIN, 'train', '--config', join(dir, 'tiny.yaml'), '--out', join(dir, 'a')],
+      { encoding: 'utf8' },
+    );
+    assert.equal(straight.status, 0, straight.stderr);
+
+    const child = spawn(
+      process.execPath,
+      [BIN, 'train', '--config', join(dir, 'tiny.yaml'), '--out', join(dir, 'b')],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => {
+      stderr += d.toString();
+    });
+    // Interrupt once a few steps have been logged.
+    for (let i = 0; i < 600 && !existsSync(join(dir, 'b', 'log.jsonl')); i++)
+      await new Promise((r) => setTimeout(r, 100));
+    for (let i = 0; i < 600; i++) {
+      const lines = existsSync(join(dir, 'b', 'log.jsonl'))
+        ? readFileSync(join(dir, 'b', 'log.jsonl'), 'utf8')
+            .trim()
+            .split('\n').length
+        : 0;
+      if (lines >= 3) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    child.kill('SIGINT');
+    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
+    assert.equal(code, 130, stderr);
+    assert.match(stderr, /saved at step \d+; continue with: gesso train --resume/);
+    const stoppedAt = Number(/saved at step (\d+)/.exec(stderr)![1]);
+    assert.ok(stoppedAt >= 3 && stoppedAt < 12, `stopped at ${stoppedAt}`);
+
+    const resumed = spawnSync(
+      process.execPath,
+      [BIN, 'train', '--resume', '--out', join(dir, 'b')],
+      { encoding: 'utf8' },
+    );
+    assert.equal(resumed.status, 0, resumed.stderr);
+    for (const file of [
+      'text_encoder/model.safetensors',
+      'unet/diffusion_pytorch_model.safetensors',
+    ]) {
+      assert.deepEqual(
+        readFileSync(join(dir, 'b', 'model', file)),
+        readFileSync(join(dir, 'a', 'model', file)),
+        `${file} differs from the uninterrupted run`,
+      );
+    }
+    const again = spawnSync(
+      process.execPath,
+      [BIN, 'train', '--config', join(dir, 'tiny.yaml'), '--out', join(dir, 'a')],
+      { encoding: 'utf8' },
+    );
+    assert.equal(again.status, 2);
+    assert.match(again.stderr, /already holds a run; continue it with --resume/);
+  });
+});
