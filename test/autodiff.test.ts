@@ -185,6 +185,19 @@ const cases: Record<
     (i) => op.exp(op.split(i.a!, [2, 3], 0)[1]!),
   ],
   Slice: [{ a: { shape: [4, 5] } }, (i) => op.slice(i.a!, [1, -3], [3, Infinity], [0, 1])],
+  'Slice (strided)': [
+    { a: { shape: [7, 6] } },
+    (i) => op.slice(i.a!, [1, 0], [7, 5], [0, 1], [3, 2]),
+  ],
+  'Conv weights through a strided conv (second order)': [
+    { x: { shape: [1, 2, 5, 5] }, w: { shape: [3, 2, 3, 3] } },
+    (i) => {
+      // The gradient of Σ conv(x, w)² with respect to x, itself differentiated: double backprop.
+      const y = op.conv(i.x!, i.w!, null, { strides: [2, 2], pads: [1, 1, 1, 1] });
+      const loss = op.reduceSum(op.mul(y, y), [0, 1, 2, 3], false);
+      return gradients(loss, [i.x!]).get(i.x!)!;
+    },
+  ],
   Pad: [{ a: { shape: [2, 3] } }, (i) => op.exp(op.pad(i.a!, [1, 0, 0, 2], 0.5))],
   Gather: [
     { w: { shape: [5, 3] }, ids: { shape: [2, 3], ints: [0, 4, 4, 1, 2, 0] } },
@@ -206,6 +219,8 @@ const cases: Record<
     { x: { shape: [2, 3, 2, 3] }, s: { shape: [3] }, b: { shape: [3] } },
     (i) => op.instanceNormalization(i.x!, i.s!, i.b!, 1e-5),
   ],
+  SpaceToDepth: [{ a: { shape: [1, 2, 4, 6] } }, (i) => op.spaceToDepth(i.a!, 2)],
+  DepthToSpace: [{ a: { shape: [1, 8, 2, 3] } }, (i) => op.depthToSpace(i.a!, 2)],
   'Resize (nearest ×2)': [{ a: { shape: [1, 2, 2, 3] } }, (i) => op.upsampleNearest(i.a!, [2, 2])],
   AveragePool: [{ a: { shape: [1, 2, 4, 5] } }, (i) => op.averagePool(i.a!, { kernel: [2, 2] })],
   MaxPool: [{ a: { shape: [1, 2, 4, 4] } }, (i) => op.maxPool(i.a!, { kernel: [2, 2] })],

@@ -218,6 +218,8 @@ test('every op helper runs in ONNX Runtime with the shape it inferred', async ()
     ),
     identity: op.identity(v),
     stepSlice: op.slice(x, [5], [-Infinity], [3], [-2]),
+    toDepth: op.spaceToDepth(x, 2),
+    roundTrip: op.depthToSpace(op.spaceToDepth(x, 3), 3),
   };
   for (const [name, value] of Object.entries(outs)) g.output(value, name);
   const feeds = {

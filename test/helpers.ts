@@ -5,6 +5,8 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Tensor } from '../src/tensor/tensor.js';
+import type { DiffusionRecipe } from '../src/training/diffusion.js';
+import type { TrainerOptions } from '../src/training/trainer.js';
 
 /** The repository root (tests run from dist/test/). */
 export const repoRoot = resolve(fileURLToPath(new URL('../../', import.meta.url)));
@@ -91,3 +93,52 @@ export async function withTempDir<T>(use: (dir: string) => Promise<T>): Promise<
     await rm(dir, { recursive: true, force: true });
   }
 }
+
+/** A diffusion recipe small enough to train in a test. */
+export const TINY: DiffusionRecipe = {
+  batchSize: 4,
+  captionDropout: 0.1,
+  patchSize: 8,
+  maxLength: 16,
+  textEncoder: {
+    hidden_size: 16,
+    intermediate_size: 32,
+    num_hidden_layers: 1,
+    num_attention_heads: 2,
+    max_position_embeddings: 16,
+    hidden_act: 'gelu',
+    causal: false,
+  },
+  unet: {
+    in_channels: 192,
+    out_channels: 192,
+    sample_size: 8,
+    block_out_channels: [16, 32],
+    layers_per_block: 1,
+    down_block_types: ['CrossAttnDownBlock2D', 'DownBlock2D'],
+    up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D'],
+    cross_attention_dim: 16,
+    attention_head_dim: 2,
+    norm_num_groups: 8,
+  },
+  noise: {
+    num_train_timesteps: 1000,
+    beta_schedule: 'squaredcos_cap_v2',
+    prediction_type: 'sample',
+  },
+  snrWeightCap: 5,
+};
+
+/** Trainer options for a few test steps. */
+export const options = (steps: number): TrainerOptions => ({
+  seed: 7,
+  schedule: {
+    steps,
+    learningRate: 3e-3,
+    warmupSteps: 5,
+    decay: 'cosine',
+    finalLearningRate: 3e-4,
+    emaDecay: 0.99,
+  },
+  runtime: { cacheDir: false },
+});

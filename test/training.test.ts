@@ -14,55 +14,9 @@ import { runOnce } from '../src/runtime/session.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { WordTokenizer } from '../src/tokenizers/word.js';
 import { resolveTrainConfig } from '../src/training/config.js';
-import { DiffusionTask, type DiffusionRecipe } from '../src/training/diffusion.js';
-import { Trainer, type TrainerOptions } from '../src/training/trainer.js';
-import { repoRoot, withTempDir } from './helpers.js';
-
-const TINY: DiffusionRecipe = {
-  batchSize: 4,
-  captionDropout: 0.1,
-  patchSize: 8,
-  maxLength: 16,
-  textEncoder: {
-    hidden_size: 16,
-    intermediate_size: 32,
-    num_hidden_layers: 1,
-    num_attention_heads: 2,
-    max_position_embeddings: 16,
-    hidden_act: 'gelu',
-    causal: false,
-  },
-  unet: {
-    in_channels: 192,
-    out_channels: 192,
-    sample_size: 8,
-    block_out_channels: [16, 32],
-    layers_per_block: 1,
-    down_block_types: ['CrossAttnDownBlock2D', 'DownBlock2D'],
-    up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D'],
-    cross_attention_dim: 16,
-    attention_head_dim: 2,
-    norm_num_groups: 8,
-  },
-  noise: {
-    num_train_timesteps: 1000,
-    beta_schedule: 'squaredcos_cap_v2',
-    prediction_type: 'v_prediction',
-  },
-};
-
-const options = (steps: number): TrainerOptions => ({
-  seed: 7,
-  schedule: {
-    steps,
-    learningRate: 3e-3,
-    warmupSteps: 5,
-    decay: 'cosine',
-    finalLearningRate: 3e-4,
-    emaDecay: 0.99,
-  },
-  runtime: { cacheDir: false },
-});
+import { DiffusionTask } from '../src/training/diffusion.js';
+import { Trainer } from '../src/training/trainer.js';
+import { options, repoRoot, TINY, withTempDir } from './helpers.js';
 
 test('the shapes world: every caption form, held-out pairs never in training data, clean renders detected exactly', () => {
   const random = seededRandom(3);

@@ -4,6 +4,7 @@ import { UserError } from '../errors.js';
 import { readImage, toUint8, writePng } from '../io/image.js';
 import { formatInfotext, pythonFloat } from '../io/infotext.js';
 import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
+import { loadPipeline } from '../pipelines/index.js';
 import { StableDiffusionPipeline } from '../pipelines/stable-diffusion.js';
 import { displayName, SCHEDULER_NAMES } from '../schedulers/index.js';
 import type { ExecutionProvider } from '../runtime/session.js';
@@ -97,7 +98,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   const clipSkip = parseNumber('clip-skip', values['clip-skip'], { integer: true, min: 0 });
   const threads = parseNumber('threads', values.threads, { integer: true, min: 1 });
 
-  const pipe = await StableDiffusionPipeline.fromPretrained(values.model, {
+  const pipe = await loadPipeline(values.model, {
     ...(values.variant !== undefined ? { variant: values.variant } : {}),
     ...(threads !== undefined ? { threads } : {}),
     ...(provider !== undefined ? { executionProvider: provider } : {}),
@@ -151,17 +152,22 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     if (format === '.safetensors') {
       await writeSafetensors(out, { image: result.images, latents: result.latents });
     } else {
-      const params: [string, string][] = [
-        ['Steps', String(steps)],
-        [
-          'Sampler',
-          displayName(values.scheduler ?? String(pipe.schedulerConfig._class_name ?? '')),
-        ],
-        ['CFG scale', pythonFloat(guidance)],
+      const params: [string, string][] =
+        pipe instanceof StableDiffusionPipeline
+          ? [
+              ['Steps', String(steps)],
+              [
+                'Sampler',
+                displayName(values.scheduler ?? String(pipe.schedulerConfig._class_name ?? '')),
+              ],
+              ['CFG scale', pythonFloat(guidance)],
+            ]
+          : [['Sampler', 'GAN']];
+      params.push(
         ['Seed', String(seed)],
         ['Size', `${w}x${h}`],
         ['Model', basename(resolve(values.model))],
-      ];
+      );
       if (image !== undefined) params.push(['Denoising strength', String(strength ?? 0.8)]);
       if (clipSkip !== undefined && clipSkip > 0) params.push(['Clip skip', String(clipSkip + 1)]);
       params.push(['Version', 'gesso']);

@@ -5,6 +5,7 @@ import { isUserError } from '../errors.js';
 const USAGE = `usage: gesso <command> [options]
 
 commands:
+  eval              measure a model's prompt fidelity, diversity, realism and speed
   generate PROMPT   draw an image (gesso generate --help for the options)
   inspect PATH      list a .safetensors file's tensors, or a model folder's components
   train             train a text-to-image model from scratch (gesso train --help)
@@ -15,6 +16,7 @@ type Command = (args: readonly string[]) => Promise<number>;
 
 // Commands load on demand, so a quick command never pays for ONNX Runtime's start-up.
 const COMMANDS: Readonly<Record<string, Command>> = {
+  eval: async (args) => (await import('./eval.js')).evalCommand(args),
   generate: async (args) => (await import('./generate.js')).generateCommand(args),
   inspect: async (args) => (await import('./inspect.js')).inspectCommand(args),
   train: async (args) => (await import('./train.js')).trainCommand(args),

@@ -2,12 +2,13 @@ import { existsSync } from 'node:fs';
 import { appendFile, mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { folderSource, shapesSource } from '../data/source.js';
+import { folderSource, shapesSource, type DataSource } from '../data/source.js';
 import { UserError } from '../errors.js';
+import { FeatureTask } from '../eval/features.js';
 import { writeFileAtomically } from '../io/atomic.js';
 import { toUint8 } from '../io/image.js';
 import { encodePng } from '../io/png.js';
-import { StableDiffusionPipeline } from '../pipelines/stable-diffusion.js';
+import { loadPipeline } from '../pipelines/index.js';
 import {
   describeFields,
   readTrainConfigFile,
@@ -15,7 +16,8 @@ import {
   type TrainConfig,
 } from '../training/config.js';
 import { DiffusionTask, type DiffusionRecipe } from '../training/diffusion.js';
-import { Trainer } from '../training/trainer.js';
+import { GanTrainer, type GanRecipe } from '../training/gan.js';
+import { Trainer, type Schedule } from '../training/trainer.js';
 import { parseNumber } from './args.js';
 
 export const TRAIN_USAGE = `usage: gesso train [--config FILE.json|FILE.yaml] [options]
@@ -26,6 +28,7 @@ samples/ (grids) and log.jsonl. Ctrl-C saves before stopping; --resume continues
 
 options (each overrides the config file's field of the same name):
   --config FILE        a JSON or YAML file of the fields below
+  --route R            diffusion, gan, or features
   --out DIR            run folder
   --steps N            optimizer steps in all
   --batch-size N       images per step
@@ -55,8 +58,8 @@ function fromFlags(values: Record<string, string | boolean | undefined>): Record
     const v = parseNumber(flag, values[flag] as string | undefined, { integer, min: 0 });
     if (v !== undefined) out[key] = v;
   }
-  if (typeof values.out === 'string') out.out = values.out;
-  if (typeof values.data === 'string') out.data = values.data;
+  for (const key of ['out', 'data', 'route'] as const)
+    if (typeof values[key] === 'string') out[key] = values[key];
   return out;
 }
 
@@ -69,6 +72,38 @@ export function recipeOf(config: TrainConfig): DiffusionRecipe {
     textEncoder: config.model.text_encoder,
     unet: config.model.unet,
     noise: config.model.noise,
+    snrWeightCap: config.model.snr_weight_cap,
+  };
+}
+
+export function ganRecipeOf(config: TrainConfig, textDim: number): GanRecipe {
+  const g = config.gan;
+  return {
+    batchSize: config.batch_size,
+    generator: {
+      zDim: g.z_dim,
+      textDim,
+      nf: g.nf,
+      imageSize: 64,
+      patchSize: g.patch_size,
+      attentionResolutions: g.attention_resolutions,
+    },
+    generatorLearningRate: g.generator_learning_rate,
+    discriminatorLearningRate: g.discriminator_learning_rate,
+    gpWeight: g.gp_weight,
+    gpPower: g.gp_power,
+    textEncoderFrom: config.text_encoder_from,
+  };
+}
+
+function scheduleOf(config: TrainConfig): Schedule {
+  return {
+    steps: config.steps,
+    learningRate: config.learning_rate,
+    warmupSteps: config.warmup_steps,
+    decay: config.decay,
+    finalLearningRate: config.final_learning_rate,
+    emaDecay: config.ema_decay,
   };
 }
 
@@ -80,10 +115,22 @@ function formatDuration(seconds: number): string {
   return h > 0 ? `${h}h${String(m).padStart(2, '0')}m` : `${m}m${String(s).padStart(2, '0')}s`;
 }
 
+/** A training run as the loop sees it, whatever the route. */
+interface Run {
+  readonly step: number;
+  readonly description: string;
+  /** One step; the losses to report, by name. */
+  runStep(): Promise<Record<string, number>>;
+  /** Checkpoint and model folder. */
+  save(): Promise<void>;
+  readonly modelDir: string | undefined;
+  release(): Promise<void>;
+}
+
 async function writeSampleGrid(path: string, modelDir: string, config: TrainConfig): Promise<void> {
-  const pipe = await StableDiffusionPipeline.fromPretrained(modelDir, {
+  const pipe = await loadPipeline(modelDir, {
     cacheDir: false,
-    ...(config.threads ? { threads: config.threads } : {}),
+    ...(config.threads !== null ? { threads: config.threads } : {}),
   });
   try {
     const prompts = config.sample_prompts;
@@ -102,11 +149,10 @@ async function writeSampleGrid(path: string, modelDir: string, config: TrainConf
       const gx = k % columns;
       const gy = Math.floor(k / columns);
       for (let y = 0; y < h; y++) {
-        const src = (pixels.data as Uint8Array).subarray(
-          (k * h + y) * w * 3,
-          ((k * h + y) * w + w) * 3,
+        sheet.set(
+          (pixels.data as Uint8Array).subarray((k * h + y) * w * 3, (k * h + y + 1) * w * 3),
+          ((gy * h + y) * columns * w + gx * w) * 3,
         );
-        sheet.set(src, ((gy * h + y) * columns * w + gx * w) * 3);
       }
     }
     await writeFileAtomically(
@@ -121,11 +167,124 @@ async function writeSampleGrid(path: string, modelDir: string, config: TrainConf
   }
 }
 
+async function dataSource(config: TrainConfig): Promise<DataSource> {
+  return config.data === 'shapes' ? shapesSource() : folderSource(config.data, 64);
+}
+
+async function diffusionRun(
+  config: TrainConfig,
+  resume: boolean,
+  checkpoint: string,
+): Promise<Run> {
+  const data = await dataSource(config);
+  const task = new DiffusionTask(recipeOf(config), data);
+  const options = {
+    seed: config.seed,
+    schedule: scheduleOf(config),
+    adam: {
+      beta1: 0.9,
+      beta2: 0.999,
+      eps: 1e-8,
+      weightDecay: config.weight_decay,
+      maxGradNorm: config.max_grad_norm,
+      ema: true,
+    },
+    runtime: config.threads !== null ? { threads: config.threads } : {},
+  };
+  const trainer = resume
+    ? await Trainer.resume(checkpoint, task, options)
+    : await Trainer.create(task, options);
+  const modelDir = join(config.out, 'model');
+  return {
+    get step() {
+      return trainer.step;
+    },
+    description: `a diffusion model of ${task.model.parameterCount().toLocaleString('en-US')} parameters on ${data.description}`,
+    runStep: async () => {
+      const r = await trainer.runStep();
+      return { loss: r.loss, grad_norm: r.gradNorm, lr: r.learningRate };
+    },
+    save: async () => {
+      await trainer.save(checkpoint, { config: JSON.stringify(config) });
+      await task.exportModel(modelDir, trainer.weights('ema'), {
+        note: `step ${trainer.step} of ${config.steps}`,
+      });
+    },
+    modelDir,
+    release: () => trainer.release(),
+  };
+}
+
+async function ganRun(config: TrainConfig, resume: boolean, checkpoint: string): Promise<Run> {
+  if (!existsSync(join(config.text_encoder_from, 'text_encoder', 'config.json'))) {
+    throw new UserError(
+      'missing-text-encoder',
+      `the GAN route takes its frozen text encoder from a trained diffusion model; ${config.text_encoder_from} has none (set text_encoder_from)`,
+    );
+  }
+  const textConfig = JSON.parse(
+    await readFile(join(config.text_encoder_from, 'text_encoder', 'config.json'), 'utf8'),
+  ) as { hidden_size: number };
+  const data = await dataSource(config);
+  const recipe = ganRecipeOf(config, textConfig.hidden_size);
+  const options = {
+    seed: config.seed,
+    schedule: scheduleOf(config),
+    runtime: config.threads !== null ? { threads: config.threads } : {},
+  };
+  const trainer = resume
+    ? await GanTrainer.resume(checkpoint, recipe, data, options)
+    : await GanTrainer.create(recipe, data, options);
+  const modelDir = join(config.out, 'model');
+  return {
+    get step() {
+      return trainer.step;
+    },
+    description: `a GAN (generator ${trainer.generator.parameterCount().toLocaleString('en-US')}, discriminator ${trainer.discriminator.parameterCount().toLocaleString('en-US')} parameters) on ${data.description}`,
+    runStep: async () => {
+      const r = await trainer.runStep();
+      return { g_loss: r.generatorLoss, d_loss: r.discriminatorLoss };
+    },
+    save: async () => {
+      await trainer.save(checkpoint, { config: JSON.stringify(config) });
+      await trainer.exportModel(modelDir, { note: `step ${trainer.step} of ${config.steps}` });
+    },
+    modelDir,
+    release: () => trainer.release(),
+  };
+}
+
+async function featuresRun(config: TrainConfig, resume: boolean, checkpoint: string): Promise<Run> {
+  const task = new FeatureTask(config.batch_size);
+  const options = {
+    seed: config.seed,
+    schedule: scheduleOf(config),
+    runtime: config.threads !== null ? { threads: config.threads } : {},
+  };
+  const trainer = resume
+    ? await Trainer.resume(checkpoint, task, options)
+    : await Trainer.create(task, options);
+  return {
+    get step() {
+      return trainer.step;
+    },
+    description: 'the shapes feature network',
+    runStep: async () => ({ loss: (await trainer.runStep()).loss }),
+    save: async () => {
+      await trainer.save(checkpoint, { config: JSON.stringify(config) });
+      await task.export(config.out, trainer.weights('ema'));
+    },
+    modelDir: undefined,
+    release: () => trainer.release(),
+  };
+}
+
 export async function trainCommand(args: readonly string[]): Promise<number> {
   const { values } = parseArgs({
     args: [...args],
     options: {
       config: { type: 'string' },
+      route: { type: 'string' },
       out: { type: 'string' },
       steps: { type: 'string' },
       'batch-size': { type: 'string' },
@@ -135,7 +294,6 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
       'save-every': { type: 'string' },
       'sample-every': { type: 'string' },
       threads: { type: 'string' },
-      route: { type: 'string' },
       resume: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -144,18 +302,11 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
     process.stdout.write(`${TRAIN_USAGE}\n`);
     return 0;
   }
-  if (values.route !== undefined && values.route !== 'diffusion') {
-    throw new UserError(
-      'usage',
-      `--route ${values.route} is not available yet; the diffusion route is`,
-    );
-  }
   const flags = fromFlags(values);
   let config: TrainConfig;
-  const out0 = (flags.out as string | undefined) ?? undefined;
   if (values.resume) {
     const runDir =
-      out0 ??
+      (flags.out as string | undefined) ??
       (values.config !== undefined
         ? resolveTrainConfig(await readTrainConfigFile(values.config)).out
         : undefined);
@@ -187,48 +338,18 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
     }
   }
 
-  const data = config.data === 'shapes' ? shapesSource() : await folderSource(config.data, 64);
-  const task = new DiffusionTask(recipeOf(config), data);
-  const trainerOptions = {
-    seed: config.seed,
-    schedule: {
-      steps: config.steps,
-      learningRate: config.learning_rate,
-      warmupSteps: config.warmup_steps,
-      decay: config.decay,
-      finalLearningRate: config.final_learning_rate,
-      emaDecay: config.ema_decay,
-    },
-    adam: {
-      beta1: 0.9,
-      beta2: 0.999,
-      eps: 1e-8,
-      weightDecay: config.weight_decay,
-      maxGradNorm: config.max_grad_norm,
-      ema: true,
-    },
-    runtime: config.threads !== null ? { threads: config.threads } : {},
-  };
   const checkpoint = join(config.out, 'checkpoint', 'state.safetensors');
-  const trainer = values.resume
-    ? await Trainer.resume(checkpoint, task, trainerOptions)
-    : await Trainer.create(task, trainerOptions);
+  const make = { diffusion: diffusionRun, gan: ganRun, features: featuresRun }[config.route];
+  const run = await make(config, values.resume === true, checkpoint);
   await mkdir(join(config.out, 'samples'), { recursive: true });
   await writeFileAtomically(
     join(config.out, 'config.json'),
     `${JSON.stringify(config, null, 2)}\n`,
   );
   process.stderr.write(
-    `training ${task.model.parameterCount().toLocaleString('en-US')} parameters on ${data.description}, ` +
-      `${values.resume ? `resuming at step ${trainer.step}` : 'from scratch'} → ${config.out}\n`,
+    `training ${run.description}, ${values.resume ? `resuming at step ${run.step}` : 'from scratch'} → ${config.out}\n`,
   );
 
-  const save = async () => {
-    await trainer.save(checkpoint, { config: JSON.stringify(config) });
-    await task.exportModel(join(config.out, 'model'), trainer.weights('ema'), {
-      note: `step ${trainer.step} of ${config.steps}`,
-    });
-  };
   let stopping = false;
   const onSigint = () => {
     if (stopping) process.exit(130);
@@ -237,45 +358,49 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
   };
   process.on('SIGINT', onSigint);
   const started = Date.now();
-  const firstStep = trainer.step;
+  const firstStep = run.step;
   const tty = process.stderr.isTTY;
   try {
-    while (trainer.step < config.steps && !stopping) {
-      const r = await trainer.runStep();
+    while (run.step < config.steps && !stopping) {
+      const losses = await run.runStep();
+      const step = run.step;
       const elapsed = (Date.now() - started) / 1000;
-      const rate = (r.step - firstStep) / elapsed;
-      const line = `step ${r.step}/${config.steps}  loss ${r.loss.toFixed(4)}  ${rate.toFixed(2)} steps/s  ${formatDuration((config.steps - r.step) / rate)} left`;
+      const rate = (step - firstStep) / elapsed;
+      const shown = Object.entries(losses)
+        .filter(([k]) => k.endsWith('loss'))
+        .map(([k, v]) => `${k} ${v.toFixed(4)}`)
+        .join('  ');
+      const line = `step ${step}/${config.steps}  ${shown}  ${rate.toFixed(2)} steps/s  ${formatDuration((config.steps - step) / rate)} left`;
       if (tty) process.stderr.write(`\r${line}   `);
-      else if (r.step % 50 === 0 || r.step === config.steps) process.stderr.write(`${line}\n`);
+      else if (step % 50 === 0 || step === config.steps) process.stderr.write(`${line}\n`);
       await appendFile(
         join(config.out, 'log.jsonl'),
-        `${JSON.stringify({ step: r.step, loss: r.loss, grad_norm: r.gradNorm, lr: r.learningRate, seconds: elapsed })}\n`,
+        `${JSON.stringify({ step, ...losses, seconds: elapsed })}\n`,
       );
-      if (r.step % config.save_every === 0 || r.step === config.steps) await save();
-      if (
+      const sample =
         config.sample_every > 0 &&
-        (r.step % config.sample_every === 0 || r.step === config.steps)
-      ) {
-        if (r.step % config.save_every !== 0 && r.step !== config.steps) await save();
+        run.modelDir !== undefined &&
+        (step % config.sample_every === 0 || step === config.steps);
+      if (step % config.save_every === 0 || step === config.steps || sample) await run.save();
+      if (sample)
         await writeSampleGrid(
-          join(config.out, 'samples', `step-${String(r.step).padStart(6, '0')}.png`),
-          join(config.out, 'model'),
+          join(config.out, 'samples', `step-${String(step).padStart(6, '0')}.png`),
+          run.modelDir!,
           config,
         );
-      }
     }
     if (tty) process.stderr.write('\n');
     if (stopping) {
-      await save();
+      await run.save();
       process.stderr.write(
-        `saved at step ${trainer.step}; continue with: gesso train --resume --out ${config.out}\n`,
+        `saved at step ${run.step}; continue with: gesso train --resume --out ${config.out}\n`,
       );
       return 130;
     }
-    process.stdout.write(`${join(config.out, 'model')}: trained ${config.steps} steps\n`);
+    process.stdout.write(`${run.modelDir ?? config.out}: trained ${config.steps} steps\n`);
     return 0;
   } finally {
     process.off('SIGINT', onSigint);
-    await trainer.release();
+    await run.release();
   }
 }

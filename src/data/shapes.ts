@@ -230,13 +230,13 @@ export interface SampleOptions {
   readonly excludeHeldOut: boolean;
 }
 
-function randomSize(random: Random, size: Size | undefined): number {
+export function randomSize(random: Random, size: Size | undefined): number {
   const range = SIZE_RANGE[size ?? pick(random, ['small', 'large'] as const)];
   return int(random, range[0], range[1]);
 }
 
 /** Places an object fully on the canvas, away from the others; undefined when there is no room. */
-function place(
+export function place(
   random: Random,
   partial: Omit<SceneObject, 'cx' | 'cy'>,
   others: readonly SceneObject[],

@@ -1,6 +1,14 @@
 import { detect, type DetectedObject, type Detection } from '../data/detect.js';
 import {
+  BACKGROUND_NAMES,
   CANVAS,
+  centroid,
+  place,
+  randomSize,
+  relationHolds,
+  type Background,
+  type Scene,
+  type SceneObject,
   COLOUR_NAMES,
   HELD_OUT,
   isHeldOut,
@@ -244,4 +252,71 @@ export function scoreFidelity(
     overallSeen: mean(CATEGORIES.filter((c) => c !== 'held-out pairs')),
     results,
   };
+}
+
+/**
+ * A random scene that satisfies an expectation: what a perfect generator would draw for the
+ * prompt. Used to check the detector and scoring (clean renders should pass), and as the real
+ * images of each prompt for diversity.
+ */
+export function sceneFor(expect: Expectation, random: Random): Scene {
+  for (;;) {
+    const background = pick(random, BACKGROUND_NAMES);
+    const colourOr = (c: Colour | undefined, shape: ShapeKind): Colour | undefined => {
+      if (c !== undefined) return c === background ? undefined : c;
+      for (;;) {
+        const k = pick(random, COLOUR_NAMES);
+        if (k !== background && !isHeldOut(k, shape)) return k;
+      }
+    };
+    const objects: SceneObject[] = [];
+    let ok = true;
+    if (expect.kind === 'one') {
+      const colour = colourOr(expect.colour, expect.shape);
+      if (colour === undefined) continue;
+      const sizeClass = expect.size ?? pick(random, ['small', 'large'] as const);
+      const o = place(
+        random,
+        { shape: expect.shape, colour, size: randomSize(random, sizeClass) },
+        [],
+        (c) => {
+          const [x, y] = centroid(c);
+          return expect.position === undefined || positionOf(x, y) === expect.position;
+        },
+      );
+      if (o === undefined) continue;
+      objects.push(o);
+    } else if (expect.kind === 'count') {
+      if (expect.colour === background) continue;
+      const sizeClass = pick(random, ['small', 'small', 'large'] as const);
+      for (let i = 0; i < expect.count && ok; i++) {
+        const o = place(
+          random,
+          { shape: expect.shape, colour: expect.colour, size: randomSize(random, sizeClass) },
+          objects,
+        );
+        if (o === undefined) ok = false;
+        else objects.push(o);
+      }
+    } else {
+      if (expect.a[0] === background || expect.b[0] === background) continue;
+      const a = place(
+        random,
+        { shape: expect.a[1], colour: expect.a[0], size: randomSize(random, undefined) },
+        [],
+      );
+      const b =
+        a === undefined
+          ? undefined
+          : place(
+              random,
+              { shape: expect.b[1], colour: expect.b[0], size: randomSize(random, undefined) },
+              [a],
+              (o) => (expect.relation === undefined ? true : relationHolds(a, o, expect.relation)),
+            );
+      if (a === undefined || b === undefined) ok = false;
+      else objects.push(a, b);
+    }
+    if (ok) return { background: background as Background, objects };
+  }
 }

@@ -9,7 +9,17 @@ import * as op from './ops.js';
  * need static shapes wherever broadcasting, reshaping or pooling is undone.
  */
 
-type Rule = (node: Node, grads: readonly (Value | undefined)[]) => (Value | undefined)[];
+/** `needs[i]`: whether input i wants a gradient; rules skip the work for the rest. */
+type Rule = (
+  node: Node,
+  grads: readonly (Value | undefined)[],
+  needs: readonly boolean[],
+) => (Value | undefined)[];
+
+/** The value of `make()` when `wanted`, else undefined (and no graph nodes). */
+function when(wanted: boolean | undefined, make: () => Value): Value | undefined {
+  return wanted === true ? make() : undefined;
+}
 
 function staticShape(shape: Shape, what: string): number[] {
   if (!shape.every((d): d is number => typeof d === 'number')) {
@@ -161,38 +171,52 @@ function convWeightGrad(node: Node, x: Value, dy: Value, kernel: readonly number
 const RULES: Record<string, Rule> = {
   Identity: (_, [g]) => [g],
   Neg: (_, [g]) => [op.neg(g!)],
-  Add: (n, [g]) => [unbroadcast(g!, input(n, 0).shape), unbroadcast(g!, input(n, 1).shape)],
-  Sub: (n, [g]) => [unbroadcast(g!, input(n, 0).shape), unbroadcast(op.neg(g!), input(n, 1).shape)],
-  Mul: (n, [g]) => {
+  Add: (n, [g], needs) => [
+    when(needs[0], () => unbroadcast(g!, input(n, 0).shape)),
+    when(needs[1], () => unbroadcast(g!, input(n, 1).shape)),
+  ],
+  Sub: (n, [g], needs) => [
+    when(needs[0], () => unbroadcast(g!, input(n, 0).shape)),
+    when(needs[1], () => unbroadcast(op.neg(g!), input(n, 1).shape)),
+  ],
+  Mul: (n, [g], needs) => {
     const [a, b] = [input(n, 0), input(n, 1)];
-    return [unbroadcast(op.mul(g!, b), a.shape), unbroadcast(op.mul(g!, a), b.shape)];
+    return [
+      when(needs[0], () => unbroadcast(op.mul(g!, b), a.shape)),
+      when(needs[1], () => unbroadcast(op.mul(g!, a), b.shape)),
+    ];
   },
-  Div: (n, [g]) => {
+  Div: (n, [g], needs) => {
     const [a, b] = [input(n, 0), input(n, 1)];
     const y = n.outputs[0]!;
     return [
-      unbroadcast(op.div(g!, b), a.shape),
-      unbroadcast(op.neg(op.div(op.mul(g!, y), b)), b.shape),
+      when(needs[0], () => unbroadcast(op.div(g!, b), a.shape)),
+      when(needs[1], () => unbroadcast(op.neg(op.div(op.mul(g!, y), b)), b.shape)),
     ];
   },
-  Pow: (n, [g]) => {
+  Pow: (n, [g], needs) => {
     const [a, b] = [input(n, 0), input(n, 1)];
     const y = n.outputs[0]!;
-    const da = op.mul(g!, op.mul(b, op.pow(a, op.sub(b, 1))));
-    const db = op.mul(g!, op.mul(y, op.log(a)));
-    return [unbroadcast(da, a.shape), unbroadcast(db, b.shape)];
+    return [
+      when(needs[0], () => unbroadcast(op.mul(g!, op.mul(b, op.pow(a, op.sub(b, 1)))), a.shape)),
+      when(needs[1], () => unbroadcast(op.mul(g!, op.mul(y, op.log(a))), b.shape)),
+    ];
   },
-  Max: (n, [g]) => {
+  Max: (n, [g], needs) => {
     const [a, b] = [input(n, 0), input(n, 1)];
     const takeA = op.cast(op.greater(a, b), g!.dtype);
-    const takeB = op.sub(1, takeA);
-    return [unbroadcast(op.mul(g!, takeA), a.shape), unbroadcast(op.mul(g!, takeB), b.shape)];
+    return [
+      when(needs[0], () => unbroadcast(op.mul(g!, takeA), a.shape)),
+      when(needs[1], () => unbroadcast(op.mul(g!, op.sub(1, takeA)), b.shape)),
+    ];
   },
-  Min: (n, [g]) => {
+  Min: (n, [g], needs) => {
     const [a, b] = [input(n, 0), input(n, 1)];
     const takeA = op.cast(op.less(a, b), g!.dtype);
-    const takeB = op.sub(1, takeA);
-    return [unbroadcast(op.mul(g!, takeA), a.shape), unbroadcast(op.mul(g!, takeB), b.shape)];
+    return [
+      when(needs[0], () => unbroadcast(op.mul(g!, takeA), a.shape)),
+      when(needs[1], () => unbroadcast(op.mul(g!, op.sub(1, takeA)), b.shape)),
+    ];
   },
   Exp: (n, [g]) => [op.mul(g!, n.outputs[0]!)],
   Log: (n, [g]) => [op.div(g!, input(n, 0))],
@@ -223,16 +247,16 @@ const RULES: Record<string, Rule> = {
   ],
   Sin: (n, [g]) => [op.mul(g!, op.cos(input(n, 0)))],
   Cos: (n, [g]) => [op.neg(op.mul(g!, op.sin(input(n, 0))))],
-  Where: (n, [g]) => {
+  Where: (n, [g], needs) => {
     const [c, a, b] = [input(n, 0), input(n, 1), input(n, 2)];
     return [
       undefined,
-      unbroadcast(op.where(c, g!, 0), a.shape),
-      unbroadcast(op.where(c, 0, g!), b.shape),
+      when(needs[1], () => unbroadcast(op.where(c, g!, 0), a.shape)),
+      when(needs[2], () => unbroadcast(op.where(c, 0, g!), b.shape)),
     ];
   },
   Cast: (n, [g]) => [op.cast(g!, input(n, 0).dtype)],
-  MatMul: (n, [g]) => {
+  MatMul: (n, [g], needs) => {
     let [a, b] = [input(n, 0), input(n, 1)];
     let dy = g!;
     const aVector = a.rank === 1;
@@ -247,15 +271,18 @@ const RULES: Record<string, Rule> = {
     }
     const swap = (v: Value) =>
       op.transpose(v, [...Array.from({ length: v.rank - 2 }, (_, i) => i), v.rank - 1, v.rank - 2]);
-    let da = op.matmul(dy, swap(b));
-    let db = op.matmul(swap(a), dy);
-    da = unbroadcast(da, a.shape);
-    db = unbroadcast(db, b.shape);
-    if (aVector) da = op.reshape(da, staticShape(input(n, 0).shape, 'matmul'));
-    if (bVector) db = op.reshape(db, staticShape(input(n, 1).shape, 'matmul'));
-    return [da, db];
+    return [
+      when(needs[0], () => {
+        const da = unbroadcast(op.matmul(dy, swap(b)), a.shape);
+        return aVector ? op.reshape(da, staticShape(input(n, 0).shape, 'matmul')) : da;
+      }),
+      when(needs[1], () => {
+        const db = unbroadcast(op.matmul(swap(a), dy), b.shape);
+        return bVector ? op.reshape(db, staticShape(input(n, 1).shape, 'matmul')) : db;
+      }),
+    ];
   },
-  Gemm: (n, [g]) => {
+  Gemm: (n, [g], needs) => {
     const [a, b] = [input(n, 0), input(n, 1)];
     const c = n.inputs[2] ?? null;
     const alpha = attrFloat(n, 'alpha', 1);
@@ -264,16 +291,21 @@ const RULES: Record<string, Rule> = {
     const tb = attrInt(n, 'transB', 0) === 1;
     const dy = alpha === 1 ? g! : op.mul(g!, alpha);
     // Y = A' B' with A' = ta ? Aᵀ : A and B' = tb ? Bᵀ : B.
-    const bt = tb ? b : op.transpose(b, [1, 0]); // B'ᵀ
-    const at = ta ? a : op.transpose(a, [1, 0]); // A'ᵀ
-    let da = op.matmul(dy, bt);
-    let db = op.matmul(at, dy);
-    if (ta) da = op.transpose(da, [1, 0]);
-    if (tb) db = op.transpose(db, [1, 0]);
-    const dc = c === null ? undefined : unbroadcast(beta === 1 ? g! : op.mul(g!, beta), c.shape);
-    return [da, db, dc];
+    return [
+      when(needs[0], () => {
+        const da = op.matmul(dy, tb ? b : op.transpose(b, [1, 0]));
+        return ta ? op.transpose(da, [1, 0]) : da;
+      }),
+      when(needs[1], () => {
+        const db = op.matmul(ta ? a : op.transpose(a, [1, 0]), dy);
+        return tb ? op.transpose(db, [1, 0]) : db;
+      }),
+      c === null
+        ? undefined
+        : when(needs[2], () => unbroadcast(beta === 1 ? g! : op.mul(g!, beta), c.shape)),
+    ];
   },
-  Conv: (n, [g]) => {
+  Conv: (n, [g], needs) => {
     const [x, w] = [input(n, 0), input(n, 1)];
     const bias = n.inputs[2] ?? null;
     const strides = attrInts(n, 'strides') ?? [1, 1];
@@ -281,26 +313,33 @@ const RULES: Record<string, Rule> = {
     const dil = attrInts(n, 'dilations') ?? [1, 1];
     const group = attrInt(n, 'group', 1);
     const kernel = staticShape(w.shape, 'conv weight').slice(2);
-    const xs = staticShape(x.shape, 'conv input');
-    const ys = staticShape(g!.shape, 'conv output');
-    // dX: the transposed convolution, with output padding recovering sizes lost to striding.
-    const outputPadding = [0, 1].map(
-      (i) =>
-        xs[2 + i]! -
-        (strides[i]! * (ys[2 + i]! - 1) + (kernel[i]! - 1) * dil[i]! + 1 - pads[i]! - pads[2 + i]!),
-    );
-    const dx = op.convTranspose(g!, w, null, {
-      strides,
-      pads,
-      dilations: dil,
-      group,
-      outputPadding,
-    });
-    const dw = convWeightGrad(n, x, g!, kernel);
-    const db = bias === null ? undefined : op.reduceSum(g!, [0, 2, 3], false);
-    return [dx, dw, db];
+    return [
+      when(needs[0], () => {
+        // The transposed convolution, with output padding recovering sizes lost to striding.
+        const xs = staticShape(x.shape, 'conv input');
+        const ys = staticShape(g!.shape, 'conv output');
+        const outputPadding = [0, 1].map(
+          (i) =>
+            xs[2 + i]! -
+            (strides[i]! * (ys[2 + i]! - 1) +
+              (kernel[i]! - 1) * dil[i]! +
+              1 -
+              pads[i]! -
+              pads[2 + i]!),
+        );
+        return op.convTranspose(g!, w, null, {
+          strides,
+          pads,
+          dilations: dil,
+          group,
+          outputPadding,
+        });
+      }),
+      when(needs[1], () => convWeightGrad(n, x, g!, kernel)),
+      bias === null ? undefined : when(needs[2], () => op.reduceSum(g!, [0, 2, 3], false)),
+    ];
   },
-  ConvTranspose: (n, [g]) => {
+  ConvTranspose: (n, [g], needs) => {
     const [x, w] = [input(n, 0), input(n, 1)];
     const bias = n.inputs[2] ?? null;
     if (attrInt(n, 'group', 1) !== 1)
@@ -308,15 +347,22 @@ const RULES: Record<string, Rule> = {
     const strides = attrInts(n, 'strides') ?? [1, 1];
     const pads = attrInts(n, 'pads') ?? [0, 0, 0, 0];
     const dil = attrInts(n, 'dilations') ?? [1, 1];
-    // Y = convᵀ(X, W) ⇒ dX = conv(dY, W) and dW = the weight gradient of that conv, roles swapped.
-    const dx = op.conv(g!, w, null, { strides, pads, dilations: dil });
     const kernel = staticShape(w.shape, 'conv weight').slice(2);
-    // The conv dY → X has weight shape [C, M, k, k], exactly W's.
-    const dw = convWeightGrad(n, g!, x, kernel);
-    const db = bias === null ? undefined : op.reduceSum(g!, [0, 2, 3], false);
-    return [dx, dw, db];
+    // Y = convᵀ(X, W) ⇒ dX = conv(dY, W), and dW is that conv's weight gradient (shape [C, M, k, k], W's).
+    return [
+      when(needs[0], () => op.conv(g!, w, null, { strides, pads, dilations: dil })),
+      when(needs[1], () => convWeightGrad(n, g!, x, kernel)),
+      bias === null ? undefined : when(needs[2], () => op.reduceSum(g!, [0, 2, 3], false)),
+    ];
   },
   Reshape: (n, [g]) => [op.reshape(g!, staticShape(input(n, 0).shape, 'reshape'))],
+  // Both are permutations of elements, each the other's inverse (DCR order).
+  SpaceToDepth: (n, [g]) => [op.depthToSpace(g!, attrInt(n, 'blocksize', 1))],
+  DepthToSpace: (n, [g]) => {
+    if (n.attrs.mode?.kind === 'string' && n.attrs.mode.value !== 'DCR')
+      throw new Error('autodiff: DepthToSpace gradients are for DCR mode');
+    return [op.spaceToDepth(g!, attrInt(n, 'blocksize', 1))];
+  },
   Squeeze: (n, [g]) => [op.reshape(g!, staticShape(input(n, 0).shape, 'squeeze'))],
   Unsqueeze: (n, [g]) => [op.reshape(g!, staticShape(input(n, 0).shape, 'unsqueeze'))],
   Expand: (n, [g]) => [unbroadcast(g!, input(n, 0).shape)],
@@ -340,23 +386,42 @@ const RULES: Record<string, Rule> = {
     const x = input(n, 0);
     const xs = staticShape(x.shape, 'slice');
     const starts = constantInts(n.inputs[1]);
-    const ends = constantInts(n.inputs[2]);
     const axes = n.inputs[3]
       ? normalizedAxes(constantInts(n.inputs[3]), x.rank)
       : starts.map((_, i) => i);
     const steps = n.inputs[4] ? constantInts(n.inputs[4]) : starts.map(() => 1);
-    if (steps.some((s) => s !== 1))
-      throw new Error('autodiff: slices with steps other than 1 are not supported');
-    const pads = new Array<number>(2 * x.rank).fill(0);
+    if (steps.some((s) => s < 1))
+      throw new Error('autodiff: slices with negative steps are not supported');
+    // Scatter dY back into zeros of X's shape, one axis at a time: a strided axis first spreads its
+    // n values s apart (pad a new axis of size 1 to s, merge), then the axis is padded to X's length.
+    let dx = g!;
     axes.forEach((a, i) => {
       const dim = xs[a]!;
+      const step = steps[i]!;
       const start = Math.min(Math.max(starts[i]! < 0 ? starts[i]! + dim : starts[i]!, 0), dim);
-      const end = Math.min(Math.max(ends[i]! < 0 ? ends[i]! + dim : ends[i]!, 0), dim);
+      const count = Number(dx.shape[a]);
+      const shape = staticShape(dx.shape, 'slice');
+      if (step > 1 && count > 0) {
+        const split = [...shape.slice(0, a + 1), 1, ...shape.slice(a + 1)];
+        const pads = new Array<number>(2 * split.length).fill(0);
+        pads[split.length + a + 1] = step - 1;
+        dx = op.reshape(op.pad(op.reshape(dx, split), pads), [
+          ...shape.slice(0, a),
+          count * step,
+          ...shape.slice(a + 1),
+        ]);
+        const keep = Math.min(count * step, dim - start);
+        if (keep < count * step) dx = op.slice(dx, [0], [keep], [a]);
+      }
+      const length = Number(dx.shape[a]);
+      const pads = new Array<number>(2 * dx.rank).fill(0);
       pads[a] = start;
-      pads[x.rank + a] = dim - Math.max(end, start);
+      pads[dx.rank + a] = dim - start - length;
+      if (start !== 0 || dim - start - length !== 0) dx = op.pad(dx, pads);
     });
-    return [op.pad(g!, pads)];
+    return [dx];
   },
+
   Pad: (n, [g]) => {
     const pads = constantInts(n.inputs[1]);
     const rank = g!.rank;
@@ -411,7 +476,7 @@ const RULES: Record<string, Rule> = {
     const axis = attrInt(n, 'axis', -1);
     return [op.mul(y, op.sub(g!, op.reduceSum(op.mul(g!, y), [axis])))];
   },
-  LayerNormalization: (n, [g]) => {
+  LayerNormalization: (n, [g], needs) => {
     const [x, scale] = [input(n, 0), input(n, 1)];
     const bias = n.inputs[2] ?? null;
     const axis = attrInt(n, 'axis', -1);
@@ -423,11 +488,13 @@ const RULES: Record<string, Rule> = {
       axes,
       attrFloat(n, 'epsilon', 1e-5),
     );
-    const dscale = unbroadcast(op.mul(g!, xhat), scale.shape);
-    const dbias = bias === null ? undefined : unbroadcast(g!, bias.shape);
-    return [dx, dscale, dbias];
+    return [
+      needs[0] ? dx : undefined,
+      when(needs[1], () => unbroadcast(op.mul(g!, xhat), scale.shape)),
+      bias === null ? undefined : when(needs[2], () => unbroadcast(g!, bias.shape)),
+    ];
   },
-  GroupNormalization: (n, [g]) => {
+  GroupNormalization: (n, [g], needs) => {
     const [x, scale] = [input(n, 0), input(n, 1)];
     const groups = attrInt(n, 'num_groups', 1);
     const xs = staticShape(x.shape, 'group norm');
@@ -443,12 +510,12 @@ const RULES: Record<string, Rule> = {
     const xhatFull = op.reshape(xhat, xs);
     const reduceAxes = [0, ...xs.slice(2).map((_, i) => i + 2)];
     return [
-      op.reshape(dx, xs),
-      op.reduceSum(op.mul(g!, xhatFull), reduceAxes, false),
-      op.reduceSum(g!, reduceAxes, false),
+      when(needs[0], () => op.reshape(dx, xs)),
+      when(needs[1], () => op.reduceSum(op.mul(g!, xhatFull), reduceAxes, false)),
+      when(needs[2], () => op.reduceSum(g!, reduceAxes, false)),
     ];
   },
-  InstanceNormalization: (n, [g]) => {
+  InstanceNormalization: (n, [g], needs) => {
     const [x, scale] = [input(n, 0), input(n, 1)];
     const xs = staticShape(x.shape, 'instance norm');
     const s = op.reshape(scale, [1, xs[1]!, ...xs.slice(2).map(() => 1)]);
@@ -462,8 +529,8 @@ const RULES: Record<string, Rule> = {
     const reduceAxes = [0, ...spatial];
     return [
       dx,
-      op.reduceSum(op.mul(g!, xhat), reduceAxes, false),
-      op.reduceSum(g!, reduceAxes, false),
+      when(needs[1], () => op.reduceSum(op.mul(g!, xhat), reduceAxes, false)),
+      when(needs[2], () => op.reduceSum(g!, reduceAxes, false)),
     ];
   },
   Resize: (n, [g]) => {
@@ -561,7 +628,10 @@ export function gradients(loss: Value, wrt: readonly Value[]): Map<Value, Value>
       throw new Error(
         `autodiff: no gradient rule for ${node.domain ? `${node.domain}.` : ''}${node.op} (node ${node.name})`,
       );
-    const inGrads = graph.scope(`grad/${node.name}`, () => rule(node, outGrads));
+    const needs = node.inputs.map(
+      (v) => v !== null && dependsOnWrt.has(v) && isFloatingDType(v.dtype),
+    );
+    const inGrads = graph.scope(`grad/${node.name}`, () => rule(node, outGrads, needs));
     node.inputs.forEach((v, k) => {
       const g = inGrads[k];
       if (v !== null && g !== undefined && dependsOnWrt.has(v) && isFloatingDType(v.dtype))

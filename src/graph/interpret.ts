@@ -586,6 +586,31 @@ function run(node: Node, ins: (F64 | undefined)[]): F64[] {
       });
       return [out];
     }
+    case 'SpaceToDepth':
+    case 'DepthToSpace': {
+      const b = intAttr(node, 'blocksize', 1);
+      const [n, c, h, w] = x.shape as [number, number, number, number];
+      const toDepth = node.op === 'SpaceToDepth';
+      const shape = toDepth ? [n, c * b * b, h / b, w / b] : [n, c / (b * b), h * b, w * b];
+      const out = tensor(shape);
+      // DCR: depth channel (dy·b + dx)·C + c ↔ pixel (y·b + dy, x·b + dx) of channel c.
+      const [dn, dc, dh, dw] = toDepth ? (shape as [number, number, number, number]) : [n, c, h, w];
+      const cs = dc / (b * b);
+      for (let i = 0; i < dn; i++)
+        for (let ch = 0; ch < dc; ch++)
+          for (let y = 0; y < dh; y++)
+            for (let xx = 0; xx < dw; xx++) {
+              const k = Math.floor(ch / cs);
+              const sc = ch % cs;
+              const sy = y * b + Math.floor(k / b);
+              const sx = xx * b + (k % b);
+              const depthIndex = ((i * dc + ch) * dh + y) * dw + xx;
+              const spaceIndex = ((i * cs + sc) * dh * b + sy) * dw * b + sx;
+              if (toDepth) out.data[depthIndex] = x.data[spaceIndex]!;
+              else out.data[spaceIndex] = x.data[depthIndex]!;
+            }
+      return [out];
+    }
     case 'Shape':
       return [tensor([x.shape.length], Float64Array.from(x.shape))];
     case 'ArgMax': {

@@ -578,6 +578,33 @@ export function argMax(x: Value, axis: number, keepdims = false): Value {
   );
 }
 
+/** [B, C, H, W] → [B, C·b², H/b, W/b]: each b×b block becomes channels ((dy·b + dx)·C + c). */
+export function spaceToDepth(x: Value, block: number): Value {
+  const [n, c, h, w] = x.shape;
+  const down = (d: Dim | undefined) => (typeof d === 'number' ? d / block : unknownDim());
+  const channels = typeof c === 'number' ? c * block * block : unknownDim();
+  return node('SpaceToDepth', [x], { blocksize: attr.int(block) }, x.dtype, [
+    n!,
+    channels,
+    down(h),
+    down(w),
+  ]);
+}
+
+/** The inverse of spaceToDepth (DepthToSpace in DCR order). */
+export function depthToSpace(x: Value, block: number): Value {
+  const [n, c, h, w] = x.shape;
+  const up = (d: Dim | undefined) => (typeof d === 'number' ? d * block : unknownDim());
+  const channels = typeof c === 'number' ? c / (block * block) : unknownDim();
+  return node(
+    'DepthToSpace',
+    [x],
+    { blocksize: attr.int(block), mode: attr.string('DCR') },
+    x.dtype,
+    [n!, channels, up(h), up(w)],
+  );
+}
+
 // ---- reductions and normalization ----
 
 function reduce(op: string, x: Value, axes: readonly number[], keepdims: boolean): Value {

@@ -1,4 +1,4 @@
-import { attr, type Dim, type Value } from '../graph/ir.js';
+import type { Value } from '../graph/ir.js';
 import * as op from '../graph/ops.js';
 import { Module } from '../nn/module.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -38,29 +38,12 @@ export class PatchAutoencoder extends Module {
 
   /** [B, C, H, W] → [B, C·p², H/p, W/p]. */
   encode(image: Value): Value {
-    const p = this.config.patchSize;
-    const [b, c, h, w] = image.shape;
-    const grid = (d: Dim | undefined) => (typeof d === 'number' ? d / p : op.unknownDim());
-    return op.node('SpaceToDepth', [image], { blocksize: attr.int(p) }, image.dtype, [
-      b!,
-      Number(c) * p * p,
-      grid(h),
-      grid(w),
-    ]);
+    return op.spaceToDepth(image, this.config.patchSize);
   }
 
   /** [B, C·p², h, w] → [B, C, h·p, w·p]. */
   decode(latents: Value): Value {
-    const p = this.config.patchSize;
-    const [b, , h, w] = latents.shape;
-    const full = (d: Dim | undefined) => (typeof d === 'number' ? d * p : op.unknownDim());
-    return op.node(
-      'DepthToSpace',
-      [latents],
-      { blocksize: attr.int(p), mode: attr.string('DCR') },
-      latents.dtype,
-      [b!, this.config.inChannels, full(h), full(w)],
-    );
+    return op.depthToSpace(latents, this.config.patchSize);
   }
 }
 

@@ -1,6 +1,6 @@
 import type { Value } from '../graph/ir.js';
 import { add, gemm, matmul, transpose } from '../graph/ops.js';
-import { Module, type ParameterSource } from './module.js';
+import { Module, type Init, type ParameterSource } from './module.js';
 
 /** `nn.Linear`: y = x Wᵀ + b, with W stored [out, in] as PyTorch stores it. */
 export class Linear extends Module {
@@ -8,15 +8,24 @@ export class Linear extends Module {
   readonly outFeatures: number;
   readonly bias: boolean;
 
-  constructor(inFeatures: number, outFeatures: number, bias = true) {
+  constructor(
+    inFeatures: number,
+    outFeatures: number,
+    bias = true,
+    init: { weight?: Init; bias?: Init } = {},
+  ) {
     super();
     this.inFeatures = inFeatures;
     this.outFeatures = outFeatures;
     this.bias = bias;
     // PyTorch's default: U(±1/√fan_in) for weight and bias.
     const bound = 1 / Math.sqrt(inFeatures);
-    this.addParameter('weight', [outFeatures, inFeatures], { kind: 'uniform', bound });
-    if (bias) this.addParameter('bias', [outFeatures], { kind: 'uniform', bound });
+    this.addParameter(
+      'weight',
+      [outFeatures, inFeatures],
+      init.weight ?? { kind: 'uniform', bound },
+    );
+    if (bias) this.addParameter('bias', [outFeatures], init.bias ?? { kind: 'uniform', bound });
   }
 
   forward(params: ParameterSource, x: Value): Value {

@@ -10,7 +10,7 @@ import { DEFAULT_DIFFUSION_RECIPE } from './diffusion.js';
  */
 
 export interface TrainConfig {
-  route: 'diffusion';
+  route: 'diffusion' | 'gan' | 'features';
   out: string;
   seed: number;
   steps: number;
@@ -30,9 +30,21 @@ export interface TrainConfig {
   sample_guidance: number;
   data: string;
   threads: number | null;
+  text_encoder_from: string;
+  gan: {
+    z_dim: number;
+    nf: number;
+    patch_size: number;
+    attention_resolutions: number[];
+    generator_learning_rate: number;
+    discriminator_learning_rate: number;
+    gp_weight: number;
+    gp_power: number;
+  };
   model: {
     patch_size: number;
     max_length: number;
+    snr_weight_cap: number;
     text_encoder: Record<string, unknown>;
     unet: Record<string, unknown>;
     noise: Record<string, unknown>;
@@ -49,8 +61,8 @@ interface Field {
 export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
   route: {
     type: 'string',
-    choices: ['diffusion'],
-    doc: 'which generator to train: diffusion (the GAN route arrives with its own issue)',
+    choices: ['diffusion', 'gan', 'features'],
+    doc: 'what to train: diffusion or gan (text-to-image models), or features (the shapes network gesso eval measures realism with)',
   },
   out: {
     type: 'string',
@@ -113,9 +125,17 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
     doc: '"shapes" (the shapes world, generated on the fly) or a folder of images with captions (NAME.txt beside each, or metadata.jsonl)',
   },
   threads: { type: 'integer|null', min: 1, doc: 'compute threads (null: one per core)' },
+  text_encoder_from: {
+    type: 'string',
+    doc: 'gan route: the model folder whose tokenizer/ and text_encoder/ the GAN uses, frozen (a trained diffusion model)',
+  },
+  gan: {
+    type: 'object',
+    doc: 'gan route: z_dim, nf (base width), patch_size, attention_resolutions (grid sizes with word attention), generator_learning_rate, discriminator_learning_rate, gp_weight and gp_power (MA-GP)',
+  },
   model: {
     type: 'object',
-    doc: 'architecture: patch_size (pixels per side of a patch), max_length (tokens), text_encoder (a CLIP text config; causal false), unet (a diffusers UNet2DConditionModel config), noise (diffusers DDPM scheduler keys: beta_schedule, prediction_type, ...)',
+    doc: 'architecture: patch_size (pixels per side of a patch), max_length (tokens), text_encoder (a CLIP text config; causal false), unet (a diffusers UNet2DConditionModel config), noise (diffusers DDPM scheduler keys: beta_schedule, prediction_type epsilon|v_prediction|sample, ...), snr_weight_cap (loss weight min(1 + SNR, cap) on the clean-image error for sample prediction; 0 for plain MSE)',
   },
 };
 
@@ -149,9 +169,21 @@ export const DEFAULT_TRAIN_CONFIG: TrainConfig = {
   sample_guidance: 4,
   data: 'shapes',
   threads: null,
+  text_encoder_from: 'models/shapes-diffusion',
+  gan: {
+    z_dim: 100,
+    nf: 32,
+    patch_size: 4,
+    attention_resolutions: [8, 16],
+    generator_learning_rate: 1e-4,
+    discriminator_learning_rate: 4e-4,
+    gp_weight: 2,
+    gp_power: 6,
+  },
   model: {
     patch_size: DEFAULT_DIFFUSION_RECIPE.patchSize,
     max_length: DEFAULT_DIFFUSION_RECIPE.maxLength,
+    snr_weight_cap: DEFAULT_DIFFUSION_RECIPE.snrWeightCap,
     text_encoder: { ...DEFAULT_DIFFUSION_RECIPE.textEncoder },
     unet: { ...DEFAULT_DIFFUSION_RECIPE.unet },
     noise: { ...DEFAULT_DIFFUSION_RECIPE.noise },

@@ -1,5 +1,6 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { UserError } from '../errors.js';
 import { shapesSource, type DataSource } from '../data/source.js';
 import type { Graph, Value } from '../graph/ir.js';
 import * as op from '../graph/ops.js';
@@ -31,8 +32,17 @@ export interface DiffusionRecipe {
   readonly textEncoder: Readonly<Record<string, unknown>>;
   /** The UNet's config.json, diffusers' keys. */
   readonly unet: Readonly<Record<string, unknown>>;
-  /** The noise schedule trained on: diffusers DDPM scheduler keys. */
+  /**
+   * The noise schedule trained on: diffusers DDPM scheduler keys. `prediction_type` is what the
+   * UNet outputs: `epsilon`, `v_prediction` or `sample` (the clean image).
+   */
   readonly noise: Readonly<Record<string, unknown>>;
+  /**
+   * Per-example loss weight on the clean-image error, as min(1 + SNR, cap): the v-prediction loss
+   * with its low-noise weights clipped (Min-SNR, Hang et al. 2023). Used with `sample`
+   * prediction; 0 turns weighting off (plain MSE on the prediction).
+   */
+  readonly snrWeightCap: number;
 }
 
 export const DEFAULT_DIFFUSION_RECIPE: DiffusionRecipe = {
@@ -67,8 +77,9 @@ export const DEFAULT_DIFFUSION_RECIPE: DiffusionRecipe = {
   noise: {
     num_train_timesteps: 1000,
     beta_schedule: 'squaredcos_cap_v2',
-    prediction_type: 'v_prediction',
+    prediction_type: 'sample',
   },
+  snrWeightCap: 5,
 };
 
 /** The module tree: `text_encoder.*` and `unet.*`, exported to their own folders. */
@@ -98,6 +109,7 @@ export class DiffusionTask implements TrainingTask {
   readonly model: DiffusionModel;
   readonly shapes: ReadonlyMap<string, readonly number[]>;
   private readonly alphasCumprod: Float32Array;
+  private readonly predictionType: 'epsilon' | 'v_prediction' | 'sample';
 
   constructor(
     recipe: DiffusionRecipe = DEFAULT_DIFFUSION_RECIPE,
@@ -109,6 +121,13 @@ export class DiffusionTask implements TrainingTask {
     this.model = new DiffusionModel(recipe, this.tokenizer.vocab.length);
     this.shapes = this.model.namedParameters();
     this.alphasCumprod = alphasCumprodFor(recipe.noise);
+    const prediction = recipe.noise.prediction_type ?? 'epsilon';
+    if (prediction !== 'epsilon' && prediction !== 'v_prediction' && prediction !== 'sample')
+      throw new UserError(
+        'bad-config',
+        `noise.prediction_type ${JSON.stringify(prediction)} is not one of epsilon, v_prediction, sample`,
+      );
+    this.predictionType = prediction;
   }
 
   get cacheKey(): string {
@@ -127,6 +146,7 @@ export class DiffusionTask implements TrainingTask {
     const noisy = g.input('noisy', 'float32', [b, c, side, side]);
     const timestep = g.input('timestep', 'float32', [b]);
     const target = g.input('target', 'float32', [b, c, side, side]);
+    const weight = g.input('loss_weight', 'float32', [b, 1, 1, 1]);
     const context = this.model.textEncoder.forward(p, ids).lastHiddenState;
     const prediction = this.model.unet.forward(p, {
       sample: noisy,
@@ -134,7 +154,7 @@ export class DiffusionTask implements TrainingTask {
       encoderHiddenStates: context,
     });
     const error = op.sub(prediction, target);
-    return op.reduceMean(op.mul(error, error), [0, 1, 2, 3], false);
+    return op.reduceMean(op.mul(op.mul(error, error), weight), [0, 1, 2, 3], false);
   }
 
   batch(_step: number, random: DataRandom, noise: TorchGenerator): Record<string, Tensor> {
@@ -152,18 +172,30 @@ export class DiffusionTask implements TrainingTask {
     const noisy = new Tensor('float32', x0.shape);
     const target = new Tensor('float32', x0.shape);
     const timesteps = new Float32Array(b);
-    const vPrediction = this.recipe.noise.prediction_type === 'v_prediction';
+    const weights = new Float32Array(b);
+    const prediction = this.predictionType;
+    const cap = this.recipe.snrWeightCap;
     for (let n = 0; n < b; n++) {
       const t = Math.min(total - 1, Math.floor(random.next() * total));
       timesteps[n] = t;
-      const a = Math.sqrt(this.alphasCumprod[t]!);
-      const s = Math.sqrt(1 - this.alphasCumprod[t]!);
+      const alphaBar = this.alphasCumprod[t]!;
+      const a = Math.sqrt(alphaBar);
+      const s = Math.sqrt(1 - alphaBar);
+      weights[n] = cap > 0 ? Math.min(1 + alphaBar / (1 - alphaBar), cap) : 1;
       for (let i = n * per; i < (n + 1) * per; i++) {
-        noisy.data[i] = a * x0.data[i]! + s * eps.data[i]!;
-        target.data[i] = vPrediction ? a * eps.data[i]! - s * x0.data[i]! : eps.data[i]!;
+        const x = x0.data[i]!;
+        const e = eps.data[i]!;
+        noisy.data[i] = a * x + s * e;
+        target.data[i] = prediction === 'sample' ? x : prediction === 'epsilon' ? e : a * e - s * x;
       }
     }
-    return { input_ids: ids, noisy, timestep: new Tensor('float32', [b], timesteps), target };
+    return {
+      input_ids: ids,
+      noisy,
+      timestep: new Tensor('float32', [b], timesteps),
+      target,
+      loss_weight: new Tensor('float32', [b, 1, 1, 1], weights),
+    };
   }
 
   /** Writes a model folder that StableDiffusionPipeline.fromPretrained loads. */

@@ -93,6 +93,35 @@ export function flatten(
   return flat;
 }
 
+/**
+ * Parameters read as slices of a flat vector input (the trainable ones, or a frozen model's, such
+ * as the discriminator inside a generator step).
+ */
+export function flatParameters(
+  graph: Graph,
+  flat: Value,
+  layout: ParameterLayout,
+): { source: ParameterSource; values: Map<string, Value> } {
+  const values = new Map<string, Value>();
+  graph.scope(`parameters/${flat.name}`, () => {
+    for (const key of layout.keys) {
+      const shape = layout.shapes.get(key)!;
+      const offset = layout.offsets.get(key)!;
+      const n = shape.reduce((a, d) => a * d, 1);
+      values.set(key, op.reshape(op.slice(flat, [offset], [offset + n], [0]), shape));
+    }
+  });
+  const source: ParameterSource = {
+    graph,
+    parameter: (key: string) => {
+      const v = values.get(key);
+      if (v === undefined) throw new Error(`no parameter '${key}' in '${flat.name}'`);
+      return v;
+    },
+  };
+  return { source, values };
+}
+
 export interface TrainStep {
   readonly graph: Graph;
   readonly layout: ParameterLayout;
@@ -112,23 +141,7 @@ export function buildTrainStep(
   const layout = parameterLayout(shapes);
   const graph = new Graph('train_step');
   const flat = graph.input('params', 'float32', [layout.size]);
-  const params = new Map<string, Value>();
-  graph.scope('parameters', () => {
-    for (const key of layout.keys) {
-      const shape = layout.shapes.get(key)!;
-      const offset = layout.offsets.get(key)!;
-      const n = shape.reduce((a, d) => a * d, 1);
-      params.set(key, op.reshape(op.slice(flat, [offset], [offset + n], [0]), shape));
-    }
-  });
-  const source: ParameterSource = {
-    graph,
-    parameter: (key: string) => {
-      const v = params.get(key);
-      if (v === undefined) throw new Error(`the training step has no parameter '${key}'`);
-      return v;
-    },
-  };
+  const { source, values: params } = flatParameters(graph, flat, layout);
   const loss = buildLoss(source, graph);
   const leaves = layout.keys.map((k) => params.get(k)!);
   const grads = gradients(loss, leaves);

@@ -96,97 +96,70 @@ export interface StepResult {
   readonly learningRate: number;
 }
 
-export class Trainer {
-  readonly task: TrainingTask;
-  readonly options: TrainerOptions;
+/**
+ * One optimized parameter vector and its step graph: runs a step with data feeds, keeps the
+ * parameters, Adam moments and EMA on the host.
+ */
+export class StepRunner {
   readonly layout: ParameterLayout;
-  /** Steps done. */
-  step = 0;
   readonly state: Record<StateName, Float32Array>;
-  readonly dataRandom: DataRandom;
-  readonly noise: TorchGenerator;
   private readonly session: Session;
+  private readonly adam: AdamWConfig;
 
   private constructor(
-    task: TrainingTask,
-    options: TrainerOptions,
     layout: ParameterLayout,
     session: Session,
-    state: Record<StateName, Float32Array>,
+    adam: AdamWConfig,
+    params: Float32Array,
   ) {
-    this.task = task;
-    this.options = options;
     this.layout = layout;
     this.session = session;
-    this.state = state;
-    this.dataRandom = new DataRandom(options.seed);
-    this.noise = new TorchGenerator(options.seed + 1);
+    this.adam = adam;
+    this.state = {
+      params,
+      adam_m: new Float32Array(layout.size),
+      adam_v: new Float32Array(layout.size),
+      ema: params.slice(),
+    };
   }
 
-  static async create(task: TrainingTask, options: TrainerOptions): Promise<Trainer> {
-    const adam = options.adam ?? DEFAULT_ADAMW;
-    const layout = parameterLayout(task.shapes);
+  static async create(
+    shapes: ReadonlyMap<string, readonly number[]>,
+    buildLoss: (p: ParameterSource, g: Graph) => Value,
+    init: ReadonlyMap<string, Float32Array>,
+    options: { adam: AdamWConfig; runtime: RuntimeOptions; cacheKey: string },
+  ): Promise<StepRunner> {
+    const layout = parameterLayout(shapes);
     const session = await Session.create(
       {
-        key: JSON.stringify({ trainStep: task.cacheKey, adam }),
-        emit: () =>
-          emitOnnx(buildTrainStep(task.shapes, (p, g) => task.buildLoss(p, g), adam).graph),
+        key: JSON.stringify({ trainStep: options.cacheKey, adam: options.adam }),
+        emit: () => emitOnnx(buildTrainStep(shapes, buildLoss, options.adam).graph),
       },
-      options.runtime ?? {},
+      options.runtime,
     );
-    const init = task.initialParameters(new TorchGenerator(options.seed));
     const params = new Float32Array(layout.size);
     for (const key of layout.keys) {
       const values = init.get(key);
       if (values === undefined) throw new Error(`no initial value for '${key}'`);
       params.set(values, layout.offsets.get(key)!);
     }
-    const state = {
-      params,
-      adam_m: new Float32Array(layout.size),
-      adam_v: new Float32Array(layout.size),
-      ema: params.slice(),
-    };
-    return new Trainer(task, options, layout, session, state);
+    return new StepRunner(layout, session, options.adam, params);
   }
 
-  /** A trainer continuing from a checkpoint written by `save`. */
-  static async resume(path: string, task: TrainingTask, options: TrainerOptions): Promise<Trainer> {
-    const trainer = await Trainer.create(task, options);
-    await SafetensorsFile.with(path, async (file) => {
-      const meta = file.metadata;
-      if (meta.format !== 'gesso-training-state')
-        throw new UserError('bad-checkpoint', `${path} is not a gesso training checkpoint`);
-      if (meta.layout !== JSON.stringify([...trainer.layout.shapes])) {
-        throw new UserError(
-          'bad-checkpoint',
-          `${path} was written for a different model or configuration; start a new run or use its config`,
-        );
-      }
-      for (const name of STATE) {
-        const t = await file.read(name);
-        trainer.state[name].set(t.toFloat32().data);
-      }
-      trainer.step = Number(meta.step);
-      trainer.dataRandom.state = Number(meta.data_random);
-      trainer.noise.setState(
-        JSON.parse(meta.noise_random!) as Parameters<TorchGenerator['setState']>[0],
-      );
-    });
-    return trainer;
-  }
-
-  async runStep(): Promise<StepResult> {
-    const { schedule, adam = DEFAULT_ADAMW } = this.options;
-    const step = this.step;
-    const learningRate = learningRateAt(schedule, step);
+  /** One optimizer step (`step` counts from 0); returns the loss, norm and the graph's other outputs. */
+  async run(
+    data: Readonly<Record<string, Tensor>>,
+    step: number,
+    learningRate: number,
+    emaDecay: number,
+  ): Promise<{ loss: number; gradNorm: number; outputs: Record<string, Tensor> }> {
     const t = step + 1;
     const feeds: Record<string, Tensor> = {
-      ...this.task.batch(step, this.dataRandom, this.noise),
+      ...data,
       lr: Tensor.full([], learningRate),
-      bias_correction1: Tensor.full([], 1 / (1 - adam.beta1 ** t)),
-      bias_correction2: Tensor.full([], 1 / (1 - adam.beta2 ** t)),
-      ema_decay: Tensor.full([], emaDecayAt(schedule, step)),
+      bias_correction1: Tensor.full([], 1 / (1 - this.adam.beta1 ** t)),
+      bias_correction2: Tensor.full([], 1 / (1 - this.adam.beta2 ** t)),
+      ema_decay: Tensor.full([], emaDecay),
     };
     for (const name of STATE)
       feeds[name] = new Tensor('float32', [this.layout.size], this.state[name]);
@@ -195,16 +168,10 @@ export class Trainer {
       const updated = out[next(name)];
       if (updated !== undefined) this.state[name].set(updated.data as Float32Array);
     }
-    this.step += 1;
     const loss = (out.loss!.data as Float32Array)[0]!;
     if (!Number.isFinite(loss))
       throw new Error(`the loss became ${loss} at step ${step}; lower the learning rate`);
-    return {
-      step: this.step,
-      loss,
-      gradNorm: (out.grad_norm!.data as Float32Array)[0]!,
-      learningRate,
-    };
+    return { loss, gradNorm: (out.grad_norm!.data as Float32Array)[0]!, outputs: out };
   }
 
   /** Named weights (the EMA by default) as inference loads them. */
@@ -223,25 +190,146 @@ export class Trainer {
     return out;
   }
 
-  /** Writes everything needed to resume (atomically). */
-  async save(path: string, extraMetadata: Record<string, string> = {}): Promise<void> {
+  /** The state tensors for a checkpoint, names prefixed. */
+  checkpointTensors(prefix = ''): Record<string, Tensor> {
     const tensors: Record<string, Tensor> = {};
     for (const name of STATE)
-      tensors[name] = new Tensor('float32', [this.layout.size], this.state[name]);
-    await writeSafetensors(path, tensors, {
-      ...extraMetadata,
-      format: 'gesso-training-state',
-      step: String(this.step),
-      layout: JSON.stringify([...this.layout.shapes]),
-      data_random: String(this.dataRandom.state),
-      noise_random: JSON.stringify({
-        ...this.noise.getState(),
-        mt: Array.from(this.noise.getState().mt),
-      }),
-    });
+      tensors[prefix + name] = new Tensor('float32', [this.layout.size], this.state[name]);
+    return tensors;
+  }
+
+  async restore(file: SafetensorsFile, prefix = ''): Promise<void> {
+    for (const name of STATE)
+      this.state[name].set((await file.read(prefix + name)).toFloat32().data);
   }
 
   async release(): Promise<void> {
     await this.session.release();
+  }
+}
+
+/** The shared bookkeeping of a checkpoint: format, step, layout and generator states. */
+export function checkpointMetadata(
+  step: number,
+  layout: string,
+  data: DataRandom,
+  noise: TorchGenerator,
+): Record<string, string> {
+  return {
+    format: 'gesso-training-state',
+    step: String(step),
+    layout,
+    data_random: String(data.state),
+    noise_random: JSON.stringify({ ...noise.getState(), mt: Array.from(noise.getState().mt) }),
+  };
+}
+
+export function restoreCheckpointMetadata(
+  path: string,
+  meta: Readonly<Record<string, string>>,
+  layout: string,
+  data: DataRandom,
+  noise: TorchGenerator,
+): number {
+  if (meta.format !== 'gesso-training-state')
+    throw new UserError('bad-checkpoint', `${path} is not a gesso training checkpoint`);
+  if (meta.layout !== layout) {
+    throw new UserError(
+      'bad-checkpoint',
+      `${path} was written for a different model or configuration; start a new run or use its config`,
+    );
+  }
+  data.state = Number(meta.data_random);
+  noise.setState(JSON.parse(meta.noise_random!) as Parameters<TorchGenerator['setState']>[0]);
+  return Number(meta.step);
+}
+
+export class Trainer {
+  readonly task: TrainingTask;
+  readonly options: TrainerOptions;
+  /** Steps done. */
+  step = 0;
+  readonly dataRandom: DataRandom;
+  readonly noise: TorchGenerator;
+  private readonly runner: StepRunner;
+
+  private constructor(task: TrainingTask, options: TrainerOptions, runner: StepRunner) {
+    this.task = task;
+    this.options = options;
+    this.runner = runner;
+    this.dataRandom = new DataRandom(options.seed);
+    this.noise = new TorchGenerator(options.seed + 1);
+  }
+
+  get layout(): ParameterLayout {
+    return this.runner.layout;
+  }
+
+  get state(): Record<StateName, Float32Array> {
+    return this.runner.state;
+  }
+
+  static async create(task: TrainingTask, options: TrainerOptions): Promise<Trainer> {
+    const runner = await StepRunner.create(
+      task.shapes,
+      (p, g) => task.buildLoss(p, g),
+      task.initialParameters(new TorchGenerator(options.seed)),
+      {
+        adam: options.adam ?? DEFAULT_ADAMW,
+        runtime: options.runtime ?? {},
+        cacheKey: task.cacheKey,
+      },
+    );
+    return new Trainer(task, options, runner);
+  }
+
+  /** A trainer continuing from a checkpoint written by `save`. */
+  static async resume(path: string, task: TrainingTask, options: TrainerOptions): Promise<Trainer> {
+    const trainer = await Trainer.create(task, options);
+    await SafetensorsFile.with(path, async (file) => {
+      trainer.step = restoreCheckpointMetadata(
+        path,
+        file.metadata,
+        trainer.layoutKey,
+        trainer.dataRandom,
+        trainer.noise,
+      );
+      await trainer.runner.restore(file);
+    });
+    return trainer;
+  }
+
+  private get layoutKey(): string {
+    return JSON.stringify([...this.runner.layout.shapes]);
+  }
+
+  async runStep(): Promise<StepResult> {
+    const { schedule } = this.options;
+    const step = this.step;
+    const learningRate = learningRateAt(schedule, step);
+    const r = await this.runner.run(
+      this.task.batch(step, this.dataRandom, this.noise),
+      step,
+      learningRate,
+      emaDecayAt(schedule, step),
+    );
+    this.step += 1;
+    return { step: this.step, loss: r.loss, gradNorm: r.gradNorm, learningRate };
+  }
+
+  weights(which: 'ema' | 'params' = 'ema'): Record<string, Tensor<'float32'>> {
+    return this.runner.weights(which);
+  }
+
+  /** Writes everything needed to resume (atomically). */
+  async save(path: string, extraMetadata: Record<string, string> = {}): Promise<void> {
+    await writeSafetensors(path, this.runner.checkpointTensors(), {
+      ...extraMetadata,
+      ...checkpointMetadata(this.step, this.layoutKey, this.dataRandom, this.noise),
+    });
+  }
+
+  async release(): Promise<void> {
+    await this.runner.release();
   }
 }

@@ -1,0 +1,248 @@
+import { mkdir, stat, readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { render, seededRandom } from '../data/shapes.js';
+import { writeFileAtomically } from '../io/atomic.js';
+import { toUint8 } from '../io/image.js';
+import { encodePng } from '../io/png.js';
+import { summarizeSafetensors } from '../loaders/describe.js';
+import { loadPipeline } from '../pipelines/index.js';
+import type { RuntimeOptions } from '../runtime/session.js';
+import { concat } from '../tensor/ops.js';
+import { Tensor } from '../tensor/tensor.js';
+import { FEATURE_DIM, FeatureExtractor } from './features.js';
+import {
+  CATEGORIES,
+  fidelityPrompts,
+  sceneFor,
+  scoreFidelity,
+  type Category,
+  type FidelityPrompt,
+} from './fidelity.js';
+import { frechetDistance, meanPairwiseDistance } from './statistics.js';
+
+/**
+ * `gesso eval`: prompt fidelity per category, diversity, realism and speed of any model folder
+ * gesso loads, on the shapes world, with every random choice seeded.
+ */
+
+export interface EvalOptions {
+  readonly model: string;
+  /** Folder of the trained feature network (models/shapes-features). */
+  readonly features: string;
+  readonly seed: number;
+  readonly promptsPerCategory: number;
+  readonly imagesPerPrompt: number;
+  readonly steps?: number;
+  readonly guidance?: number;
+  readonly scheduler?: string;
+  readonly batchSize?: number;
+  /** Folder for report.json and one contact sheet per category. */
+  readonly out?: string;
+  readonly runtime?: RuntimeOptions;
+  readonly onProgress?: (done: number, total: number) => void;
+}
+
+export interface EvalReport {
+  readonly model: string;
+  readonly settings: Record<string, unknown>;
+  readonly fidelity: {
+    readonly perCategory: Record<Category, number>;
+    readonly overall: number;
+    readonly overallSeen: number;
+  };
+  /** Mean pairwise feature distance of one prompt's images, generated and real, and their ratio. */
+  readonly diversity: { readonly generated: number; readonly real: number; readonly ratio: number };
+  readonly realism: {
+    readonly frechetDistance: number;
+    readonly images: number;
+    readonly featureDim: number;
+  };
+  readonly speed: { readonly imagesPerSecond: number; readonly secondsPerImage: number };
+  readonly memory: { readonly peakResidentBytes: number };
+  readonly size: { readonly parameters: number; readonly bytes: number };
+}
+
+async function folderBytes(dir: string): Promise<number> {
+  let total = 0;
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    const path = join(dir, entry.name);
+    total += entry.isDirectory() ? await folderBytes(path) : (await stat(path)).size;
+  }
+  return total;
+}
+
+function contactSheet(images: Tensor<'uint8'>, columns: number): Uint8Array {
+  const [n, h, w] = images.shape as [number, number, number];
+  const rows = Math.ceil(n / columns);
+  const sheet = new Uint8Array(rows * h * columns * w * 3).fill(255);
+  for (let k = 0; k < n; k++) {
+    const gx = k % columns;
+    const gy = Math.floor(k / columns);
+    for (let y = 0; y < h; y++) {
+      sheet.set(
+        (images.data as Uint8Array).subarray((k * h + y) * w * 3, (k * h + y + 1) * w * 3),
+        ((gy * h + y) * columns * w + gx * w) * 3,
+      );
+    }
+  }
+  return sheet;
+}
+
+export async function evaluate(options: EvalOptions): Promise<EvalReport> {
+  const pipe = await loadPipeline(options.model, options.runtime ?? {});
+  const extractor = await FeatureExtractor.load(options.features, options.runtime ?? {});
+  try {
+    const prompts = fidelityPrompts(options.seed, options.promptsPerCategory);
+    const jobs: { prompt: FidelityPrompt; seed: number }[] = [];
+    prompts.forEach((prompt, i) => {
+      for (let k = 0; k < options.imagesPerPrompt; k++)
+        jobs.push({ prompt, seed: options.seed * 100_003 + i * 97 + k });
+    });
+    const batch = options.batchSize ?? 16;
+    const chunks: Tensor<'uint8'>[] = [];
+    const started = Date.now();
+    for (let i = 0; i < jobs.length; i += batch) {
+      const part = jobs.slice(i, i + batch);
+      const { images } = await pipe.generate({
+        prompt: part.map((j) => j.prompt.prompt),
+        seed: part.map((j) => j.seed),
+        ...(options.steps !== undefined ? { steps: options.steps } : {}),
+        ...(options.guidance !== undefined ? { guidance: options.guidance } : {}),
+        ...(options.scheduler !== undefined ? { scheduler: options.scheduler } : {}),
+      });
+      chunks.push(toUint8(images));
+      options.onProgress?.(Math.min(i + batch, jobs.length), jobs.length);
+    }
+    const seconds = (Date.now() - started) / 1000;
+    const generated = concat(chunks);
+    const fidelity = scoreFidelity(
+      jobs.map((j) => j.prompt),
+      generated,
+    );
+
+    // Realism: generated images against as many real images of the same prompts.
+    const random = seededRandom(options.seed + 17);
+    const real = render(jobs.map((j) => sceneFor(j.prompt.expect, random)));
+    const generatedFeatures = await extractor.embed(generated);
+    const realFeatures = await extractor.embed(real);
+    const frechet = frechetDistance(generatedFeatures, realFeatures);
+
+    // Diversity: the colour category leaves position, size and background free.
+    const groups = new Map<FidelityPrompt, number[]>();
+    jobs.forEach((j, i) => {
+      if (j.prompt.category !== 'colour') return;
+      groups.set(j.prompt, [...(groups.get(j.prompt) ?? []), i]);
+    });
+    const spread = (features: Float64Array[]) => {
+      const values = [...groups.values()].map((idx) =>
+        meanPairwiseDistance(idx.map((i) => features[i]!)),
+      );
+      return values.reduce((a, b) => a + b, 0) / Math.max(1, values.length);
+    };
+    const diversityGenerated = spread(generatedFeatures);
+    const diversityReal = spread(realFeatures);
+
+    let parameters = 0;
+    for (const part of ['text_encoder', 'unet', 'generator']) {
+      try {
+        for (const file of await readdir(join(options.model, part))) {
+          if (file.endsWith('.safetensors'))
+            parameters +=
+              (await summarizeSafetensors(join(options.model, part, file))).parameters ?? 0;
+        }
+      } catch {
+        // a component the model does not have
+      }
+    }
+
+    const report: EvalReport = {
+      model: options.model,
+      settings: {
+        seed: options.seed,
+        promptsPerCategory: options.promptsPerCategory,
+        imagesPerPrompt: options.imagesPerPrompt,
+        steps: options.steps ?? 'model default',
+        guidance: options.guidance ?? 'model default',
+        scheduler: options.scheduler ?? 'model default',
+        images: jobs.length,
+      },
+      fidelity: {
+        perCategory: { ...fidelity.perCategory },
+        overall: fidelity.overall,
+        overallSeen: fidelity.overallSeen,
+      },
+      diversity: {
+        generated: diversityGenerated,
+        real: diversityReal,
+        ratio: diversityGenerated / diversityReal,
+      },
+      realism: { frechetDistance: frechet, images: jobs.length, featureDim: FEATURE_DIM },
+      speed: { imagesPerSecond: jobs.length / seconds, secondsPerImage: seconds / jobs.length },
+      memory: { peakResidentBytes: process.resourceUsage().maxRSS * 1024 },
+      size: { parameters, bytes: await folderBytes(options.model) },
+    };
+
+    if (options.out !== undefined) {
+      await mkdir(options.out, { recursive: true });
+      await writeFileAtomically(
+        join(options.out, 'report.json'),
+        `${JSON.stringify(report, null, 2)}\n`,
+      );
+      const per = 64 * 64 * 3;
+      for (const category of CATEGORIES) {
+        const idx = jobs
+          .map((j, i) => (j.prompt.category === category ? i : -1))
+          .filter((i) => i >= 0);
+        const images = new Tensor('uint8', [idx.length, 64, 64, 3]);
+        idx.forEach((src, k) =>
+          (images.data as Uint8Array).set(
+            (generated.data as Uint8Array).subarray(src * per, (src + 1) * per),
+            k * per,
+          ),
+        );
+        const columns = options.imagesPerPrompt * Math.min(4, options.promptsPerCategory);
+        const text = idx
+          .map((i) => `${fidelity.results[i]!.passed ? 'pass' : 'FAIL'}: ${jobs[i]!.prompt.prompt}`)
+          .join('\n');
+        await writeFileAtomically(
+          join(options.out, `${category.replace(/[^a-z]+/g, '-')}.png`),
+          encodePng(
+            {
+              width: columns * 64,
+              height: Math.ceil(idx.length / columns) * 64,
+              channels: 3,
+              data: contactSheet(images, columns),
+            },
+            { prompts: text },
+          ),
+        );
+      }
+    }
+    return report;
+  } finally {
+    await pipe.release();
+    await extractor.release();
+  }
+}
+
+export function formatReport(r: EvalReport): string {
+  const lines = [`model: ${r.model}`];
+  for (const c of CATEGORIES)
+    lines.push(`  ${c.padEnd(18)} ${r.fidelity.perCategory[c].toFixed(3)}`);
+  lines.push(
+    `  ${'overall'.padEnd(18)} ${r.fidelity.overall.toFixed(3)}   (seen pairs only: ${r.fidelity.overallSeen.toFixed(3)})`,
+  );
+  lines.push(
+    `diversity: ${r.diversity.generated.toFixed(3)} generated vs ${r.diversity.real.toFixed(3)} real (ratio ${r.diversity.ratio.toFixed(2)})`,
+  );
+  lines.push(
+    `realism: Fréchet distance ${r.realism.frechetDistance.toFixed(3)} (${r.realism.images} images, ${r.realism.featureDim}-d shapes features)`,
+  );
+  lines.push(
+    `speed: ${r.speed.imagesPerSecond.toFixed(2)} images/s; peak memory ${(r.memory.peakResidentBytes / 2 ** 20).toFixed(0)} MiB`,
+  );
+  lines.push(
+    `size: ${r.size.parameters.toLocaleString('en-US')} parameters, ${(r.size.bytes / 2 ** 20).toFixed(1)} MiB on disk`,
+  );
+  return lines.join('\n');
+}

@@ -1,0 +1,255 @@
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { BACKGROUNDS, render, seededRandom } from '../src/data/shapes.js';
+import { shapesSource } from '../src/data/source.js';
+import { evaluate } from '../src/eval/evaluate.js';
+import { FEATURE_DIM, FeatureExtractor } from '../src/eval/features.js';
+import {
+  CATEGORIES,
+  fidelityPrompts,
+  sceneFor,
+  scoreFidelity,
+  type FidelityPrompt,
+} from '../src/eval/fidelity.js';
+import {
+  covariance,
+  frechetDistance,
+  meanPairwiseDistance,
+  sqrtm,
+  symmetricEigen,
+} from '../src/eval/statistics.js';
+import { decodePng } from '../src/io/png.js';
+import { loadPipeline } from '../src/pipelines/index.js';
+import { Tensor } from '../src/tensor/tensor.js';
+import { DiffusionTask } from '../src/training/diffusion.js';
+import { GanTrainer, type GanRecipe } from '../src/training/gan.js';
+import { Trainer } from '../src/training/trainer.js';
+import { options, repoRoot, TINY, withTempDir } from './helpers.js';
+
+const FEATURES = join(repoRoot, 'models', 'shapes-features');
+
+function perfectImages(prompts: readonly FidelityPrompt[], seed: number): Tensor<'uint8'> {
+  const random = seededRandom(seed);
+  return render(prompts.map((p) => sceneFor(p.expect, random)));
+}
+
+test('fidelity: clean renders of every prompt pass, in every category and for several seeds', () => {
+  for (const seed of [1, 2, 3]) {
+    const prompts = fidelityPrompts(seed, 12);
+    assert.equal(prompts.length, 12 * CATEGORIES.length);
+    for (const c of CATEGORIES) assert.equal(prompts.filter((p) => p.category === c).length, 12, c);
+    const score = scoreFidelity(prompts, perfectImages(prompts, seed + 100));
+    const failed = score.results.filter((r) => !r.passed).map((r) => r.prompt.prompt);
+    assert.ok(score.overall >= 0.98, `overall ${score.overall}; failed: ${failed.join('; ')}`);
+    for (const c of CATEGORIES)
+      assert.ok(score.perCategory[c] >= 0.9, `${c} ${score.perCategory[c]}`);
+  }
+});
+
+test('fidelity: the prompt set is seeded, held-out prompts use only held-out pairs', () => {
+  assert.deepEqual(fidelityPrompts(4, 3), fidelityPrompts(4, 3));
+  assert.notDeepEqual(
+    fidelityPrompts(4, 3).map((p) => p.prompt),
+    fidelityPrompts(5, 3).map((p) => p.prompt),
+  );
+  const heldOut = fidelityPrompts(4, 8).filter((p) => p.category === 'held-out pairs');
+  for (const p of heldOut)
+    assert.match(p.prompt, /purple triangle|orange circle|green square|yellow diamond/);
+});
+
+test('fidelity: wrong images fail — blank canvases, and each image scored against another prompt', () => {
+  const prompts = fidelityPrompts(9, 10);
+  const blank = new Tensor('uint8', [prompts.length, 64, 64, 3]);
+  blank.data.fill(BACKGROUNDS.gray[0]);
+  assert.equal(scoreFidelity(prompts, blank).overall, 0);
+
+  const images = perfectImages(prompts, 7);
+  // Rotate prompts within each category: every image now answers a different prompt of its kind.
+  const rotated = prompts.map((p) => {
+    const same = prompts.filter((q) => q.category === p.category);
+    return same[(same.indexOf(p) + 1) % same.length]!;
+  });
+  const score = scoreFidelity(rotated, images);
+  assert.ok(score.overall < 0.35, `mismatched overall ${score.overall}`);
+  assert.ok(score.perCategory.counting < 0.5, `counting ${score.perCategory.counting}`);
+});
+
+test('statistics: eigen decomposition, matrix square root and Fréchet distance in closed form', () => {
+  const a = [
+    Float64Array.from([4, 1, 0.5]),
+    Float64Array.from([1, 3, 0.2]),
+    Float64Array.from([0.5, 0.2, 2]),
+  ];
+  const { values, vectors } = symmetricEigen(a);
+  // A·v = λ·v for each column v.
+  for (let k = 0; k < 3; k++) {
+    for (let i = 0; i < 3; i++) {
+      let av = 0;
+      for (let j = 0; j < 3; j++) av += a[i]![j]! * vectors[j]![k]!;
+      assert.ok(Math.abs(av - values[k]! * vectors[i]![k]!) < 1e-10);
+    }
+  }
+  const root = sqrtm(a);
+  for (let i = 0; i < 3; i++)
+    for (let j = 0; j < 3; j++) {
+      let s = 0;
+      for (let k = 0; k < 3; k++) s += root[i]![k]! * root[k]![j]!;
+      assert.ok(Math.abs(s - a[i]![j]!) < 1e-10, `sqrtm² [${i}][${j}]`);
+    }
+
+  // Two Gaussians: identity covariance vs 4·identity, means 3 apart in one axis.
+  // FD = ‖Δμ‖² + tr(I + 4I − 2·2I) = 9 + 1·d.
+  const random = seededRandom(5);
+  const gauss = () => Math.sqrt(-2 * Math.log(1 - random())) * Math.cos(2 * Math.PI * random());
+  const d = 4;
+  const n = 40_000;
+  const x = Array.from({ length: n }, () => Float64Array.from({ length: d }, gauss));
+  const y = Array.from({ length: n }, () =>
+    Float64Array.from({ length: d }, (_, i) => 2 * gauss() + (i === 0 ? 3 : 0)),
+  );
+  const fd = frechetDistance(x, y);
+  assert.ok(Math.abs(fd - (9 + d)) < 0.25, `FD ${fd}, expected ${9 + d}`);
+  assert.ok(frechetDistance(x, x) < 1e-6);
+  const cov = covariance(x);
+  assert.ok(Math.abs(cov[0]![0]! - 1) < 0.05 && Math.abs(cov[0]![1]!) < 0.05);
+  // Mean distance between independent N(0, I) draws is about √(2d) (slightly less).
+  const spread = meanPairwiseDistance(x.slice(0, 400));
+  assert.ok(spread > 2.5 && spread < Math.sqrt(2 * d), `spread ${spread}`);
+});
+
+test(
+  'realism features: real shapes images sit close to each other and far from corrupted ones',
+  { skip: existsSync(FEATURES) ? false : 'models/shapes-features is missing' },
+  async () => {
+    const extractor = await FeatureExtractor.load(FEATURES, { cacheDir: false });
+    const source = shapesSource();
+    const realA = source.sample(seededRandom(1), 256).images;
+    const realB = source.sample(seededRandom(2), 256).images;
+    const noisy = new Tensor('uint8', realB.shape);
+    const random = seededRandom(3);
+    realB.data.forEach((v, i) => {
+      noisy.data[i] = Math.max(0, Math.min(255, v + Math.round((random() - 0.5) * 120)));
+    });
+    const [fa, fb, fn] = await Promise.all([
+      extractor.embed(realA),
+      extractor.embed(realB),
+      extractor.embed(noisy),
+    ]);
+    assert.equal(fa[0]!.length, FEATURE_DIM);
+    const same = frechetDistance(fa, fb);
+    const corrupted = frechetDistance(fa, fn);
+    assert.ok(corrupted > 5 * same, `real↔real ${same}, real↔noisy ${corrupted}`);
+    await extractor.release();
+  },
+);
+
+async function tinyTextEncoderFolder(dir: string): Promise<string> {
+  const task = new DiffusionTask(TINY);
+  const trainer = await Trainer.create(task, options(1));
+  await task.exportModel(dir, trainer.weights('ema'));
+  await trainer.release();
+  return dir;
+}
+
+const tinyGan = (textEncoderFrom: string): GanRecipe => ({
+  batchSize: 4,
+  generator: {
+    zDim: 8,
+    textDim: 16,
+    nf: 4,
+    imageSize: 64,
+    patchSize: 8,
+    attentionResolutions: [8],
+  },
+  generatorLearningRate: 1e-3,
+  discriminatorLearningRate: 2e-3,
+  gpWeight: 2,
+  gpPower: 6,
+  textEncoderFrom,
+});
+
+const ganSchedule = {
+  seed: 3,
+  schedule: {
+    steps: 6,
+    learningRate: 1e-3,
+    warmupSteps: 0,
+    decay: 'constant' as const,
+    finalLearningRate: 1e-3,
+    emaDecay: 0.9,
+  },
+  runtime: { cacheDir: false as const },
+};
+
+test('GAN route: trains, resumes bit for bit, exports a folder that generates in one step, and gesso eval scores it', async () => {
+  await withTempDir(async (dir) => {
+    const recipe = tinyGan(await tinyTextEncoderFolder(join(dir, 'text')));
+    const data = shapesSource();
+    const straight = await GanTrainer.create(recipe, data, ganSchedule);
+    const results = [];
+    for (let i = 0; i < 4; i++) results.push(await straight.runStep());
+    for (const r of results) {
+      assert.ok(Number.isFinite(r.generatorLoss) && Number.isFinite(r.discriminatorLoss));
+      // Hinge terms are ≥ 0 and MA-GP is ≥ 0, so the discriminator loss is too.
+      assert.ok(r.discriminatorLoss >= 0, `D loss ${r.discriminatorLoss}`);
+    }
+
+    const first = await GanTrainer.create(recipe, data, ganSchedule);
+    for (let i = 0; i < 2; i++) await first.runStep();
+    await first.save(join(dir, 'state.safetensors'));
+    await first.release();
+    const resumed = await GanTrainer.resume(
+      join(dir, 'state.safetensors'),
+      recipe,
+      data,
+      ganSchedule,
+    );
+    assert.equal(resumed.step, 2);
+    for (let i = 0; i < 2; i++) await resumed.runStep();
+    await resumed.exportModel(join(dir, 'resumed'));
+    await straight.exportModel(join(dir, 'gan'));
+    const generatorFile = (m: string) => readFile(join(dir, m, 'generator', 'model.safetensors'));
+    assert.deepEqual(await generatorFile('resumed'), await generatorFile('gan'));
+    await straight.release();
+    await resumed.release();
+
+    const pipe = await loadPipeline(join(dir, 'gan'), { cacheDir: false });
+    const a = await pipe.generate({ prompt: ['a red circle', 'two blue squares'], seed: [5, 6] });
+    const b = await pipe.generate({ prompt: 'two blue squares', seed: 6 });
+    assert.deepEqual(a.images.shape, [2, 64, 64, 3]);
+    // Same seed and prompt, alone or in a batch: the same image.
+    const second = (a.images.data as Float32Array).subarray(64 * 64 * 3);
+    assert.ok(second.every((v, i) => Math.abs(v - b.images.data[i]!) < 1e-5));
+    await assert.rejects(
+      pipe.generate({ prompt: 'x', image: new Tensor('float32', [1, 64, 64, 3]) }),
+      /image-to-image needs a diffusion model/,
+    );
+    await pipe.release();
+
+    if (!existsSync(FEATURES)) return;
+    const report = await evaluate({
+      model: join(dir, 'gan'),
+      features: FEATURES,
+      seed: 1,
+      promptsPerCategory: 1,
+      imagesPerPrompt: 2,
+      out: join(dir, 'eval'),
+      runtime: { cacheDir: false },
+    });
+    assert.equal(report.settings.images, CATEGORIES.length * 2);
+    for (const c of CATEGORIES) assert.ok(report.fidelity.perCategory[c] >= 0);
+    assert.ok(report.realism.frechetDistance > 0);
+    assert.ok(report.speed.imagesPerSecond > 0);
+    assert.ok(report.size.parameters > 0);
+    const saved = JSON.parse(await readFile(join(dir, 'eval', 'report.json'), 'utf8')) as {
+      fidelity: { overall: number };
+    };
+    assert.equal(saved.fidelity.overall, report.fidelity.overall);
+    const sheet = decodePng(await readFile(join(dir, 'eval', 'counting.png')));
+    assert.equal(sheet.width, 2 * 64);
+    assert.equal(sheet.height, 64);
+  });
+});
