@@ -201,6 +201,36 @@ test('prediction type "sample": one hand-checked DDIM and Euler step', () => {
   }
 });
 
+test('prediction type "sample": every scheduler lands on the x₀ a model keeps predicting', () => {
+  // A model that always answers x₀ = target: a full sampling loop must end at the target (the
+  // schedulers that stop short of σ = 0, like PNDM without set_alpha_to_one, end within ~σ_min).
+  const target = Tensor.float32([1, 1, 2, 2], [0.5, -0.25, 0.9, -1]);
+  for (const name of SCHEDULER_NAMES) {
+    if (name === 'lcm') continue; // LCM needs a distilled model's guidance embedding, not a config
+    const scheduler = createScheduler(
+      {
+        ...sd,
+        beta_schedule: 'squaredcos_cap_v2',
+        prediction_type: 'sample',
+        timestep_spacing: 'trailing',
+      },
+      name,
+    );
+    scheduler.setTimesteps(20);
+    const generator = new TorchGenerator(3);
+    let x = Tensor.float32(
+      target.shape,
+      generator.randn(target.shape).data.map((v) => v * scheduler.initNoiseSigma),
+    );
+    for (const t of scheduler.timesteps) x = scheduler.step(target, t, x, generator);
+    for (let i = 0; i < 4; i++)
+      assert.ok(
+        Math.abs(x.data[i]! - target.data[i]!) < 0.03,
+        `${name}: element ${i} ends at ${x.data[i]}, target ${target.data[i]}`,
+      );
+  }
+});
+
 test('add_noise: √ᾱ·x + √(1−ᾱ)·ε for DDPM-style, x + σ·ε for sigma schedulers', () => {
   const x = Tensor.float32([1, 1, 1, 1], [2]);
   const n = Tensor.float32([1, 1, 1, 1], [1]);

@@ -328,7 +328,7 @@ test('gesso generate reproduces a golden run from the command line', needsGolden
       { encoding: 'utf8' },
     );
     assert.equal(bad.status, 2);
-    assert.match(bad.stderr, /width 100 must be a positive multiple of 8/);
+    assert.match(bad.stderr, /image size 100x64 is not a multiple of 8 on both sides; try 104x64/);
     assert.doesNotMatch(bad.stderr, /\n\s+at /);
   });
 });

@@ -1,9 +1,8 @@
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { UserError } from '../errors.js';
 import { evaluate, formatReport } from '../eval/evaluate.js';
 import { parseNumber } from './args.js';
-import { bundledModelPath } from './models.js';
+import { bundledModelPath, resolveModel } from './models.js';
 
 export const EVAL_USAGE = `usage: gesso eval [--model DIR] [options]
 
@@ -12,7 +11,7 @@ colour, shape, size, position, count and relations), diversity, realism (a Fréc
 feature space of gesso's shapes network), speed and peak memory. Prints a table; with --out,
 writes report.json and a contact sheet per category.
 
-  --model DIR             a model folder (default: the bundled shapes-diffusion)
+  --model DIR|NAME        a model folder, bundled name or Hub id (default: shapes-diffusion)
   --prompts N             prompts per category (default 16)
   --images N              images per prompt, different seeds (default 4)
   --seed N                seeds the prompt set and the generation (default 1)
@@ -42,9 +41,7 @@ export async function evalCommand(args: readonly string[]): Promise<number> {
     process.stdout.write(`${EVAL_USAGE}\n`);
     return 0;
   }
-  const model = values.model ?? bundledModelPath('shapes-diffusion');
-  if (model === undefined)
-    throw new UserError('usage', 'no --model given and no bundled model is installed');
+  const model = await resolveModel(values.model);
   const steps = parseNumber('steps', values.steps, { integer: true, min: 1 });
   const guidance = parseNumber('guidance', values.guidance, { min: 0 });
   const threads = parseNumber('threads', values.threads, { integer: true, min: 1 });

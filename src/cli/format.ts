@@ -30,3 +30,42 @@ export function table(
       .trimEnd();
   return [line(header), ...rows.map(line)].join('\n');
 }
+
+/** A duration as 1h05m or 3m07s. */
+export function formatDuration(seconds: number): string {
+  if (!Number.isFinite(seconds)) return '?';
+  const h = Math.floor(seconds / 3600);
+  const m = Math.floor((seconds % 3600) / 60);
+  const s = Math.floor(seconds % 60);
+  return h > 0 ? `${h}h${String(m).padStart(2, '0')}m` : `${m}m${String(s).padStart(2, '0')}s`;
+}
+
+/**
+ * A progress line on stderr, redrawn in place on a terminal and silent otherwise (logs and pipes
+ * get the final result lines only).
+ */
+export class ProgressLine {
+  private readonly tty = process.stderr.isTTY === true;
+  private shown = false;
+
+  update(text: string): void {
+    if (!this.tty) return;
+    process.stderr.write(`\r${text}\u001b[K`);
+    this.shown = true;
+  }
+
+  /** Clears the line so ordinary output can follow. */
+  clear(): void {
+    if (this.shown) process.stderr.write('\r\u001b[K');
+    this.shown = false;
+  }
+}
+
+/** `label  [#####.....] 12/20  3.4 it/s  0m02s left` */
+export function progressBar(label: string, done: number, total: number, seconds: number): string {
+  const width = 20;
+  const filled = Math.round((done / total) * width);
+  const rate = seconds > 0 ? done / seconds : 0;
+  const left = rate > 0 ? (total - done) / rate : Number.NaN;
+  return `${label}  [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total}  ${rate.toFixed(2)} it/s  ${formatDuration(left)} left`;
+}

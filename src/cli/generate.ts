@@ -1,35 +1,201 @@
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { totalmem } from 'node:os';
 import { basename, extname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { UserError } from '../errors.js';
+import { isUserError, UserError } from '../errors.js';
 import { readImage, toUint8, writePng } from '../io/image.js';
-import { formatInfotext, pythonFloat } from '../io/infotext.js';
 import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
-import { loadPipeline } from '../pipelines/index.js';
+import { GanPipeline, loadPipeline, type TextToImage } from '../pipelines/index.js';
 import { StableDiffusionPipeline } from '../pipelines/stable-diffusion.js';
-import { displayName, SCHEDULER_NAMES } from '../schedulers/index.js';
 import type { ExecutionProvider } from '../runtime/session.js';
+import { displayName, SCHEDULER_NAMES } from '../schedulers/index.js';
+import type { Tensor } from '../tensor/tensor.js';
 import { parseNumber } from './args.js';
+import { formatBytes, progressBar, ProgressLine } from './format.js';
+import { DEFAULT_MODEL, resolveModel } from './models.js';
+import {
+  infotextFor,
+  OutputFolder,
+  readParameters,
+  settingsFromInfotext,
+  type ImageSettings,
+  type ParsedSettings,
+} from './outputs.js';
 
-export const GENERATE_USAGE = `usage: gesso generate --model DIR [PROMPT] [options]
+export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
 
-  --model DIR             a diffusers model folder
+  --model DIR|NAME        a model folder (diffusers layout) or a bundled model name
+                          (default: ${DEFAULT_MODEL})
   --prompt TEXT           what to draw (or give it as the argument)
+  --prompts FILE          one prompt per line, or JSON lines with per-prompt options:
+                          {"prompt", "negative_prompt", "seed", "steps", "guidance",
+                           "scheduler", "width", "height", "count"}
   --negative-prompt TEXT  what to steer away from
-  --steps N               denoising steps (default 50)
-  --guidance G            classifier-free guidance scale (default 7.5)
+  -n, --count N           images per prompt (default 1)
+  --batch-size N          images computed together (default 1)
+  --seed N                seed of the first image; each further image adds 1
+                          (default: random, reported)
+  --steps N               denoising steps (default: the model's, else 50)
+  --guidance G            classifier-free guidance scale (default: the model's, else 7.5)
   --scheduler NAME        ${SCHEDULER_NAMES.join(', ')}
+                          (A1111 names such as "DPM++ 2M Karras" work too)
   --timestep-spacing S    override the scheduler's spacing: leading, trailing or linspace
-  --seed N                random seed (default: random, reported)
-  --width W, --height H   image size in pixels, multiples of 8 (default: the model's)
+  --size WxH              image size in pixels, multiples of 8 (default: the model's)
+  --width W, --height H   the same, one side at a time
   --init-image FILE       start from this image (image-to-image)
   --strength S            how much of the schedule to run from the image (default 0.8)
   --latents FILE          starting noise: a .safetensors file with a tensor named 'latents'
   --clip-skip N           use the text encoder's output N layers before the last
+  --from IMAGE.png        reproduce an image from its 'parameters' metadata (flags given
+                          alongside override what it says)
   --variant fp16          load the fp16 weight files
   --threads N             compute threads (default: one per core)
   --provider NAME         cpu (default), cuda, coreml, dml
-  --out FILE              output: FILE.png, or FILE.safetensors for the raw tensors
+  --out PATH              a folder for numbered PNGs and manifest.jsonl (default: outputs),
+                          or one file: FILE.png, or FILE.safetensors for the raw tensors
                           'image' (NHWC float in [0, 1]) and 'latents'`;
+
+/** One prompt and what may vary with it. */
+interface PromptEntry {
+  readonly prompt: string;
+  readonly negativePrompt?: string;
+  readonly seed?: number;
+  readonly steps?: number;
+  readonly guidance?: number;
+  readonly scheduler?: string;
+  readonly width?: number;
+  readonly height?: number;
+  readonly count?: number;
+}
+
+const ENTRY_KEYS = [
+  'prompt',
+  'negative_prompt',
+  'seed',
+  'steps',
+  'guidance',
+  'cfg_scale',
+  'scheduler',
+  'sampler',
+  'width',
+  'height',
+  'count',
+  'n',
+];
+
+function entryFromJson(value: unknown, where: string): PromptEntry {
+  if (typeof value !== 'object' || value === null || Array.isArray(value))
+    throw new UserError('bad-prompts', `${where}: a JSON line must be an object`);
+  const o = value as Record<string, unknown>;
+  for (const key of Object.keys(o)) {
+    if (!ENTRY_KEYS.includes(key))
+      throw new UserError(
+        'bad-prompts',
+        `${where}: unknown key '${key}' (known: ${ENTRY_KEYS.join(', ')})`,
+      );
+  }
+  const text = (key: string): string | undefined => {
+    const v = o[key];
+    if (v === undefined) return undefined;
+    if (typeof v !== 'string')
+      throw new UserError('bad-prompts', `${where}: '${key}' must be a string`);
+    return v;
+  };
+  const num = (key: string, integer: boolean, min: number): number | undefined => {
+    const v = o[key];
+    if (v === undefined) return undefined;
+    if (
+      typeof v !== 'number' ||
+      !Number.isFinite(v) ||
+      (integer && !Number.isInteger(v)) ||
+      v < min
+    )
+      throw new UserError(
+        'bad-prompts',
+        `${where}: '${key}' must be ${integer ? 'an integer' : 'a number'} of at least ${min}`,
+      );
+    return v;
+  };
+  const prompt = text('prompt');
+  if (prompt === undefined || prompt.trim() === '')
+    throw new UserError('bad-prompts', `${where}: 'prompt' is missing`);
+  const fields = {
+    prompt,
+    negativePrompt: text('negative_prompt'),
+    seed: num('seed', true, 0),
+    steps: num('steps', true, 1),
+    guidance: num('guidance', false, 0) ?? num('cfg_scale', false, 0),
+    scheduler: text('scheduler') ?? text('sampler'),
+    width: num('width', true, 8),
+    height: num('height', true, 8),
+    count: num('count', true, 1) ?? num('n', true, 1),
+  };
+  return Object.fromEntries(
+    Object.entries(fields).filter(([, v]) => v !== undefined),
+  ) as unknown as PromptEntry;
+}
+
+async function readPromptFile(path: string): Promise<PromptEntry[]> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch (error) {
+    throw new UserError(
+      'file-not-found',
+      `cannot read prompts file ${path}: ${(error as Error).message}`,
+    );
+  }
+  const entries: PromptEntry[] = [];
+  text.split(/\r?\n/).forEach((line, i) => {
+    const where = `${path}:${i + 1}`;
+    if (line.trim() === '') return;
+    if (line.trimStart().startsWith('{')) {
+      let value: unknown;
+      try {
+        value = JSON.parse(line);
+      } catch (error) {
+        throw new UserError(
+          'bad-prompts',
+          `${where}: not valid JSON (${(error as Error).message})`,
+        );
+      }
+      entries.push(entryFromJson(value, where));
+    } else entries.push({ prompt: line.trim() });
+  });
+  if (entries.length === 0) throw new UserError('bad-prompts', `${path} holds no prompts`);
+  return entries;
+}
+
+function parseSize(value: string | undefined): { width: number; height: number } | undefined {
+  if (value === undefined) return undefined;
+  const m = /^\s*(\d+)\s*[x×]\s*(\d+)\s*$/i.exec(value);
+  if (m === null)
+    throw new UserError('usage', `--size must be WIDTHxHEIGHT, such as 512x768 (got '${value}')`);
+  return { width: Number(m[1]), height: Number(m[2]) };
+}
+
+/**
+ * Refuses sizes whose largest attention map would not fit in this machine's memory (the UNet's
+ * first self-attention holds (h·w/64)² scores per image), before any work starts.
+ */
+function checkFitsInMemory(pipe: TextToImage, width: number, height: number, batch: number): void {
+  if (!(pipe instanceof StableDiffusionPipeline)) return;
+  const scale = pipe.vae.scaleFactor;
+  const tokens = (width / scale) * (height / scale);
+  const bytes = tokens * tokens * 4 * batch * 2;
+  if (bytes > totalmem()) {
+    throw new UserError(
+      'bad-size',
+      `${width}x${height} needs about ${formatBytes(bytes)} for attention alone and this machine has ${formatBytes(totalmem())}; choose a smaller --size or --batch-size`,
+    );
+  }
+}
+
+/** A stable key for the settings that one batch must share. */
+function batchKey(s: ImageSettings): string {
+  return JSON.stringify([s.steps, s.guidance, s.scheduler, s.width, s.height]);
+}
 
 export async function generateCommand(args: readonly string[]): Promise<number> {
   const { values, positionals } = parseArgs({
@@ -37,18 +203,23 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     options: {
       model: { type: 'string' },
       prompt: { type: 'string' },
-      'negative-prompt': { type: 'string', default: '' },
+      prompts: { type: 'string' },
+      'negative-prompt': { type: 'string' },
+      count: { type: 'string', short: 'n' },
+      'batch-size': { type: 'string' },
       steps: { type: 'string' },
       guidance: { type: 'string' },
       scheduler: { type: 'string' },
       'timestep-spacing': { type: 'string' },
       seed: { type: 'string' },
+      size: { type: 'string' },
       width: { type: 'string' },
       height: { type: 'string' },
       'init-image': { type: 'string' },
       strength: { type: 'string' },
       latents: { type: 'string' },
       'clip-skip': { type: 'string' },
+      from: { type: 'string' },
       variant: { type: 'string' },
       threads: { type: 'string' },
       provider: { type: 'string' },
@@ -61,18 +232,47 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     process.stdout.write(`${GENERATE_USAGE}\n`);
     return 0;
   }
-  const prompt = values.prompt ?? positionals.join(' ');
-  if (values.prompt !== undefined && positionals.length > 0) {
-    throw new UserError('usage', 'give the prompt either as --prompt or as the argument, not both');
+
+  // Settings from an existing image, which flags given alongside override.
+  let from: ParsedSettings | undefined;
+  if (values.from !== undefined) {
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(values.from);
+    } catch (error) {
+      throw new UserError(
+        'file-not-found',
+        `cannot read ${values.from}: ${(error as Error).message}`,
+      );
+    }
+    from = settingsFromInfotext(readParameters(bytes, values.from), values.from);
+    if (from.strength !== undefined && values['init-image'] === undefined) {
+      throw new UserError(
+        'usage',
+        `${values.from} is an image-to-image result (Denoising strength ${from.strength}); reproducing it needs the starting image: add --init-image FILE`,
+      );
+    }
   }
-  if (prompt.trim() === '') throw new UserError('usage', `no prompt given\n${GENERATE_USAGE}`);
-  if (values.model === undefined)
-    throw new UserError('usage', `--model DIR is required\n${GENERATE_USAGE}`);
-  const out = values.out ?? 'gesso.png';
-  const format = extname(out).toLowerCase();
-  if (format !== '.png' && format !== '.safetensors') {
-    throw new UserError('usage', `--out must end in .png or .safetensors (got '${out}')`);
+
+  const given = [values.prompt !== undefined, positionals.length > 0, values.prompts !== undefined];
+  if (given.filter(Boolean).length > 1)
+    throw new UserError(
+      'usage',
+      'give prompts one way: as the argument, --prompt, or --prompts FILE',
+    );
+  const negativeFlag = values['negative-prompt'];
+  let entries: PromptEntry[];
+  if (values.prompts !== undefined) entries = await readPromptFile(values.prompts);
+  else {
+    const prompt = values.prompt ?? (positionals.length > 0 ? positionals.join(' ') : from?.prompt);
+    if (prompt === undefined || prompt.trim() === '')
+      throw new UserError('usage', `no prompt given\n${GENERATE_USAGE}`);
+    entries = [{ prompt }];
   }
+
+  const out = values.out ?? 'outputs';
+  const extension = extname(out).toLowerCase();
+  const singleFile = extension === '.png' || extension === '.safetensors';
   const spacing = values['timestep-spacing'];
   if (spacing !== undefined && !['leading', 'trailing', 'linspace'].includes(spacing)) {
     throw new UserError(
@@ -87,31 +287,135 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       `--provider must be cpu, cuda, coreml, dml or webgpu (got '${provider}')`,
     );
   }
-  const steps = parseNumber('steps', values.steps, { integer: true, min: 1, max: 1000 }) ?? 50;
-  const guidance = parseNumber('guidance', values.guidance, { min: 0 }) ?? 7.5;
-  const seed =
-    parseNumber('seed', values.seed, { integer: true, min: 0, max: 2 ** 53 - 1 }) ??
-    Math.floor(Math.random() * 2 ** 32);
-  const width = parseNumber('width', values.width, { integer: true, min: 8 });
-  const height = parseNumber('height', values.height, { integer: true, min: 8 });
-  const strength = parseNumber('strength', values.strength, { min: 0, max: 1 });
-  const clipSkip = parseNumber('clip-skip', values['clip-skip'], { integer: true, min: 0 });
+  const count = parseNumber('count', values.count, { integer: true, min: 1, max: 10_000 }) ?? 1;
+  const batchSize =
+    parseNumber('batch-size', values['batch-size'], { integer: true, min: 1, max: 64 }) ?? 1;
+  const stepsFlag =
+    parseNumber('steps', values.steps, { integer: true, min: 1, max: 1000 }) ?? from?.steps;
+  const guidanceFlag = parseNumber('guidance', values.guidance, { min: 0 }) ?? from?.guidance;
+  const seedFlag =
+    parseNumber('seed', values.seed, { integer: true, min: 0, max: 2 ** 53 - 1 }) ?? from?.seed;
+  const size = parseSize(values.size);
+  if (size !== undefined && (values.width !== undefined || values.height !== undefined))
+    throw new UserError('usage', 'give the size as --size WxH or as --width/--height, not both');
+  const widthFlag =
+    size?.width ?? parseNumber('width', values.width, { integer: true, min: 8 }) ?? from?.width;
+  const heightFlag =
+    size?.height ?? parseNumber('height', values.height, { integer: true, min: 8 }) ?? from?.height;
+  const strength = parseNumber('strength', values.strength, { min: 0, max: 1 }) ?? from?.strength;
+  const clipSkip =
+    parseNumber('clip-skip', values['clip-skip'], { integer: true, min: 0 }) ?? from?.clipSkip;
   const threads = parseNumber('threads', values.threads, { integer: true, min: 1 });
 
-  const pipe = await loadPipeline(values.model, {
+  const modelName = values.model ?? from?.model;
+  const progress = new ProgressLine();
+  let modelPath: string;
+  try {
+    modelPath = await resolveModel(modelName, {
+      ...(values.variant !== undefined ? { variant: values.variant } : {}),
+      onFile: ({ path, bytes, cached }) => {
+        if (!cached) process.stderr.write(`downloaded ${path} (${formatBytes(bytes)})\n`);
+      },
+    });
+  } catch (error) {
+    if (values.model === undefined && from?.model !== undefined && isUserError(error))
+      throw new UserError(
+        'model-not-found',
+        `${values.from} was made with model '${from.model}', which is not a folder, bundled model or Hub id here (${error.message}); pass --model`,
+      );
+    throw error;
+  }
+  // As A1111 names the checkpoint: the bundled name or Hub id as typed, else the folder's name.
+  const shownModel =
+    modelName === undefined
+      ? DEFAULT_MODEL
+      : existsSync(modelName)
+        ? basename(resolve(modelPath))
+        : modelName;
+
+  const pipe = await loadPipeline(modelPath, {
     ...(values.variant !== undefined ? { variant: values.variant } : {}),
     ...(threads !== undefined ? { threads } : {}),
     ...(provider !== undefined ? { executionProvider: provider } : {}),
   });
+  const controller = new AbortController();
+  const onSigint = () => {
+    if (controller.signal.aborted) process.exit(130);
+    controller.abort();
+  };
+  process.on('SIGINT', onSigint);
   try {
+    const route = pipe instanceof GanPipeline ? 'gan' : 'diffusion';
+    const nativeSize =
+      pipe instanceof StableDiffusionPipeline
+        ? pipe.defaultSize
+        : (pipe as GanPipeline).generator.config.imageSize;
+    const folderScheduler =
+      pipe instanceof StableDiffusionPipeline
+        ? String(pipe.schedulerConfig._class_name ?? '')
+        : 'none';
+    // A sampler read back from metadata that names the folder's own scheduler means exactly it.
+    const fromSampler =
+      from?.sampler === undefined || from.sampler === 'GAN'
+        ? undefined
+        : from.sampler === displayName(folderScheduler)
+          ? folderScheduler
+          : from.sampler;
+    const schedulerFlag = values.scheduler ?? fromSampler;
+
+    // Every image to draw, with its own seed.
+    let nextSeed = seedFlag ?? Math.floor(Math.random() * 2 ** 32);
+    const seedWasRandom = seedFlag === undefined;
+    const jobs: ImageSettings[] = [];
+    for (const entry of entries) {
+      const n = entry.count ?? count;
+      const base = entry.seed;
+      for (let k = 0; k < n; k++) {
+        const seed = base !== undefined ? base + k : nextSeed++;
+        jobs.push({
+          prompt: entry.prompt,
+          negative_prompt: entry.negativePrompt ?? negativeFlag ?? from?.negativePrompt ?? '',
+          seed,
+          steps: entry.steps ?? stepsFlag ?? pipe.defaults.steps,
+          guidance: entry.guidance ?? guidanceFlag ?? pipe.defaults.guidance,
+          scheduler: entry.scheduler ?? schedulerFlag ?? folderScheduler,
+          width: entry.width ?? widthFlag ?? nativeSize,
+          height: entry.height ?? heightFlag ?? nativeSize,
+          model: shownModel,
+          model_path: resolve(modelPath),
+          route,
+          ...(clipSkip !== undefined ? { clip_skip: clipSkip } : {}),
+          ...(values['init-image'] !== undefined
+            ? { init_image: values['init-image'], strength: strength ?? 0.8 }
+            : {}),
+        });
+      }
+    }
+    if (singleFile && jobs.length > 1) {
+      throw new UserError(
+        'usage',
+        `--out ${out} names one file but this run makes ${jobs.length} images; give --out a folder`,
+      );
+    }
+    for (const job of jobs) {
+      if (job.width % 8 !== 0 || job.height % 8 !== 0)
+        throw new UserError(
+          'bad-size',
+          `image size ${job.width}x${job.height} is not a multiple of 8 on both sides; try ${Math.round(job.width / 8) * 8}x${Math.round(job.height / 8) * 8}`,
+        );
+      checkFitsInMemory(pipe, job.width, job.height, batchSize);
+    }
+
     const image =
       values['init-image'] === undefined
         ? undefined
         : await readImage(
             values['init-image'],
-            width !== undefined && height !== undefined ? { width, height } : undefined,
+            widthFlag !== undefined && heightFlag !== undefined
+              ? { width: widthFlag, height: heightFlag }
+              : undefined,
           );
-    let latents;
+    let latents: Tensor<'float32'> | undefined;
     if (values.latents !== undefined) {
       latents = await SafetensorsFile.with(values.latents, async (f) => {
         if (!f.has('latents'))
@@ -121,68 +425,91 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
           );
         return (await f.read('latents')).toFloat32();
       });
+      if (jobs.length > 1)
+        throw new UserError(
+          'usage',
+          '--latents gives the noise of one image; make one image with it',
+        );
     }
-    const controller = new AbortController();
-    const onSigint = () => controller.abort();
-    process.once('SIGINT', onSigint);
-    const started = Date.now();
-    const result = await pipe
-      .generate({
-        prompt,
-        negativePrompt: values['negative-prompt'],
-        steps,
-        guidance,
-        seed,
-        ...(values.scheduler !== undefined ? { scheduler: values.scheduler } : {}),
-        ...(spacing !== undefined ? { schedulerConfig: { timestep_spacing: spacing } } : {}),
-        ...(width !== undefined ? { width } : {}),
-        ...(height !== undefined ? { height } : {}),
-        ...(image !== undefined ? { image } : {}),
-        ...(strength !== undefined ? { strength } : {}),
-        ...(latents !== undefined ? { latents } : {}),
-        ...(clipSkip !== undefined ? { clipSkip } : {}),
-        signal: controller.signal,
-        onProgress: ({ step, steps: total }) => {
-          if (process.stderr.isTTY) process.stderr.write(`\rstep ${step}/${total}`);
-        },
-      })
-      .finally(() => process.off('SIGINT', onSigint));
-    if (process.stderr.isTTY) process.stderr.write('\n');
-    const [, h, w] = result.images.shape as [number, number, number, number];
-    if (format === '.safetensors') {
-      await writeSafetensors(out, { image: result.images, latents: result.latents });
-    } else {
-      const params: [string, string][] =
-        pipe instanceof StableDiffusionPipeline
-          ? [
-              ['Steps', String(steps)],
-              [
-                'Sampler',
-                displayName(values.scheduler ?? String(pipe.schedulerConfig._class_name ?? '')),
-              ],
-              ['CFG scale', pythonFloat(guidance)],
-            ]
-          : [['Sampler', 'GAN']];
-      params.push(
-        ['Seed', String(seed)],
-        ['Size', `${w}x${h}`],
-        ['Model', basename(resolve(values.model))],
-      );
-      if (image !== undefined) params.push(['Denoising strength', String(strength ?? 0.8)]);
-      if (clipSkip !== undefined && clipSkip > 0) params.push(['Clip skip', String(clipSkip + 1)]);
-      params.push(['Version', 'gesso']);
-      const parameters = formatInfotext({
-        prompt,
-        negativePrompt: values['negative-prompt'],
-        params,
-      });
-      await writePng(out, toUint8(result.images), 0, { parameters });
+
+    const folder = singleFile ? undefined : await OutputFolder.open(out);
+    if (seedWasRandom && from === undefined && entries.every((e) => e.seed === undefined))
+      process.stderr.write(`seed ${jobs[0]!.seed} (random)\n`);
+    let written = 0;
+    let index = 0;
+    while (index < jobs.length) {
+      const first = jobs[index]!;
+      const batch: ImageSettings[] = [first];
+      while (
+        batch.length < batchSize &&
+        index + batch.length < jobs.length &&
+        batchKey(jobs[index + batch.length]!) === batchKey(first)
+      )
+        batch.push(jobs[index + batch.length]!);
+      const label =
+        batch.length === 1
+          ? `image ${index + 1}/${jobs.length}`
+          : `images ${index + 1}-${index + batch.length}/${jobs.length}`;
+      const started = Date.now();
+      let result;
+      try {
+        result = await pipe.generate({
+          prompt: batch.map((j) => j.prompt),
+          negativePrompt: batch.map((j) => j.negative_prompt),
+          seed: batch.map((j) => j.seed),
+          steps: first.steps,
+          guidance: first.guidance,
+          width: first.width,
+          height: first.height,
+          ...(first.scheduler !== folderScheduler ? { scheduler: first.scheduler } : {}),
+          ...(spacing !== undefined ? { schedulerConfig: { timestep_spacing: spacing } } : {}),
+          ...(image !== undefined ? { image, strength: first.strength ?? 0.8 } : {}),
+          ...(latents !== undefined ? { latents } : {}),
+          ...(clipSkip !== undefined ? { clipSkip } : {}),
+          signal: controller.signal,
+          onProgress: ({ step, steps }) => {
+            progress.update(progressBar(label, step, steps, (Date.now() - started) / 1000));
+          },
+        });
+      } catch (error) {
+        progress.clear();
+        if (controller.signal.aborted) {
+          process.stderr.write(
+            `stopped: ${written} of ${jobs.length} images written${folder !== undefined ? ` to ${folder.dir}` : ''}\n`,
+          );
+          return 130;
+        }
+        throw error;
+      }
+      progress.clear();
+      const seconds = (Date.now() - started) / 1000;
+      const pixels = toUint8(result.images);
+      for (let k = 0; k < batch.length; k++) {
+        const settings = batch[k]!;
+        const parameters = infotextFor(settings, shownModel);
+        const path = folder?.nextPath(settings.seed) ?? out;
+        if (extension === '.safetensors') {
+          await writeSafetensors(out, { image: result.images, latents: result.latents });
+        } else {
+          await writePng(path, pixels, k, { parameters });
+        }
+        await folder?.record({
+          file: basename(path),
+          ...settings,
+          batch_size: batch.length,
+          seconds: seconds / batch.length,
+          created: new Date().toISOString(),
+        });
+        written += 1;
+        process.stdout.write(
+          `${path}: ${settings.width}×${settings.height}, seed ${settings.seed}, ${(seconds / batch.length).toFixed(1)} s\n`,
+        );
+      }
+      index += batch.length;
     }
-    process.stdout.write(
-      `${out}: ${w}×${h}, seed ${seed}, ${((Date.now() - started) / 1000).toFixed(1)} s\n`,
-    );
     return 0;
   } finally {
+    process.off('SIGINT', onSigint);
     await pipe.release();
   }
 }

@@ -5,9 +5,13 @@ import { isUserError } from '../errors.js';
 const USAGE = `usage: gesso <command> [options]
 
 commands:
+  convert SRC DEST  copy a model folder with its weights in fp16 or fp32
+  download ORG/NAME fetch a model from the Hugging Face Hub into the shared Hub cache
   eval              measure a model's prompt fidelity, diversity, realism and speed
-  generate PROMPT   draw an image (gesso generate --help for the options)
+  generate PROMPT   draw images (gesso generate --help for the options)
+  info IMAGE.png    show the generation parameters stored in an image
   inspect PATH      list a .safetensors file's tensors, or a model folder's components
+  models            list bundled, cached and configured models
   train             train a text-to-image model from scratch (gesso train --help)
 
 Run 'gesso <command> --help' for a command's options.`;
@@ -16,9 +20,13 @@ type Command = (args: readonly string[]) => Promise<number>;
 
 // Commands load on demand, so a quick command never pays for ONNX Runtime's start-up.
 const COMMANDS: Readonly<Record<string, Command>> = {
+  convert: async (args) => (await import('./convert.js')).convertCommand(args),
+  download: async (args) => (await import('./download.js')).downloadCommand(args),
   eval: async (args) => (await import('./eval.js')).evalCommand(args),
   generate: async (args) => (await import('./generate.js')).generateCommand(args),
+  info: async (args) => (await import('./info.js')).infoCommand(args),
   inspect: async (args) => (await import('./inspect.js')).inspectCommand(args),
+  models: async (args) => (await import('./list-models.js')).modelsCommand(args),
   train: async (args) => (await import('./train.js')).trainCommand(args),
 };
 

@@ -19,6 +19,7 @@ import { DiffusionTask, type DiffusionRecipe } from '../training/diffusion.js';
 import { GanTrainer, type GanRecipe } from '../training/gan.js';
 import { Trainer, type Schedule } from '../training/trainer.js';
 import { parseNumber } from './args.js';
+import { formatDuration } from './format.js';
 
 export const TRAIN_USAGE = `usage: gesso train [--config FILE.json|FILE.yaml] [options]
 
@@ -105,14 +106,6 @@ function scheduleOf(config: TrainConfig): Schedule {
     finalLearningRate: config.final_learning_rate,
     emaDecay: config.ema_decay,
   };
-}
-
-function formatDuration(seconds: number): string {
-  if (!Number.isFinite(seconds)) return '?';
-  const h = Math.floor(seconds / 3600);
-  const m = Math.floor((seconds % 3600) / 60);
-  const s = Math.floor(seconds % 60);
-  return h > 0 ? `${h}h${String(m).padStart(2, '0')}m` : `${m}m${String(s).padStart(2, '0')}s`;
 }
 
 /** A training run as the loop sees it, whatever the route. */

@@ -1,3 +1,4 @@
+import { realpathSync } from 'node:fs';
 import { dirname, relative, resolve, sep } from 'node:path';
 import protobuf from 'protobufjs';
 import { Tensor } from '../tensor/tensor.js';
@@ -106,10 +107,25 @@ export function emitOnnx(graph: Graph, options: EmitOptions = {}): EmittedModel 
     if (data instanceof Tensor) initializers.push(inlineTensorProto(value.name, data));
     else external.push([value, data]);
   }
+  // ONNX Runtime resolves symlinks and refuses data outside the model's folder, so locations are
+  // taken from the real files (the Hugging Face cache links snapshot files to blobs elsewhere).
+  const real = new Map<string, string>();
+  const realPath = (path: string) => {
+    let r = real.get(path);
+    if (r === undefined) {
+      try {
+        r = realpathSync(path);
+      } catch {
+        r = resolve(path); // not on disk (yet): ONNX Runtime will say so when it reads
+      }
+      real.set(path, r);
+    }
+    return r;
+  };
   const externalDataFolder =
-    external.length > 0 ? commonFolder(external.map(([, d]) => d.path)) : undefined;
+    external.length > 0 ? commonFolder(external.map(([, d]) => realPath(d.path))) : undefined;
   for (const [value, data] of external) {
-    const location = relative(externalDataFolder!, resolve(data.path)).split(sep).join('/');
+    const location = relative(externalDataFolder!, realPath(data.path)).split(sep).join('/');
     initializers.push({
       name: value.name,
       dims: value.shape,

@@ -23,6 +23,8 @@ export class GanPipeline {
   readonly tokenizer: Tokenizer;
   readonly textEncoder: TextEncoder;
   readonly generator: GanGenerator;
+  /** One step, no guidance: what a GAN does whatever it is asked. */
+  readonly defaults = { steps: 1, guidance: 0 } as const;
   private readonly session: Session;
 
   private constructor(

@@ -5,12 +5,15 @@ import {
   StableDiffusionPipeline,
   type GenerateOptions,
   type GenerateResult,
+  type GenerationDefaults,
   type PipelineOptions,
 } from './stable-diffusion.js';
 
 /** What every surface needs of a model: prompts in, images out. */
 export interface TextToImage {
   readonly path: string;
+  /** Steps and guidance used when a request names none. */
+  readonly defaults: GenerationDefaults;
   generate(options: GenerateOptions): Promise<GenerateResult>;
   release(): Promise<void>;
 }

@@ -28,9 +28,9 @@ export interface ProgressInfo {
 export interface GenerateOptions {
   readonly prompt: string | readonly string[];
   readonly negativePrompt?: string | readonly string[];
-  /** Denoising steps (default 50). */
+  /** Denoising steps (default: the folder's recommendation, else 50). */
   readonly steps?: number;
-  /** Classifier-free guidance scale (default 7.5); 1 or less turns guidance off. */
+  /** Classifier-free guidance scale (default: the folder's, else 7.5); 1 or less turns it off. */
   readonly guidance?: number;
   /** Image size in pixels (default: the model's native size), multiples of 8. */
   readonly width?: number;
@@ -77,6 +77,27 @@ export interface GenerateResult {
   readonly latents: F32;
   /** The seed behind each image's generator, where seeds were used. */
   readonly seeds: readonly number[] | undefined;
+}
+
+/** Settings a model folder recommends (`_gesso.defaults` in model_index.json). */
+export interface GenerationDefaults {
+  readonly steps: number;
+  readonly guidance: number;
+}
+
+/** diffusers' own defaults, for folders that recommend nothing. */
+export const DIFFUSERS_DEFAULTS: GenerationDefaults = { steps: 50, guidance: 7.5 };
+
+/** The folder's recommended steps and guidance, falling back to diffusers' defaults. */
+export function generationDefaults(index: Readonly<Record<string, unknown>>): GenerationDefaults {
+  const gesso = index._gesso as { defaults?: Record<string, unknown> } | undefined;
+  const d = gesso?.defaults ?? {};
+  const number = (v: unknown, fallback: number) =>
+    typeof v === 'number' && Number.isFinite(v) ? v : fallback;
+  return {
+    steps: number(d.steps, DIFFUSERS_DEFAULTS.steps),
+    guidance: number(d.guidance, DIFFUSERS_DEFAULTS.guidance),
+  };
 }
 
 export interface PipelineOptions extends ComponentOptions {
@@ -128,6 +149,7 @@ export class StableDiffusionPipeline {
   readonly vae: Vae;
   readonly schedulerConfig: SchedulerConfig;
   readonly options: PipelineOptions;
+  readonly defaults: GenerationDefaults;
 
   private constructor(
     path: string,
@@ -139,8 +161,10 @@ export class StableDiffusionPipeline {
       schedulerConfig: SchedulerConfig;
     },
     options: PipelineOptions,
+    defaults: GenerationDefaults,
   ) {
     this.path = path;
+    this.defaults = defaults;
     this.tokenizer = parts.tokenizer;
     this.textEncoder = parts.textEncoder;
     this.unet = parts.unet;
@@ -175,6 +199,7 @@ export class StableDiffusionPipeline {
       path,
       { tokenizer, textEncoder, unet, vae, schedulerConfig },
       options,
+      generationDefaults(index),
     );
   }
 
@@ -219,8 +244,8 @@ export class StableDiffusionPipeline {
     if (prompts.length === 0) throw new UserError('bad-request', 'no prompt given');
     const count = options.count ?? 1;
     const batch = prompts.length * count;
-    const steps = options.steps ?? 50;
-    const guidance = options.guidance ?? 7.5;
+    const steps = options.steps ?? this.defaults.steps;
+    const guidance = options.guidance ?? this.defaults.guidance;
     const cfg = guidance > 1 && this.unet.config.timeCondProjDim === null;
     const imageInput = options.image;
     const scale = this.vae.scaleFactor;

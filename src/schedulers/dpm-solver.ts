@@ -29,6 +29,13 @@ export class DPMSolverMultistepScheduler extends MultistepScheduler {
       throw new UserError('bad-config', `unknown DPM-Solver algorithm_type '${algorithm}'`);
     }
     this.algorithm = normalized as typeof this.algorithm;
+    // As diffusers: the noise-prediction solvers divide by σ, so they cannot step to σ = 0.
+    if (!normalized.endsWith('++') && str(config, 'final_sigmas_type', 'zero') === 'zero') {
+      throw new UserError(
+        'bad-config',
+        `final_sigmas_type 'zero' is not supported for algorithm_type '${algorithm}'; use 'sigma_min'`,
+      );
+    }
     const solver = str(config, 'solver_type', 'midpoint');
     this.solverType = solver === 'heun' ? 'heun' : 'midpoint';
     if (config.use_lu_lambdas === true)

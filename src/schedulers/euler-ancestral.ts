@@ -6,7 +6,8 @@ export class EulerAncestralDiscreteScheduler extends SigmaScheduler {
   readonly className = 'EulerAncestralDiscreteScheduler';
 
   setTimesteps(steps: number): void {
-    predictionType(this.config, ['epsilon', 'v_prediction']);
+    // diffusers raises for `sample`; x₀ from the model is exactly what the step needs, so allow it.
+    predictionType(this.config);
     const { timesteps, sigmas } = this.sigmaSchedule(steps, { karras: false });
     this.timesteps = timesteps;
     this.sigmas = sigmas;

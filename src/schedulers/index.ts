@@ -59,7 +59,12 @@ const NAMES: Readonly<Record<string, readonly [string, SchedulerConfig]>> = {
   ],
   dpm_2m: [
     'DPMSolverMultistepScheduler',
-    { algorithm_type: 'dpmsolver', solver_order: 2, use_karras_sigmas: false },
+    {
+      algorithm_type: 'dpmsolver',
+      solver_order: 2,
+      use_karras_sigmas: false,
+      final_sigmas_type: 'sigma_min',
+    },
   ],
   dpmpp_3m: [
     'DPMSolverMultistepScheduler',

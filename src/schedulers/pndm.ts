@@ -33,7 +33,7 @@ export class PNDMScheduler extends Scheduler {
     super(config);
     this.alphasCumprod = alphasCumprodFor(config);
     this.finalAlphaCumprod = bool(config, 'set_alpha_to_one', false) ? 1 : this.alphasCumprod[0]!;
-    predictionType(config, ['epsilon', 'v_prediction']);
+    predictionType(config);
   }
 
   setTimesteps(steps: number): void {
@@ -158,11 +158,19 @@ export class PNDMScheduler extends Scheduler {
     const betaPrev = 1 - alphaPrev;
     const x = sample.data;
     let m = modelOutput.data;
-    if (predictionType(this.config, ['epsilon', 'v_prediction']) === 'v_prediction') {
+    const prediction = predictionType(this.config);
+    if (prediction === 'v_prediction') {
       const mo = m;
       m = fill(
         sample.shape,
         (i) => Math.sqrt(alphaProd) * mo[i]! + Math.sqrt(betaProd) * x[i]!,
+      ).data;
+    } else if (prediction === 'sample') {
+      // Beyond diffusers (which raises): the noise implied by a predicted x₀, as v is converted.
+      const mo = m;
+      m = fill(
+        sample.shape,
+        (i) => (x[i]! - Math.sqrt(alphaProd) * mo[i]!) / Math.sqrt(betaProd),
       ).data;
     }
     const sampleCoeff = Math.sqrt(alphaPrev / alphaProd);

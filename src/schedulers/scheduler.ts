@@ -258,7 +258,12 @@ export abstract class Scheduler {
   }
 
   protected initStepIndex(timestep: number): number {
-    this.stepIndexValue ??= this.beginIndexValue ?? this.indexForTimestep(timestep);
+    // diffusers takes the second copy of a repeated timestep, which for a schedule that repeats
+    // its first one (Karras sigmas over a cosine schedule) skips a step and runs off the end of
+    // the sigmas; a loop that begins at the first timestep starts at index 0.
+    this.stepIndexValue ??=
+      this.beginIndexValue ??
+      (timestep === this.timesteps[0] ? 0 : this.indexForTimestep(timestep));
     return this.stepIndexValue;
   }
 }

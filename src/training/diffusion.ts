@@ -9,6 +9,7 @@ import { ClipTextModel, clipTextConfig } from '../models/clip-text.js';
 import { patchify } from '../models/patch-autoencoder.js';
 import { UNet2DConditionModel, unetConfig } from '../models/unet-2d-condition.js';
 import { Module, type ParameterSource } from '../nn/module.js';
+import type { GenerationDefaults } from '../pipelines/stable-diffusion.js';
 import { alphasCumprodFor } from '../schedulers/scheduler.js';
 import type { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -81,6 +82,9 @@ export const DEFAULT_DIFFUSION_RECIPE: DiffusionRecipe = {
   },
   snrWeightCap: 5,
 };
+
+/** What a shapes model samples with unless told otherwise: DPM-Solver++ converges in 20 steps. */
+export const SHAPES_DEFAULTS: GenerationDefaults = { steps: 20, guidance: 4 };
 
 /** The module tree: `text_encoder.*` and `unet.*`, exported to their own folders. */
 class DiffusionModel extends Module {
@@ -202,7 +206,7 @@ export class DiffusionTask implements TrainingTask {
   async exportModel(
     dir: string,
     weights: Readonly<Record<string, Tensor>>,
-    options: { fp16?: boolean; note?: string } = {},
+    options: { fp16?: boolean; note?: string; defaults?: GenerationDefaults } = {},
   ): Promise<void> {
     const part = (prefix: string) => {
       const out: Record<string, Tensor> = {};
@@ -221,7 +225,11 @@ export class DiffusionTask implements TrainingTask {
     await write('', {
       'model_index.json': json({
         _class_name: 'StableDiffusionPipeline',
-        _gesso: { route: 'diffusion', note: options.note ?? '' },
+        _gesso: {
+          route: 'diffusion',
+          note: options.note ?? '',
+          defaults: options.defaults ?? SHAPES_DEFAULTS,
+        },
         tokenizer: ['gesso', 'GessoWordTokenizer'],
         text_encoder: ['gesso', 'GessoTextModel'],
         unet: ['diffusers', 'UNet2DConditionModel'],

@@ -1,0 +1,164 @@
+import { appendFile, mkdir, readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { UserError } from '../errors.js';
+import { formatInfotext, parseInfotext, pythonFloat } from '../io/infotext.js';
+import { readPngText } from '../io/png.js';
+import { displayName } from '../schedulers/index.js';
+
+/**
+ * What `gesso generate` writes for each image: an A1111-style file name, the `parameters` text
+ * chunk A1111's PNG Info reads, and a manifest line with every setting; and the way back from a
+ * PNG's metadata to the settings that made it.
+ */
+
+/** Everything that determines one image, as written to the manifest. */
+export interface ImageSettings {
+  readonly prompt: string;
+  readonly negative_prompt: string;
+  readonly seed: number;
+  readonly steps: number;
+  readonly guidance: number;
+  /** The scheduler name asked for, or the model's own scheduler class. */
+  readonly scheduler: string;
+  readonly width: number;
+  readonly height: number;
+  /** The model as the user named it (bundled name, folder), and the folder it resolved to. */
+  readonly model: string;
+  readonly model_path: string;
+  /** A GAN draws in one step and has no sampler, steps or guidance. */
+  readonly route: 'diffusion' | 'gan';
+  readonly clip_skip?: number;
+  readonly init_image?: string;
+  readonly strength?: number;
+}
+
+/** The A1111 infotext of an image's settings: prompt, negative prompt, then the parameter line. */
+export function infotextFor(s: ImageSettings, modelName: string): string {
+  const params: [string, string][] =
+    s.route === 'gan'
+      ? [['Sampler', 'GAN']]
+      : [
+          ['Steps', String(s.steps)],
+          ['Sampler', displayName(s.scheduler)],
+          ['CFG scale', pythonFloat(s.guidance)],
+        ];
+  params.push(['Seed', String(s.seed)], ['Size', `${s.width}x${s.height}`], ['Model', modelName]);
+  if (s.strength !== undefined) params.push(['Denoising strength', String(s.strength)]);
+  if (s.clip_skip !== undefined && s.clip_skip > 0)
+    params.push(['Clip skip', String(s.clip_skip + 1)]);
+  params.push(['Version', 'gesso']);
+  return formatInfotext({ prompt: s.prompt, negativePrompt: s.negative_prompt, params });
+}
+
+/** Settings read back from a PNG's `parameters` chunk (the keys it holds). */
+export interface ParsedSettings {
+  readonly prompt: string;
+  readonly negativePrompt: string;
+  readonly steps?: number;
+  readonly guidance?: number;
+  readonly sampler?: string;
+  readonly seed?: number;
+  readonly width?: number;
+  readonly height?: number;
+  readonly model?: string;
+  readonly clipSkip?: number;
+  readonly strength?: number;
+  /** Every key and value as written, in order. */
+  readonly params: readonly (readonly [string, string])[];
+}
+
+export function settingsFromInfotext(text: string, source: string): ParsedSettings {
+  const info = parseInfotext(text);
+  const get = (key: string) => info.params.find(([k]) => k === key)?.[1];
+  const number = (key: string): number | undefined => {
+    const v = get(key);
+    if (v === undefined) return undefined;
+    const n = Number(v);
+    if (v.trim() === '' || !Number.isFinite(n))
+      throw new UserError('bad-metadata', `${source}: '${key}: ${v}' is not a number`);
+    return n;
+  };
+  const size = get('Size');
+  let width: number | undefined;
+  let height: number | undefined;
+  if (size !== undefined) {
+    const m = /^(\d+)x(\d+)$/.exec(size.trim());
+    if (m === null) throw new UserError('bad-metadata', `${source}: 'Size: ${size}' is not WxH`);
+    width = Number(m[1]);
+    height = Number(m[2]);
+  }
+  const clip = number('Clip skip');
+  const sampler = get('Sampler');
+  const steps = number('Steps');
+  const guidance = number('CFG scale');
+  const seed = number('Seed');
+  const model = get('Model');
+  const strength = number('Denoising strength');
+  return {
+    prompt: info.prompt,
+    negativePrompt: info.negativePrompt,
+    params: info.params,
+    ...(steps !== undefined ? { steps } : {}),
+    ...(guidance !== undefined ? { guidance } : {}),
+    ...(sampler !== undefined ? { sampler } : {}),
+    ...(seed !== undefined ? { seed } : {}),
+    ...(width !== undefined ? { width, height: height! } : {}),
+    ...(model !== undefined ? { model } : {}),
+    ...(clip !== undefined ? { clipSkip: clip - 1 } : {}),
+    ...(strength !== undefined ? { strength } : {}),
+  };
+}
+
+/** The `parameters` text of a PNG file, or a clear error when it has none. */
+export function readParameters(bytes: Uint8Array, path: string): string {
+  const text = readPngText(bytes, path);
+  const parameters = text.parameters;
+  if (parameters === undefined) {
+    const keys = Object.keys(text);
+    throw new UserError(
+      'no-metadata',
+      `${path} has no 'parameters' text chunk (${keys.length === 0 ? 'no text chunks at all' : `it has: ${keys.join(', ')}`}); it was not written by gesso or AUTOMATIC1111, or the metadata was stripped`,
+    );
+  }
+  return parameters;
+}
+
+/**
+ * An output folder: files named as A1111 names them (`00012-1234567890.png`, a five-digit counter
+ * that continues from the highest already there, then the seed) and a `manifest.jsonl` beside them.
+ */
+export class OutputFolder {
+  private constructor(
+    readonly dir: string,
+    private counter: number,
+  ) {}
+
+  static async open(dir: string): Promise<OutputFolder> {
+    try {
+      await mkdir(dir, { recursive: true });
+    } catch (error) {
+      throw new UserError(
+        'bad-output',
+        `cannot create output folder ${dir}: ${(error as Error).message}`,
+      );
+    }
+    let highest = -1;
+    for (const name of await readdir(dir)) {
+      const m = /^(\d{5,})-/.exec(name);
+      if (m !== null) highest = Math.max(highest, Number(m[1]));
+    }
+    return new OutputFolder(dir, highest + 1);
+  }
+
+  /** The path for the next image of this seed. */
+  nextPath(seed: number): string {
+    const name = `${String(this.counter).padStart(5, '0')}-${seed}.png`;
+    this.counter += 1;
+    return join(this.dir, name);
+  }
+
+  /** Appends one image's record; called only after its PNG is in place. */
+  async record(entry: Readonly<Record<string, unknown>>): Promise<void> {
+    await appendFile(join(this.dir, 'manifest.jsonl'), `${JSON.stringify(entry)}\n`);
+  }
+}

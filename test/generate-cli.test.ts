@@ -1,0 +1,301 @@
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { decodePng, encodePng } from '../src/io/png.js';
+import { parseInfotext } from '../src/io/infotext.js';
+import { DiffusionTask } from '../src/training/diffusion.js';
+import { Trainer } from '../src/training/trainer.js';
+import { options, repoRoot, TINY, withTempDir } from './helpers.js';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+
+const BIN = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+
+function gesso(...args: string[]) {
+  const r = spawnSync(process.execPath, [BIN, ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, GESSO_CACHE_DIR: cache },
+  });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+let root = '';
+let model = '';
+let cache = '';
+
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), 'gesso-generate-'));
+  model = join(root, 'tiny-model');
+  cache = join(root, 'cache');
+  const task = new DiffusionTask(TINY);
+  const trainer = await Trainer.create(task, options(2));
+  for (let i = 0; i < 2; i++) await trainer.runStep();
+  await task.exportModel(model, trainer.weights('ema'), { defaults: { steps: 3, guidance: 2 } });
+  await trainer.release();
+});
+
+after(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+interface ManifestLine {
+  file: string;
+  prompt: string;
+  negative_prompt: string;
+  seed: number;
+  steps: number;
+  guidance: number;
+  scheduler: string;
+  width: number;
+  height: number;
+  model: string;
+}
+
+function manifest(dir: string): ManifestLine[] {
+  return readFileSync(join(dir, 'manifest.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as ManifestLine);
+}
+
+test('gesso generate: a batch into a folder, numbered by counter and seed, each with A1111 metadata and a manifest line', async () => {
+  await withTempDir(async (dir) => {
+    const out = join(dir, 'out');
+    const r = gesso(
+      'generate',
+      '--model',
+      model,
+      'a red circle, above a blue square',
+      '--negative-prompt',
+      'green: ugly',
+      '-n',
+      '3',
+      '--batch-size',
+      '2',
+      '--seed',
+      '41',
+      '--scheduler',
+      'euler_a',
+      '--guidance',
+      '3.5',
+      '--out',
+      out,
+    );
+    assert.equal(r.status, 0, r.stderr);
+    assert.deepEqual(readdirSync(out).sort(), [
+      '00000-41.png',
+      '00001-42.png',
+      '00002-43.png',
+      'manifest.jsonl',
+    ]);
+    const lines = manifest(out);
+    assert.equal(lines.length, 3);
+    lines.forEach((line, i) => {
+      const png = decodePng(readFileSync(join(out, line.file)));
+      assert.deepEqual([png.width, png.height], [64, 64]);
+      const text = png.text.parameters!;
+      // A1111's layout, byte for byte: prompt, negative prompt, then the parameter line.
+      assert.equal(
+        text,
+        'a red circle, above a blue square\n' +
+          'Negative prompt: green: ugly\n' +
+          `Steps: 3, Sampler: Euler a, CFG scale: 3.5, Seed: ${41 + i}, Size: 64x64, Model: tiny-model, Version: gesso`,
+      );
+      const info = parseInfotext(text);
+      const params = Object.fromEntries(info.params);
+      assert.equal(info.prompt, line.prompt);
+      assert.equal(info.negativePrompt, line.negative_prompt);
+      assert.equal(Number(params.Seed), line.seed);
+      assert.equal(Number(params.Steps), line.steps);
+      assert.equal(Number(params['CFG scale']), line.guidance);
+      assert.equal(params.Size, `${line.width}x${line.height}`);
+      assert.equal(params.Model, line.model);
+      assert.equal(line.scheduler, 'euler_a');
+    });
+
+    // The counter continues from what the folder holds.
+    const again = gesso('generate', '--model', model, 'a cat', '--seed', '7', '--out', out);
+    assert.equal(again.status, 0, again.stderr);
+    assert.ok(existsSync(join(out, '00003-7.png')));
+    assert.equal(manifest(out).length, 4);
+
+    // gesso info reads the metadata back.
+    const info = gesso('info', join(out, '00001-42.png'), '--json');
+    assert.equal(info.status, 0, info.stderr);
+    const parsed = JSON.parse(info.stdout) as { prompt: string; settings: Record<string, string> };
+    assert.equal(parsed.prompt, 'a red circle, above a blue square');
+    assert.equal(parsed.settings.Seed, '42');
+    assert.equal(parsed.settings.Sampler, 'Euler a');
+  });
+});
+
+test('gesso generate --from reproduces an image exactly from its metadata', async () => {
+  await withTempDir(async (dir) => {
+    const out = join(dir, 'out');
+    const first = gesso(
+      'generate',
+      '--model',
+      model,
+      'two green triangles',
+      '--size',
+      '64x64',
+      '--seed',
+      '123',
+      '--scheduler',
+      'dpmpp_2m_karras',
+      '--out',
+      out,
+    );
+    assert.equal(first.status, 0, first.stderr);
+    const again = gesso(
+      'generate',
+      '--from',
+      join(out, '00000-123.png'),
+      '--model',
+      model,
+      '--out',
+      out,
+    );
+    assert.equal(again.status, 0, again.stderr);
+    const a = decodePng(readFileSync(join(out, '00000-123.png')));
+    const b = decodePng(readFileSync(join(out, '00001-123.png')));
+    assert.deepEqual(b.data, a.data);
+    assert.equal(b.text.parameters, a.text.parameters);
+
+    // The model's own scheduler (no --scheduler) round-trips through its A1111 name too.
+    const plain = gesso('generate', '--model', model, 'a square', '--seed', '5', '--out', out);
+    assert.equal(plain.status, 0, plain.stderr);
+    const copy = gesso(
+      'generate',
+      '--from',
+      join(out, '00002-5.png'),
+      '--model',
+      model,
+      '--out',
+      out,
+    );
+    assert.equal(copy.status, 0, copy.stderr);
+    assert.deepEqual(
+      decodePng(readFileSync(join(out, '00003-5.png'))).data,
+      decodePng(readFileSync(join(out, '00002-5.png'))).data,
+    );
+  });
+});
+
+test('gesso generate --prompts: plain lines and JSON lines with their own options', async () => {
+  await withTempDir(async (dir) => {
+    const file = join(dir, 'prompts.txt');
+    writeFileSync(
+      file,
+      'a red circle\n\n{"prompt": "a blue square", "seed": 1000, "count": 2, "steps": 2, "cfg_scale": 5}\n',
+    );
+    const out = join(dir, 'out');
+    const r = gesso('generate', '--model', model, '--prompts', file, '--seed', '9', '--out', out);
+    assert.equal(r.status, 0, r.stderr);
+    const lines = manifest(out);
+    assert.deepEqual(
+      lines.map((l) => [l.file, l.prompt, l.seed, l.steps, l.guidance]),
+      [
+        ['00000-9.png', 'a red circle', 9, 3, 2],
+        ['00001-1000.png', 'a blue square', 1000, 2, 5],
+        ['00002-1001.png', 'a blue square', 1001, 2, 5],
+      ],
+    );
+  });
+});
+
+test('gesso generate: a random seed is reported and recorded', async () => {
+  await withTempDir(async (dir) => {
+    const r = gesso('generate', '--model', model, 'a circle', '--out', join(dir, 'o'));
+    assert.equal(r.status, 0, r.stderr);
+    const seed = /seed (\d+) \(random\)/.exec(r.stderr)?.[1];
+    assert.ok(seed !== undefined, r.stderr);
+    assert.equal(manifest(join(dir, 'o'))[0]!.seed, Number(seed));
+  });
+});
+
+test('gesso generate: user mistakes exit 2 with one line that says what to do, and write nothing', async () => {
+  await withTempDir(async (dir) => {
+    const out = join(dir, 'out');
+    const bogusPng = join(dir, 'bogus.png');
+    writeFileSync(bogusPng, 'not a png at all');
+    const plainPng = join(dir, 'plain.png');
+    writeFileSync(
+      plainPng,
+      encodePng({ width: 1, height: 1, channels: 3, data: new Uint8Array(3) }),
+    );
+    const badJson = join(dir, 'bad.jsonl');
+    writeFileSync(badJson, '{"prompt": "x", "stepz": 3}\n');
+    const cases: [string[], RegExp][] = [
+      [['--model', join(dir, 'nope'), 'x'], /no model folder, bundled model or Hub id/],
+      [['--model', model, 'x', '--size', '60x64'], /not a multiple of 8.*try 64x64/],
+      [['--model', model, 'x', '--size', 'big'], /--size must be WIDTHxHEIGHT/],
+      [['--model', model, 'x', '--size', '65536x65536'], /needs about .* choose a smaller --size/],
+      [['--model', model, 'x', '--scheduler', 'warp-drive'], /scheduler/i],
+      [['--model', model, 'x', '--steps', '0'], /--steps must be at least 1/],
+      [['--model', model, 'x', '--init-image', bogusPng], /bogus\.png/],
+      [['--model', model, '--from', plainPng], /no 'parameters' text chunk/],
+      [['--model', model, '--prompts', badJson], /bad\.jsonl:1: unknown key 'stepz'/],
+      [
+        ['--model', model, 'x', '-n', '2', '--out', join(dir, 'one.png')],
+        /names one file but this run makes 2 images/,
+      ],
+      [['--model', model], /no prompt given/],
+    ];
+    for (const [args, message] of cases) {
+      const r = gesso('generate', ...args, ...(args.includes('--out') ? [] : ['--out', out]));
+      assert.equal(r.status, 2, `${args.join(' ')}: ${r.stderr}`);
+      assert.match(r.stderr, message, args.join(' '));
+      assert.doesNotMatch(r.stderr, /\n\s+at /, `${args.join(' ')}: no stack trace`);
+      assert.ok(!existsSync(join(out, 'manifest.jsonl')), `${args.join(' ')} wrote output`);
+    }
+    assert.ok(!existsSync(join(dir, 'one.png')));
+  });
+});
+
+test('gesso generate: Ctrl-C stops cleanly and keeps the finished images', async () => {
+  await withTempDir(async (dir) => {
+    const out = join(dir, 'out');
+    const child = spawn(
+      process.execPath,
+      [
+        BIN,
+        'generate',
+        '--model',
+        model,
+        'a red circle',
+        '-n',
+        '200',
+        '--seed',
+        '1',
+        '--steps',
+        '20',
+        '--out',
+        out,
+      ],
+      { env: { ...process.env, GESSO_CACHE_DIR: cache } },
+    );
+    let stdout = '';
+    let stderr = '';
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const status = await new Promise<number | null>((resolve) => {
+      child.stdout.on('data', (d: Buffer) => {
+        stdout += d.toString();
+        // Interrupt once two images are done.
+        if (stdout.split('\n').length > 2 && !child.killed) child.kill('SIGINT');
+      });
+      child.on('exit', (code) => resolve(code));
+    });
+    assert.equal(status, 130, stderr);
+    assert.match(stderr, /stopped: \d+ of 200 images written/);
+    const written = Number(/stopped: (\d+)/.exec(stderr)![1]);
+    assert.ok(written >= 2 && written < 200);
+    const pngs = readdirSync(out).filter((f) => f.endsWith('.png'));
+    assert.equal(pngs.length, written);
+    assert.equal(manifest(out).length, written);
+    for (const f of pngs) decodePng(readFileSync(join(out, f))); // every file whole
+    assert.equal(readdirSync(out).filter((f) => f.includes('.tmp')).length, 0);
+  });
+});
