@@ -3,9 +3,11 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { foundationSuite } from './foundation.js';
 import { formatTable, machine, type Measurement } from './harness.js';
+import { trainingSuite } from './training.js';
 
 const SUITES: Record<string, (runs: number) => Promise<Measurement[]>> = {
   foundation: foundationSuite,
+  training: trainingSuite,
 };
 
 const { values } = parseArgs({

@@ -9,6 +9,7 @@ import { Graph } from '../src/graph/ir.js';
 import { emitOnnx } from '../src/graph/onnx.js';
 import { SafetensorsFile } from '../src/io/safetensors.js';
 import { PatchAutoencoder, patchify } from '../src/models/patch-autoencoder.js';
+import { TextEncoder } from '../src/pipelines/components.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { runOnce } from '../src/runtime/session.js';
 import { Tensor } from '../src/tensor/tensor.js';
@@ -258,5 +259,26 @@ test('gesso train: Ctrl-C saves, --resume finishes, and the result equals an uni
     );
     assert.equal(again.status, 2);
     assert.match(again.stderr, /already holds a run; continue it with --resume/);
+  });
+});
+
+test('the trained text encoder is bidirectional: an early token sees a later one', async () => {
+  await withTempDir(async (dir) => {
+    const task = new DiffusionTask(TINY);
+    const trainer = await Trainer.create(task, options(1));
+    await task.exportModel(dir, trainer.weights('params'));
+    await trainer.release();
+    const encoder = await TextEncoder.load(join(dir, 'text_encoder'), { cacheDir: false });
+    const ids = (caption: string) =>
+      Tensor.int64([1, TINY.maxLength], task.tokenizer.encode(caption));
+    const a = (await encoder.encode(ids('a red circle'))).hidden;
+    const b = (await encoder.encode(ids('a red square'))).hidden;
+    const width = a.shape[2]!;
+    // Position 1 ("a"; 0 is the start token) comes before the word that differs.
+    let change = 0;
+    for (let i = width; i < 2 * width; i++)
+      change = Math.max(change, Math.abs(a.data[i]! - b.data[i]!));
+    assert.ok(change > 1e-4, `position 1 did not change (${change}): the encoder is causal`);
+    await encoder.release();
   });
 });

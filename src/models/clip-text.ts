@@ -230,10 +230,14 @@ export class ClipTextModel extends Module {
         `text encoder input needs a static sequence length of at most ${this.config.maxPositionEmbeddings}`,
       );
     }
-    const causal = new Tensor('float32', [1, 1, length, length]);
-    for (let i = 0; i < length; i++)
-      for (let j = i + 1; j < length; j++) causal.data[i * length + j] = -Infinity;
-    const mask = g.constant(causal, 'causal_mask');
+    // CLIP attends causally; gesso's own encoders (`causal: false`) see the whole caption.
+    let mask: Value | undefined;
+    if (this.config.causal) {
+      const causal = new Tensor('float32', [1, 1, length, length]);
+      for (let i = 0; i < length; i++)
+        for (let j = i + 1; j < length; j++) causal.data[i * length + j] = -Infinity;
+      mask = g.constant(causal, 'causal_mask');
+    }
 
     const tm = this.textModel;
     let h = tm.embeddings.forward(p, ids);

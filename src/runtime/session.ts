@@ -1,8 +1,9 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdir, readFile, rename, rm } from 'node:fs/promises';
 import { cpus, homedir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import ort from 'onnxruntime-node';
 import { UserError } from '../errors.js';
 import { writeFileAtomically } from '../io/atomic.js';
@@ -46,6 +47,27 @@ export interface GraphSource {
 
 /** Bump when the emitted graphs change, so older cache entries are not used. */
 const GRAPH_FORMAT = 1;
+
+let fingerprint: string | undefined;
+
+/**
+ * A hash of the code that emits graphs (every compiled module of this package), part of every
+ * cache key: a cached graph is only reused by the same code that emitted it, so changing a model
+ * or an autodiff rule can never run a stale graph.
+ */
+export function codeFingerprint(): string {
+  if (fingerprint === undefined) {
+    const root = fileURLToPath(new URL('..', import.meta.url));
+    const hash = createHash('sha256');
+    const files = readdirSync(root, { recursive: true, withFileTypes: true })
+      .filter((e) => e.isFile() && e.name.endsWith('.js'))
+      .map((e) => join(e.parentPath, e.name))
+      .sort();
+    for (const file of files) hash.update(file.slice(root.length)).update(readFileSync(file));
+    fingerprint = hash.digest('hex').slice(0, 16);
+  }
+  return fingerprint;
+}
 
 export function defaultCacheDir(): string {
   const env = process.env.GESSO_CACHE_DIR;
@@ -170,6 +192,7 @@ export class Session {
               JSON.stringify({
                 key: source.key,
                 format: GRAPH_FORMAT,
+                code: codeFingerprint(),
                 ort: ort.env.versions.common,
               }),
             ),
