@@ -5,8 +5,8 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Tensor } from '../src/tensor/tensor.js';
-import type { DiffusionRecipe } from '../src/training/diffusion.js';
-import type { TrainerOptions } from '../src/training/trainer.js';
+import { DiffusionTask, type DiffusionRecipe } from '../src/training/diffusion.js';
+import { Trainer, type TrainerOptions } from '../src/training/trainer.js';
 
 /** The repository root (tests run from dist/test/). */
 export const repoRoot = resolve(fileURLToPath(new URL('../../', import.meta.url)));
@@ -142,3 +142,13 @@ export const options = (steps: number): TrainerOptions => ({
   },
   runtime: { cacheDir: false },
 });
+
+/** A tiny trained model folder: real weights in the real layout, 3 steps by default. */
+export async function tinyModel(dir: string): Promise<string> {
+  const task = new DiffusionTask(TINY);
+  const trainer = await Trainer.create(task, options(2));
+  for (let i = 0; i < 2; i++) await trainer.runStep();
+  await task.exportModel(dir, trainer.weights('ema'), { defaults: { steps: 3, guidance: 2 } });
+  await trainer.release();
+  return dir;
+}

@@ -2,7 +2,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { evaluate, formatReport } from '../eval/evaluate.js';
 import { parseNumber } from './args.js';
-import { bundledModelPath, resolveModel } from './models.js';
+import { bundledModelPath, resolveModel } from '../generation/models.js';
 
 export const EVAL_USAGE = `usage: gesso eval [--model DIR] [options]
 

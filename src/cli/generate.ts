@@ -6,22 +6,26 @@ import { parseArgs } from 'node:util';
 import { isUserError, UserError } from '../errors.js';
 import { readImage, toUint8, writePng } from '../io/image.js';
 import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
-import { GanPipeline, loadPipeline, type TextToImage } from '../pipelines/index.js';
+import { loadPipeline, type TextToImage } from '../pipelines/index.js';
 import { StableDiffusionPipeline } from '../pipelines/stable-diffusion.js';
 import type { ExecutionProvider } from '../runtime/session.js';
 import { displayName, SCHEDULER_NAMES } from '../schedulers/index.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { parseNumber } from './args.js';
 import { formatBytes, progressBar, ProgressLine } from './format.js';
-import { DEFAULT_MODEL, resolveModel } from './models.js';
+import { DEFAULT_MODEL, resolveModel } from '../generation/models.js';
 import {
   infotextFor,
+  modelTraits,
   OutputFolder,
+  renderBatch,
+  saveBatch,
+  sameBatch,
   readParameters,
   settingsFromInfotext,
   type ImageSettings,
   type ParsedSettings,
-} from './outputs.js';
+} from '../generation/outputs.js';
 
 export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
 
@@ -192,11 +196,6 @@ function checkFitsInMemory(pipe: TextToImage, width: number, height: number, bat
   }
 }
 
-/** A stable key for the settings that one batch must share. */
-function batchKey(s: ImageSettings): string {
-  return JSON.stringify([s.steps, s.guidance, s.scheduler, s.width, s.height]);
-}
-
 export async function generateCommand(args: readonly string[]): Promise<number> {
   const { values, positionals } = parseArgs({
     args: [...args],
@@ -345,15 +344,8 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   };
   process.on('SIGINT', onSigint);
   try {
-    const route = pipe instanceof GanPipeline ? 'gan' : 'diffusion';
-    const nativeSize =
-      pipe instanceof StableDiffusionPipeline
-        ? pipe.defaultSize
-        : (pipe as GanPipeline).generator.config.imageSize;
-    const folderScheduler =
-      pipe instanceof StableDiffusionPipeline
-        ? String(pipe.schedulerConfig._class_name ?? '')
-        : 'none';
+    const traits = modelTraits(pipe);
+    const { route, nativeSize, folderScheduler } = traits;
     // A sampler read back from metadata that names the folder's own scheduler means exactly it.
     const fromSampler =
       from?.sampler === undefined || from.sampler === 'GAN'
@@ -443,7 +435,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       while (
         batch.length < batchSize &&
         index + batch.length < jobs.length &&
-        batchKey(jobs[index + batch.length]!) === batchKey(first)
+        sameBatch(jobs[index + batch.length]!, first)
       )
         batch.push(jobs[index + batch.length]!);
       const label =
@@ -453,21 +445,12 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       const started = Date.now();
       let result;
       try {
-        result = await pipe.generate({
-          prompt: batch.map((j) => j.prompt),
-          negativePrompt: batch.map((j) => j.negative_prompt),
-          seed: batch.map((j) => j.seed),
-          steps: first.steps,
-          guidance: first.guidance,
-          width: first.width,
-          height: first.height,
-          ...(first.scheduler !== folderScheduler ? { scheduler: first.scheduler } : {}),
-          ...(spacing !== undefined ? { schedulerConfig: { timestep_spacing: spacing } } : {}),
-          ...(image !== undefined ? { image, strength: first.strength ?? 0.8 } : {}),
+        result = await renderBatch(pipe, traits, batch, {
+          ...(image !== undefined ? { image } : {}),
           ...(latents !== undefined ? { latents } : {}),
-          ...(clipSkip !== undefined ? { clipSkip } : {}),
+          ...(spacing !== undefined ? { timestepSpacing: spacing } : {}),
           signal: controller.signal,
-          onProgress: ({ step, steps }) => {
+          onProgress: (step, steps) => {
             progress.update(progressBar(label, step, steps, (Date.now() - started) / 1000));
           },
         });
@@ -484,27 +467,23 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       progress.clear();
       const seconds = (Date.now() - started) / 1000;
       const pixels = toUint8(result.images);
-      for (let k = 0; k < batch.length; k++) {
-        const settings = batch[k]!;
-        const parameters = infotextFor(settings, shownModel);
-        const path = folder?.nextPath(settings.seed) ?? out;
-        if (extension === '.safetensors') {
-          await writeSafetensors(out, { image: result.images, latents: result.latents });
-        } else {
-          await writePng(path, pixels, k, { parameters });
-        }
-        await folder?.record({
-          file: basename(path),
-          ...settings,
-          batch_size: batch.length,
-          seconds: seconds / batch.length,
-          created: new Date().toISOString(),
-        });
-        written += 1;
-        process.stdout.write(
-          `${path}: ${settings.width}×${settings.height}, seed ${settings.seed}, ${(seconds / batch.length).toFixed(1)} s\n`,
-        );
+      const each = seconds / batch.length;
+      let paths: string[];
+      if (folder !== undefined) paths = await saveBatch(folder, batch, pixels, { seconds: each });
+      else if (extension === '.safetensors') {
+        await writeSafetensors(out, { image: result.images, latents: result.latents });
+        paths = [out];
+      } else {
+        await writePng(out, pixels, 0, { parameters: infotextFor(first, first.model) });
+        paths = [out];
       }
+      paths.forEach((path, k) => {
+        const settings = batch[k]!;
+        process.stdout.write(
+          `${path}: ${settings.width}×${settings.height}, seed ${settings.seed}, ${each.toFixed(1)} s\n`,
+        );
+      });
+      written += paths.length;
       index += batch.length;
     }
     return 0;

@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import { UserError } from '../errors.js';
-import { readParameters, settingsFromInfotext } from './outputs.js';
+import { readParameters, settingsFromInfotext } from '../generation/outputs.js';
 
 export const INFO_USAGE = `usage: gesso info IMAGE.png [--json]
 

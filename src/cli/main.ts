@@ -12,6 +12,7 @@ commands:
   info IMAGE.png    show the generation parameters stored in an image
   inspect PATH      list a .safetensors file's tensors, or a model folder's components
   models            list bundled, cached and configured models
+  serve             run the HTTP server and web page (A1111 and OpenAI compatible)
   train             train a text-to-image model from scratch (gesso train --help)
 
 Run 'gesso <command> --help' for a command's options.`;
@@ -27,6 +28,7 @@ const COMMANDS: Readonly<Record<string, Command>> = {
   info: async (args) => (await import('./info.js')).infoCommand(args),
   inspect: async (args) => (await import('./inspect.js')).inspectCommand(args),
   models: async (args) => (await import('./list-models.js')).modelsCommand(args),
+  serve: async (args) => (await import('./serve.js')).serveCommand(args),
   train: async (args) => (await import('./train.js')).trainCommand(args),
 };
 

@@ -48,6 +48,15 @@ export async function readImage(
   } catch (error) {
     throw new UserError('file-not-found', `cannot read image ${path}: ${(error as Error).message}`);
   }
+  return decodeImage(bytes, path, size);
+}
+
+/** Decodes image bytes (PNG, JPEG, WebP, ...) as `readImage` does; `name` appears in errors. */
+export async function decodeImage(
+  bytes: Uint8Array,
+  name: string,
+  size?: { width: number; height: number },
+): Promise<Tensor<'uint8'>> {
   try {
     let pipeline = sharp(bytes, { failOn: 'error' }).removeAlpha().toColourspace('srgb');
     if (size !== undefined)
@@ -62,7 +71,7 @@ export async function readImage(
   } catch (error) {
     throw new UserError(
       'bad-image',
-      `${path} is not an image gesso can read: ${(error as Error).message}`,
+      `${name} is not an image gesso can read: ${(error as Error).message}`,
     );
   }
 }

@@ -1,12 +1,16 @@
 import { appendFile, mkdir, readdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { UserError } from '../errors.js';
 import { formatInfotext, parseInfotext, pythonFloat } from '../io/infotext.js';
+import { writePng } from '../io/image.js';
 import { readPngText } from '../io/png.js';
+import { GanPipeline, StableDiffusionPipeline, type TextToImage } from '../pipelines/index.js';
+import type { GenerateResult } from '../pipelines/stable-diffusion.js';
+import type { Tensor } from '../tensor/tensor.js';
 import { displayName } from '../schedulers/index.js';
 
 /**
- * What `gesso generate` writes for each image: an A1111-style file name, the `parameters` text
+ * What gesso writes for each image (the CLI and the server alike): an A1111-style file name, the `parameters` text
  * chunk A1111's PNG Info reads, and a manifest line with every setting; and the way back from a
  * PNG's metadata to the settings that made it.
  */
@@ -161,4 +165,103 @@ export class OutputFolder {
   async record(entry: Readonly<Record<string, unknown>>): Promise<void> {
     await appendFile(join(this.dir, 'manifest.jsonl'), `${JSON.stringify(entry)}\n`);
   }
+}
+
+/** What a loaded model draws by default, for filling in settings. */
+export interface ModelTraits {
+  readonly route: 'diffusion' | 'gan';
+  readonly nativeSize: number;
+  /** The class of the folder's scheduler, or 'none' for a GAN. */
+  readonly folderScheduler: string;
+  readonly defaults: { readonly steps: number; readonly guidance: number };
+}
+
+export function modelTraits(pipe: TextToImage): ModelTraits {
+  if (pipe instanceof StableDiffusionPipeline) {
+    return {
+      route: 'diffusion',
+      nativeSize: pipe.defaultSize,
+      folderScheduler: String(pipe.schedulerConfig._class_name ?? ''),
+      defaults: pipe.defaults,
+    };
+  }
+  return {
+    route: 'gan',
+    nativeSize: (pipe as GanPipeline).generator.config.imageSize,
+    folderScheduler: 'none',
+    defaults: pipe.defaults,
+  };
+}
+
+export interface RenderOptions {
+  readonly image?: Tensor<'uint8'>;
+  readonly latents?: Tensor<'float32'>;
+  readonly timestepSpacing?: string;
+  readonly signal?: AbortSignal;
+  readonly onProgress?: (step: number, steps: number, latents: Tensor<'float32'>) => void;
+}
+
+/** Draws one batch of images that share their sampling settings (see `sameBatch`). */
+export async function renderBatch(
+  pipe: TextToImage,
+  traits: ModelTraits,
+  batch: readonly ImageSettings[],
+  options: RenderOptions = {},
+): Promise<GenerateResult> {
+  const first = batch[0]!;
+  return pipe.generate({
+    prompt: batch.map((j) => j.prompt),
+    negativePrompt: batch.map((j) => j.negative_prompt),
+    seed: batch.map((j) => j.seed),
+    steps: first.steps,
+    guidance: first.guidance,
+    width: first.width,
+    height: first.height,
+    ...(first.scheduler !== traits.folderScheduler ? { scheduler: first.scheduler } : {}),
+    ...(options.timestepSpacing !== undefined
+      ? { schedulerConfig: { timestep_spacing: options.timestepSpacing } }
+      : {}),
+    ...(options.image !== undefined
+      ? { image: options.image, strength: first.strength ?? 0.8 }
+      : {}),
+    ...(options.latents !== undefined ? { latents: options.latents } : {}),
+    ...(first.clip_skip !== undefined ? { clipSkip: first.clip_skip } : {}),
+    ...(options.signal !== undefined ? { signal: options.signal } : {}),
+    onProgress: ({ step, steps, latents }) => options.onProgress?.(step, steps, latents),
+  });
+}
+
+/** Whether two images can be drawn in one batch (the same steps, guidance, sampler and size). */
+export function sameBatch(a: ImageSettings, b: ImageSettings): boolean {
+  return (
+    a.steps === b.steps &&
+    a.guidance === b.guidance &&
+    a.scheduler === b.scheduler &&
+    a.width === b.width &&
+    a.height === b.height
+  );
+}
+
+/** Writes a batch's images as numbered PNGs with their metadata and manifest lines. */
+export async function saveBatch(
+  folder: OutputFolder,
+  batch: readonly ImageSettings[],
+  images: Tensor<'uint8'>,
+  extra: Readonly<Record<string, unknown>> = {},
+): Promise<string[]> {
+  const paths: string[] = [];
+  for (let k = 0; k < batch.length; k++) {
+    const settings = batch[k]!;
+    const path = folder.nextPath(settings.seed);
+    await writePng(path, images, k, { parameters: infotextFor(settings, settings.model) });
+    await folder.record({
+      file: basename(path),
+      ...settings,
+      batch_size: batch.length,
+      created: new Date().toISOString(),
+      ...extra,
+    });
+    paths.push(path);
+  }
+  return paths;
 }

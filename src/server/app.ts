@@ -1,0 +1,594 @@
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import cors from '@fastify/cors';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import { isUserError } from '../errors.js';
+import { infotextFor } from '../generation/outputs.js';
+import { listModels } from '../generation/models.js';
+import { decodeImage } from '../io/image.js';
+import type { RuntimeOptions } from '../runtime/session.js';
+import { displayName, normalizeSchedulerName, SCHEDULER_NAMES } from '../schedulers/index.js';
+import { JobQueue, jobView, type Job, type JobEvent, type JobRequest } from './jobs.js';
+import { ModelManager } from './models.js';
+
+/**
+ * `gesso serve`: gesso's own jobs API (submit, follow as server-sent events, cancel, fetch
+ * images), the AUTOMATIC1111 routes and the OpenAI Images route that existing clients speak, and
+ * the web page, on Fastify. One model is loaded; jobs run one at a time through the queue.
+ */
+
+export interface Limits {
+  /** Largest width or height in pixels. */
+  readonly maxSide: number;
+  readonly maxSteps: number;
+  /** Most images per request. */
+  readonly maxImages: number;
+  /** Longest prompt, in characters. */
+  readonly maxPromptLength: number;
+}
+
+export const DEFAULT_LIMITS: Limits = {
+  maxSide: 1024,
+  maxSteps: 150,
+  maxImages: 16,
+  maxPromptLength: 2000,
+};
+
+export interface ServerOptions {
+  readonly model: string;
+  /** The output folder: images, manifest.jsonl and jobs/. */
+  readonly out: string;
+  /** Bearer tokens accepted on the API routes; none: no authentication. */
+  readonly apiKeys?: readonly string[];
+  /** Origins allowed by CORS (`*` for any); none: same-origin only. */
+  readonly corsOrigins?: readonly string[];
+  readonly limits?: Partial<Limits>;
+  /** Send a decoded preview every this many steps (0: never). */
+  readonly previewEvery?: number;
+  readonly runtime?: RuntimeOptions;
+  /** Fastify's logger: true for JSON lines on stdout. */
+  readonly logger?: boolean;
+}
+
+export interface GessoServer {
+  readonly app: FastifyInstance;
+  readonly queue: JobQueue;
+  readonly models: ModelManager;
+  /** Stops accepting work, ends the running job cleanly, closes the port and the model. */
+  close(): Promise<void>;
+}
+
+const PAGE = resolve(fileURLToPath(new URL('../../../web/index.html', import.meta.url)));
+/** OpenAI model names existing programs send: they mean "the model this server runs". */
+const OPENAI_MODELS = new Set(['dall-e-2', 'dall-e-3', 'gpt-image-1', 'gpt-image-1-mini']);
+
+class RequestError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+    readonly param?: string,
+  ) {
+    super(message);
+  }
+}
+
+function sizeFields(limits: Limits) {
+  return { type: 'integer', minimum: 8, maximum: limits.maxSide, multipleOf: 8 } as const;
+}
+
+function checkPrompt(prompt: string, limits: Limits, field = 'prompt'): void {
+  if (prompt.trim() === '') throw new RequestError(400, `${field} is empty`, field);
+  if (prompt.length > limits.maxPromptLength)
+    throw new RequestError(
+      400,
+      `${field} is ${prompt.length} characters; this server takes at most ${limits.maxPromptLength}`,
+      field,
+    );
+}
+
+function checkScheduler(name: string | undefined): string | undefined {
+  if (name === undefined || name === '') return undefined;
+  if (SCHEDULER_NAMES.includes(normalizeSchedulerName(name)) || /Scheduler$/.test(name))
+    return name;
+  throw new RequestError(
+    400,
+    `unknown sampler '${name}'; use one of: ${SCHEDULER_NAMES.map((n) => displayName(n)).join(', ')}`,
+    'sampler_name',
+  );
+}
+
+/** Waits for a job to end. */
+function settled(queue: JobQueue, job: Job): Promise<Job> {
+  if (job.state === 'done' || job.state === 'failed' || job.state === 'cancelled')
+    return Promise.resolve(job);
+  return new Promise((resolveJob) => {
+    const listener = (event: JobEvent) => {
+      if (event.type === 'done' || event.type === 'failed' || event.type === 'cancelled') {
+        queue.off(job.id, listener);
+        resolveJob(event.job);
+      }
+    };
+    queue.on(job.id, listener);
+  });
+}
+
+export async function createServer(options: ServerOptions): Promise<GessoServer> {
+  const limits: Limits = { ...DEFAULT_LIMITS, ...options.limits };
+  const models = new ModelManager(options.model, options.runtime ?? {});
+  const queue = await JobQueue.open(options.out, models, options.previewEvery ?? 5);
+  const keys = new Set(options.apiKeys ?? []);
+  const app = Fastify({
+    logger: options.logger === true ? { level: 'info' } : false,
+    bodyLimit: 64 * 1024 * 1024,
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false } },
+  });
+
+  if (options.corsOrigins !== undefined && options.corsOrigins.length > 0) {
+    await app.register(cors, {
+      origin: options.corsOrigins.includes('*') ? true : [...options.corsOrigins],
+    });
+  }
+
+  // Errors in the shape each API's clients expect, with the message first.
+  app.setErrorHandler((error: unknown, request, reply) => {
+    const e = error as Error & { statusCode?: number; validation?: unknown };
+    let status = e.statusCode ?? 500;
+    let message = e.message;
+    let param: string | undefined;
+    if (error instanceof RequestError) {
+      status = error.status;
+      param = error.param;
+    } else if (isUserError(error)) status = 400;
+    else if (e.validation !== undefined) status = 400;
+    else if (status >= 500) {
+      request.log.error(error);
+      message = `internal error: ${e.message}`;
+    }
+    if (request.url.startsWith('/v1/'))
+      return reply.status(status).send({
+        error: { message, type: 'invalid_request_error', param: param ?? null, code: null },
+      });
+    if (request.url.startsWith('/sdapi/'))
+      return reply.status(status).send({ error: 'Bad Request', detail: message, errors: message });
+    return reply.status(status).send({ error: message });
+  });
+
+  app.addHook('onRequest', async (request, reply) => {
+    if (keys.size === 0) return;
+    const path = request.url.split('?')[0]!;
+    if (!/^\/(api|sdapi|v1)\//.test(path)) return;
+    const header = request.headers.authorization ?? '';
+    // Browsers cannot put headers on EventSource or <img> requests: GETs may carry ?key=.
+    const query =
+      request.method === 'GET' ? (request.query as Record<string, unknown>).key : undefined;
+    const token = header.startsWith('Bearer ')
+      ? header.slice(7)
+      : typeof query === 'string'
+        ? query
+        : '';
+    if (!keys.has(token)) {
+      await reply
+        .status(401)
+        .send({ error: 'missing or wrong API key: send Authorization: Bearer <key>' });
+    }
+  });
+
+  const imageUrl = (request: FastifyRequest | undefined, file: string) => {
+    const path = `/api/images/${file}`;
+    if (request === undefined) return path;
+    return `${request.protocol}://${request.headers.host ?? request.hostname}${path}`;
+  };
+  const view = (job: Job, request?: FastifyRequest) =>
+    jobView(job, queue.position(job.id), (f) =>
+      request ? imageUrl(request, f) : imageUrl(undefined, f),
+    );
+
+  const readImages = async (job: Job) =>
+    Promise.all(
+      job.images.map(async (f) => (await readFile(join(options.out, f))).toString('base64')),
+    );
+
+  // --- health and the page -------------------------------------------------------------------
+  app.get('/health', async () => ({ status: 'ok', model: models.name, queue: queue.pending }));
+
+  app.get('/', async (_request, reply) => {
+    if (!existsSync(PAGE))
+      return reply.status(404).send({ error: 'the web page is not installed' });
+    return reply
+      .type('text/html; charset=utf-8')
+      .header(
+        'content-security-policy',
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'",
+      )
+      .send(await readFile(PAGE));
+  });
+
+  // --- gesso's jobs API ---------------------------------------------------------------------
+  app.post(
+    '/api/jobs',
+    {
+      schema: {
+        body: {
+          type: 'object',
+          required: ['prompt'],
+          additionalProperties: false,
+          properties: {
+            prompt: { type: 'string' },
+            negative_prompt: { type: 'string' },
+            steps: { type: 'integer', minimum: 1, maximum: limits.maxSteps },
+            guidance: { type: 'number', minimum: 0, maximum: 50 },
+            sampler: { type: 'string' },
+            width: sizeFields(limits),
+            height: sizeFields(limits),
+            seed: { type: 'integer', minimum: 0, maximum: 2 ** 53 - 1 },
+            count: { type: 'integer', minimum: 1, maximum: limits.maxImages },
+            batch_size: { type: 'integer', minimum: 1, maximum: limits.maxImages },
+          },
+        },
+      },
+    },
+    async (request, reply) => {
+      const b = request.body as Record<string, unknown>;
+      checkPrompt(b.prompt as string, limits);
+      const scheduler = checkScheduler(b.sampler as string | undefined);
+      const job = queue.submit({
+        prompt: b.prompt as string,
+        negative_prompt: (b.negative_prompt as string | undefined) ?? '',
+        count: (b.count as number | undefined) ?? 1,
+        batch_size: (b.batch_size as number | undefined) ?? 1,
+        ...pick(b, ['steps', 'guidance', 'width', 'height', 'seed']),
+        ...(scheduler !== undefined ? { scheduler } : {}),
+      });
+      return reply.status(202).send(view(job, request));
+    },
+  );
+
+  app.get('/api/jobs', async (request) => ({ jobs: queue.list().map((j) => view(j, request)) }));
+
+  const jobOr404 = (id: string): Job => {
+    const job = queue.get(id);
+    if (job === undefined) throw new RequestError(404, `no job ${id}`);
+    return job;
+  };
+
+  app.get('/api/jobs/:id', async (request) =>
+    view(jobOr404((request.params as { id: string }).id), request),
+  );
+
+  const cancel = async (request: FastifyRequest) => {
+    const job = jobOr404((request.params as { id: string }).id);
+    if (!queue.cancel(job.id)) throw new RequestError(409, `job ${job.id} is already ${job.state}`);
+    return { id: job.id, cancelling: true };
+  };
+  app.post('/api/jobs/:id/cancel', cancel);
+  app.delete('/api/jobs/:id', cancel);
+
+  app.get('/api/jobs/:id/events', (request: FastifyRequest, reply: FastifyReply) => {
+    const job = jobOr404((request.params as { id: string }).id);
+    reply.hijack();
+    const res = reply.raw;
+    res.writeHead(200, {
+      'content-type': 'text/event-stream',
+      'cache-control': 'no-cache',
+      connection: 'keep-alive',
+      'x-accel-buffering': 'no',
+    });
+    const send = (type: string, job: Job, preview?: Buffer) => {
+      const data = {
+        ...view(job, request),
+        ...(preview !== undefined
+          ? { preview: `data:image/png;base64,${preview.toString('base64')}` }
+          : {}),
+      };
+      res.write(`event: ${type}\ndata: ${JSON.stringify(data)}\n\n`);
+    };
+    const end = () => {
+      queue.off(job.id, listener);
+      queue.off('event', positions);
+      res.end();
+    };
+    const listener = (event: JobEvent) => {
+      send(event.type, event.job, event.preview);
+      if (event.type === 'done' || event.type === 'failed' || event.type === 'cancelled') end();
+    };
+    // While waiting, every other job's start moves this one up the queue.
+    const positions = (event: JobEvent) => {
+      if (event.job.id !== job.id && event.type === 'started' && job.state === 'queued')
+        send('queued', job);
+    };
+    send(job.state === 'running' ? 'started' : job.state, job);
+    if (job.state === 'done' || job.state === 'failed' || job.state === 'cancelled') {
+      res.end();
+      return;
+    }
+    queue.on(job.id, listener);
+    queue.on('event', positions);
+    request.raw.on('close', () => {
+      queue.off(job.id, listener);
+      queue.off('event', positions);
+    });
+  });
+
+  app.get('/api/images/:file', async (request, reply) => {
+    const file = (request.params as { file: string }).file;
+    if (!/^\d{5,}-\d+\.png$/.test(file) || !existsSync(join(options.out, file)))
+      throw new RequestError(404, `no image ${file}`);
+    return reply.type('image/png').send(await readFile(join(options.out, file)));
+  });
+
+  app.get('/api/models', async () => {
+    const known = listModels().map((m) => ({ name: m.name, source: m.source, family: m.family }));
+    if (!known.some((m) => m.name === models.name))
+      known.unshift({ name: models.name, source: 'configured', family: 'loaded' });
+    return { current: models.name, models: known };
+  });
+
+  app.get('/api/samplers', async () => ({
+    samplers: SCHEDULER_NAMES.map((name) => ({ name, label: displayName(name) })),
+  }));
+
+  // --- AUTOMATIC1111 ------------------------------------------------------------------------
+  const a1111Body = {
+    type: 'object',
+    additionalProperties: true,
+    properties: {
+      prompt: { type: 'string' },
+      negative_prompt: { type: 'string' },
+      steps: { type: 'integer', minimum: 1, maximum: limits.maxSteps },
+      cfg_scale: { type: 'number', minimum: 0, maximum: 50 },
+      width: sizeFields(limits),
+      height: sizeFields(limits),
+      seed: { type: 'integer', minimum: -1 },
+      batch_size: { type: 'integer', minimum: 1, maximum: limits.maxImages },
+      n_iter: { type: 'integer', minimum: 1, maximum: limits.maxImages },
+      sampler_name: { type: 'string' },
+      sampler_index: { type: 'string' },
+      denoising_strength: { type: 'number', minimum: 0, maximum: 1 },
+      init_images: { type: 'array', items: { type: 'string' }, maxItems: 1 },
+    },
+  } as const;
+
+  const a1111 = async (request: FastifyRequest, img2img: boolean) => {
+    const b = request.body as Record<string, unknown>;
+    const prompt = (b.prompt as string | undefined) ?? '';
+    checkPrompt(prompt, limits);
+    const batchSize = (b.batch_size as number | undefined) ?? 1;
+    const iterations = (b.n_iter as number | undefined) ?? 1;
+    if (batchSize * iterations > limits.maxImages)
+      throw new RequestError(
+        400,
+        `batch_size × n_iter is ${batchSize * iterations}; this server makes at most ${limits.maxImages} images a request`,
+      );
+    const scheduler = checkScheduler(
+      (b.sampler_name as string | undefined) ?? (b.sampler_index as string | undefined),
+    );
+    const seed = b.seed as number | undefined;
+    let init: Awaited<ReturnType<typeof decodeImage>> | undefined;
+    if (img2img) {
+      const images = b.init_images as string[] | undefined;
+      if (images === undefined || images.length === 0)
+        throw new RequestError(400, 'img2img needs init_images: one base64 image', 'init_images');
+      const data = images[0]!.replace(/^data:image\/\w+;base64,/, '');
+      init = await decodeImage(Buffer.from(data, 'base64'), 'init_images[0]', {
+        width: (b.width as number | undefined) ?? 512,
+        height: (b.height as number | undefined) ?? 512,
+      });
+    }
+    const job = queue.submit({
+      prompt,
+      negative_prompt: (b.negative_prompt as string | undefined) ?? '',
+      count: batchSize * iterations,
+      batch_size: batchSize,
+      ...(seed !== undefined && seed >= 0 ? { seed } : {}),
+      ...(b.steps !== undefined ? { steps: b.steps as number } : {}),
+      ...(b.cfg_scale !== undefined ? { guidance: b.cfg_scale as number } : {}),
+      ...(b.width !== undefined ? { width: b.width as number } : {}),
+      ...(b.height !== undefined ? { height: b.height as number } : {}),
+      ...(scheduler !== undefined ? { scheduler } : {}),
+      ...(init !== undefined
+        ? { init_image: init, strength: (b.denoising_strength as number | undefined) ?? 0.75 }
+        : {}),
+    });
+    const finished = await settled(queue, job);
+    if (finished.state === 'failed')
+      throw new RequestError(400, finished.error ?? 'generation failed');
+    const s = finished.settings;
+    const first = s[0];
+    const infotexts = s.slice(0, finished.images.length).map((x) => infotextFor(x, x.model));
+    const info = {
+      prompt,
+      all_prompts: s.map((x) => x.prompt),
+      negative_prompt: first?.negative_prompt ?? '',
+      all_negative_prompts: s.map((x) => x.negative_prompt),
+      seed: first?.seed ?? -1,
+      all_seeds: s.map((x) => x.seed),
+      subseed: -1,
+      all_subseeds: s.map(() => -1),
+      subseed_strength: 0,
+      width: first?.width,
+      height: first?.height,
+      sampler_name:
+        first !== undefined ? (first.route === 'gan' ? 'GAN' : displayName(first.scheduler)) : '',
+      cfg_scale: first?.guidance,
+      steps: first?.steps,
+      batch_size: batchSize,
+      restore_faces: false,
+      face_restoration_model: null,
+      sd_model_name: models.name,
+      sd_model_hash: null,
+      sd_vae_name: null,
+      sd_vae_hash: null,
+      seed_resize_from_w: -1,
+      seed_resize_from_h: -1,
+      denoising_strength: img2img ? (first?.strength ?? 0.75) : 0,
+      extra_generation_params: {},
+      index_of_first_image: 0,
+      infotexts,
+      styles: [],
+      job_timestamp: finished.created.replace(/\D/g, '').slice(0, 14),
+      clip_skip: 1,
+      is_using_inpainting_conditioning: false,
+      version: 'gesso',
+    };
+    return {
+      images: await readImages(finished),
+      parameters: { ...b, ...(img2img ? { init_images: null } : {}) },
+      info: JSON.stringify(info),
+    };
+  };
+  app.post('/sdapi/v1/txt2img', { schema: { body: a1111Body } }, (r) => a1111(r, false));
+  app.post('/sdapi/v1/img2img', { schema: { body: a1111Body } }, (r) => a1111(r, true));
+
+  app.get('/sdapi/v1/progress', async (request) => {
+    const job = queue.current;
+    const skip = (request.query as Record<string, string>).skip_current_image === 'true';
+    const preview = queue.preview;
+    const fraction = job === undefined || job.total === 0 ? 0 : job.step / job.total;
+    const elapsed = job !== undefined ? (Date.now() - Date.parse(job.created)) / 1000 : 0;
+    return {
+      progress: fraction,
+      eta_relative: fraction > 0 ? (elapsed / fraction) * (1 - fraction) : 0,
+      state: {
+        skipped: false,
+        interrupted: false,
+        job: job?.id ?? '',
+        job_count: queue.pending,
+        job_timestamp: job?.created.replace(/\D/g, '').slice(0, 14) ?? '0',
+        job_no: 0,
+        sampling_step: job?.step ?? 0,
+        sampling_steps: job?.total ?? 0,
+      },
+      current_image:
+        skip || job === undefined || preview === undefined ? null : preview.toString('base64'),
+      textinfo: null,
+    };
+  });
+
+  app.post('/sdapi/v1/interrupt', async () => {
+    const job = queue.current;
+    if (job !== undefined) queue.cancel(job.id);
+    return {};
+  });
+
+  app.get('/sdapi/v1/sd-models', async () =>
+    listModels().map((m) => ({
+      title: m.name,
+      model_name: m.name,
+      hash: null,
+      sha256: null,
+      filename: m.path,
+      config: null,
+    })),
+  );
+
+  app.get('/sdapi/v1/samplers', async () =>
+    SCHEDULER_NAMES.map((name) => ({ name: displayName(name), aliases: [name], options: {} })),
+  );
+
+  app.get('/sdapi/v1/options', async () => ({
+    sd_model_checkpoint: models.name,
+    samples_format: 'png',
+  }));
+
+  app.post(
+    '/sdapi/v1/options',
+    { schema: { body: { type: 'object', additionalProperties: true } } },
+    async (request) => {
+      const checkpoint = (request.body as Record<string, unknown>).sd_model_checkpoint;
+      if (checkpoint !== undefined) {
+        if (typeof checkpoint !== 'string')
+          throw new RequestError(400, 'sd_model_checkpoint must be a model name');
+        await queue.exclusive(() => models.use(checkpoint));
+      }
+      return null;
+    },
+  );
+
+  // --- OpenAI Images ------------------------------------------------------------------------
+  app.post(
+    '/v1/images/generations',
+    {
+      schema: {
+        body: {
+          type: 'object',
+          required: ['prompt'],
+          additionalProperties: true,
+          properties: {
+            prompt: { type: 'string' },
+            model: { type: 'string' },
+            n: { type: 'integer', minimum: 1, maximum: limits.maxImages },
+            size: { type: 'string' },
+            response_format: { type: 'string', enum: ['url', 'b64_json'] },
+          },
+        },
+      },
+    },
+    async (request) => {
+      const b = request.body as Record<string, unknown>;
+      const prompt = b.prompt as string;
+      checkPrompt(prompt, limits);
+      const model = b.model as string | undefined;
+      if (model !== undefined && model !== models.name && !OPENAI_MODELS.has(model)) {
+        const known = listModels().map((m) => m.name);
+        if (!known.includes(model))
+          throw new RequestError(
+            404,
+            `model '${model}' does not exist here; available: ${known.join(', ')}`,
+            'model',
+          );
+        await queue.exclusive(() => models.use(model));
+      }
+      let size: { width: number; height: number } | undefined;
+      const sizeText = b.size as string | undefined;
+      if (sizeText !== undefined && sizeText !== 'auto') {
+        const m = /^(\d+)x(\d+)$/.exec(sizeText);
+        const bad = (why: string) => new RequestError(400, `size '${sizeText}' ${why}`, 'size');
+        if (m === null) throw bad("is not 'WIDTHxHEIGHT' or 'auto'");
+        size = { width: Number(m[1]), height: Number(m[2]) };
+        if (size.width % 8 !== 0 || size.height % 8 !== 0)
+          throw bad('is not a multiple of 8 on both sides');
+        if (size.width > limits.maxSide || size.height > limits.maxSide)
+          throw bad(`exceeds this server's ${limits.maxSide}-pixel limit`);
+      }
+      const n = (b.n as number | undefined) ?? 1;
+      const job = queue.submit({
+        prompt,
+        negative_prompt: '',
+        count: n,
+        batch_size: n,
+        ...(size !== undefined ? size : {}),
+      });
+      const finished = await settled(queue, job);
+      if (finished.state !== 'done')
+        throw new RequestError(
+          finished.state === 'failed' ? 400 : 409,
+          finished.error ?? `the request was ${finished.state}`,
+        );
+      const format = (b.response_format as string | undefined) ?? 'url';
+      const data =
+        format === 'b64_json'
+          ? (await readImages(finished)).map((b64_json) => ({ b64_json, revised_prompt: prompt }))
+          : finished.images.map((f) => ({ url: imageUrl(request, f), revised_prompt: prompt }));
+      return { created: Math.floor(Date.parse(finished.created) / 1000), data };
+    },
+  );
+
+  return {
+    app,
+    queue,
+    models,
+    close: async () => {
+      await queue.close();
+      await app.close();
+      await models.release();
+    },
+  };
+}
+
+function pick(o: Record<string, unknown>, keys: readonly string[]): Partial<JobRequest> {
+  const out: Record<string, unknown> = {};
+  for (const k of keys) if (o[k] !== undefined) out[k] = o[k];
+  return out as Partial<JobRequest>;
+}

@@ -1,0 +1,309 @@
+import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import OpenAI from 'openai';
+import { decodePng, readPngText } from '../src/io/png.js';
+import { parseInfotext } from '../src/io/infotext.js';
+import { createServer, type GessoServer } from '../src/server/app.js';
+import { tinyModel } from './helpers.js';
+
+let root = '';
+let model = '';
+let server: GessoServer;
+let base = '';
+
+async function start(extra: Partial<Parameters<typeof createServer>[0]> = {}) {
+  const s = await createServer({
+    model,
+    out: join(root, 'out'),
+    previewEvery: 2,
+    runtime: { cacheDir: join(root, 'cache') },
+    limits: { maxSteps: 200, maxSide: 256, maxImages: 4, maxPromptLength: 300 },
+    ...extra,
+  });
+  const address = await s.app.listen({ host: '127.0.0.1', port: 0 });
+  return { s, address };
+}
+
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), 'gesso-server-'));
+  model = await tinyModel(join(root, 'tiny'));
+  ({ s: server, address: base } = await start());
+});
+
+after(async () => {
+  await server.close();
+  await rm(root, { recursive: true, force: true });
+});
+
+async function post(path: string, body: unknown, headers: Record<string, string> = {}) {
+  const res = await fetch(`${base}${path}`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', ...headers },
+    body: typeof body === 'string' ? body : JSON.stringify(body),
+  });
+  return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+}
+
+interface SseEvent {
+  type: string;
+  data: {
+    state: string;
+    progress: { step: number; total: number };
+    preview?: string;
+    images: { url: string }[];
+  };
+}
+
+/** Reads a job's event stream to its end (or until `stop` returns true). */
+async function readEvents(id: string, stop?: (e: SseEvent) => boolean): Promise<SseEvent[]> {
+  const res = await fetch(`${base}/api/jobs/${id}/events`);
+  assert.equal(res.headers.get('content-type'), 'text/event-stream');
+  const events: SseEvent[] = [];
+  const decoder = new TextDecoder();
+  let buffer = '';
+  for await (const chunk of res.body!) {
+    buffer += decoder.decode(chunk as Uint8Array, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf('\n\n')) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      const type = /^event: (.+)$/m.exec(block)![1]!;
+      const data = JSON.parse(/^data: (.+)$/m.exec(block)![1]!) as SseEvent['data'];
+      events.push({ type, data });
+      if (stop?.(events[events.length - 1]!)) return events;
+    }
+  }
+  return events;
+}
+
+test('the official openai client gets images, as base64 and as URLs', async () => {
+  const client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused' });
+  const b64 = await client.images.generate({
+    prompt: 'a red circle',
+    n: 2,
+    size: '64x64' as '256x256',
+    response_format: 'b64_json',
+    model: 'dall-e-2',
+  });
+  assert.equal(b64.data?.length, 2);
+  const png = decodePng(Buffer.from(b64.data![0]!.b64_json!, 'base64'));
+  assert.deepEqual([png.width, png.height], [64, 64]);
+  assert.match(png.text.parameters!, /^a red circle\nSteps: 3, Sampler: .*Size: 64x64/);
+  assert.ok(Math.abs(b64.created - Date.now() / 1000) < 120);
+
+  const urls = await client.images.generate({ prompt: 'a blue square', response_format: 'url' });
+  const res = await fetch(urls.data![0]!.url!);
+  assert.equal(res.status, 200);
+  assert.equal(res.headers.get('content-type'), 'image/png');
+  assert.match(
+    readPngText(new Uint8Array(await res.arrayBuffer())).parameters!,
+    /^a blue square\n/,
+  );
+
+  await assert.rejects(
+    client.images.generate({ prompt: 'x', size: '60x64' as '256x256' }),
+    (e: { status?: number; message?: string }) =>
+      e.status === 400 && /size '60x64' is not a multiple of 8/.test(e.message ?? ''),
+  );
+});
+
+test('AUTOMATIC1111 txt2img: its response shape, base64 images and info as a JSON string', async () => {
+  const r = await post('/sdapi/v1/txt2img', {
+    prompt: 'two green triangles',
+    negative_prompt: 'blurry',
+    steps: 4,
+    cfg_scale: 3,
+    width: 64,
+    height: 64,
+    seed: 1234,
+    batch_size: 2,
+    n_iter: 1,
+    sampler_name: 'Euler a',
+    restore_faces: false, // an A1111 field gesso ignores
+  });
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  const images = r.body.images as string[];
+  assert.equal(images.length, 2);
+  assert.equal(typeof r.body.info, 'string');
+  const info = JSON.parse(r.body.info as string) as Record<string, unknown>;
+  assert.deepEqual(info.all_seeds, [1234, 1235]);
+  assert.equal(info.seed, 1234);
+  assert.equal(info.sampler_name, 'Euler a');
+  assert.equal(info.steps, 4);
+  assert.equal(info.cfg_scale, 3);
+  assert.equal((r.body.parameters as Record<string, unknown>).prompt, 'two green triangles');
+  const infotexts = info.infotexts as string[];
+  images.forEach((b64, i) => {
+    const text = decodePng(Buffer.from(b64, 'base64')).text.parameters!;
+    assert.equal(text, infotexts[i]);
+    const params = Object.fromEntries(parseInfotext(text).params);
+    assert.equal(params.Seed, String(1234 + i));
+    assert.equal(params.Sampler, 'Euler a');
+  });
+
+  const models = (await (await fetch(`${base}/sdapi/v1/sd-models`)).json()) as { title: string }[];
+  assert.ok(Array.isArray(models));
+  const samplers = (await (await fetch(`${base}/sdapi/v1/samplers`)).json()) as { name: string }[];
+  assert.ok(samplers.some((s) => s.name === 'DPM++ 2M Karras'));
+  const opts = (await (await fetch(`${base}/sdapi/v1/options`)).json()) as Record<string, string>;
+  assert.equal(opts.sd_model_checkpoint, model);
+});
+
+test('the event stream reports every step, previews, and the finished image URLs', async () => {
+  const submitted = await post('/api/jobs', { prompt: 'a yellow diamond', steps: 6, seed: 5 });
+  assert.equal(submitted.status, 202);
+  const events = await readEvents(submitted.body.id as string);
+  const steps = events.filter((e) => e.type === 'progress').map((e) => e.data.progress.step);
+  assert.deepEqual(steps, [1, 2, 3, 4, 5, 6]);
+  assert.ok(events.some((e) => e.data.preview?.startsWith('data:image/png;base64,')));
+  const done = events[events.length - 1]!;
+  assert.equal(done.type, 'done');
+  assert.equal(done.data.images.length, 1);
+  const image = await fetch(done.data.images[0]!.url);
+  assert.equal(image.status, 200);
+  const job = (await (await fetch(`${base}/api/jobs/${submitted.body.id as string}`)).json()) as {
+    state: string;
+  };
+  assert.equal(job.state, 'done');
+});
+
+test('cancel stops a running job within a step; interrupt does the same for A1111 clients', async () => {
+  const submitted = await post('/api/jobs', { prompt: 'a long job', steps: 200 });
+  const id = submitted.body.id as string;
+  let cancelledAt = 0;
+  const events = await readEvents(id, (e) => {
+    if (e.type === 'progress' && e.data.progress.step === 3 && cancelledAt === 0) {
+      cancelledAt = 3;
+      void post(`/api/jobs/${id}/cancel`, {});
+    }
+    return false;
+  });
+  const last = events[events.length - 1]!;
+  assert.equal(last.type, 'cancelled');
+  const lastStep = Math.max(
+    ...events.filter((e) => e.type === 'progress').map((e) => e.data.progress.step),
+  );
+  assert.ok(lastStep <= cancelledAt + 1, `ran to step ${lastStep} after cancel at ${cancelledAt}`);
+
+  const second = await post('/api/jobs', { prompt: 'another long job', steps: 200 });
+  await readEvents(second.body.id as string, (e) => e.type === 'progress');
+  const progress = (await (await fetch(`${base}/sdapi/v1/progress`)).json()) as {
+    progress: number;
+    state: { job: string };
+  };
+  assert.equal(progress.state.job, second.body.id);
+  assert.ok(progress.progress > 0 && progress.progress < 1);
+  assert.equal((await post('/sdapi/v1/interrupt', {})).status, 200);
+  const end = await readEvents(second.body.id as string);
+  assert.equal(end[end.length - 1]!.type, 'cancelled');
+});
+
+test('bad requests get 4xx with a message that names the problem', async () => {
+  const cases: [string, unknown, number, RegExp][] = [
+    ['/api/jobs', { prompt: 'x', steps: 0 }, 400, /steps must be >= 1/],
+    ['/api/jobs', { prompt: 'x', steps: 500 }, 400, /steps must be <= 200/],
+    ['/api/jobs', { prompt: 'x', width: 100 }, 400, /width must be multiple of 8/],
+    ['/api/jobs', { prompt: 'x', width: 4096 }, 400, /width must be <= 256/],
+    [
+      '/api/jobs',
+      { prompt: 'x'.repeat(301) },
+      400,
+      /301 characters; this server takes at most 300/,
+    ],
+    ['/api/jobs', { prompt: '  ' }, 400, /prompt is empty/],
+    ['/api/jobs', { steps: 3 }, 400, /must have required property 'prompt'/],
+    ['/api/jobs', { prompt: 'x', sampler: 'warp' }, 400, /unknown sampler 'warp'/],
+    ['/api/jobs', { prompt: 'x', colour: 'red' }, 400, /must NOT have additional properties/],
+    ['/api/jobs', '{"prompt": ', 400, /JSON/],
+    [
+      '/sdapi/v1/txt2img',
+      { prompt: 'x', batch_size: 3, n_iter: 3 },
+      400,
+      /batch_size × n_iter is 9/,
+    ],
+    ['/sdapi/v1/img2img', { prompt: 'x' }, 400, /img2img needs init_images/],
+    [
+      '/sdapi/v1/img2img',
+      { prompt: 'x', init_images: ['bm90IGFuIGltYWdl'] },
+      400,
+      /not an image gesso can read/,
+    ],
+    [
+      '/v1/images/generations',
+      { prompt: 'x', model: 'no-such-model' },
+      404,
+      /model 'no-such-model' does not exist/,
+    ],
+    ['/v1/images/generations', { prompt: 'x', n: 9 }, 400, /n must be <= 4/],
+  ];
+  for (const [path, body, status, message] of cases) {
+    const r = await post(path, body);
+    assert.equal(r.status, status, `${path} ${JSON.stringify(body)}: ${JSON.stringify(r.body)}`);
+    assert.match(JSON.stringify(r.body), message, `${path} ${JSON.stringify(body)}`);
+  }
+  const missing = await fetch(`${base}/api/jobs/nope`);
+  assert.equal(missing.status, 404);
+  const image = await fetch(`${base}/api/images/..%2Fsecret`);
+  assert.equal(image.status, 404);
+});
+
+test('API keys: required when configured, accepted as a bearer token', async () => {
+  const { s, address } = await start({ apiKeys: ['k1'], out: join(root, 'keyed') });
+  try {
+    const denied = await fetch(`${address}/api/jobs`);
+    assert.equal(denied.status, 401);
+    assert.match(await denied.text(), /Authorization: Bearer/);
+    const allowed = await fetch(`${address}/api/jobs`, { headers: { authorization: 'Bearer k1' } });
+    assert.equal(allowed.status, 200);
+    assert.equal((await fetch(`${address}/health`)).status, 200);
+  } finally {
+    await s.close();
+  }
+});
+
+test('a restart keeps finished results; shutdown fails the running job cleanly', async () => {
+  const out = join(root, 'restart');
+  const first = await start({ out });
+  const r = await fetch(`${first.address}/api/jobs`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ prompt: 'kept', seed: 8 }),
+  });
+  const job = (await r.json()) as { id: string };
+  while (first.s.queue.get(job.id)!.state !== 'done') await new Promise((f) => setTimeout(f, 50));
+  const running = first.s.queue.submit({
+    prompt: 'interrupted',
+    negative_prompt: '',
+    count: 1,
+    batch_size: 1,
+    steps: 200,
+  });
+  while (first.s.queue.get(running.id)!.step < 2) await new Promise((f) => setTimeout(f, 20));
+  await first.s.close();
+  const record = JSON.parse(await readFile(join(out, 'jobs', `${running.id}.json`), 'utf8')) as {
+    state: string;
+    error: string;
+  };
+  assert.equal(record.state, 'failed');
+  assert.match(record.error, /shut down/);
+
+  const second = await start({ out });
+  try {
+    const kept = (await (await fetch(`${second.address}/api/jobs/${job.id}`)).json()) as {
+      state: string;
+      images: { url: string }[];
+    };
+    assert.equal(kept.state, 'done');
+    const image = await fetch(kept.images[0]!.url);
+    assert.equal(image.status, 200);
+    assert.match(
+      readPngText(new Uint8Array(await image.arrayBuffer())).parameters!,
+      /^kept\n.*Seed: 8/s,
+    );
+  } finally {
+    await second.s.close();
+  }
+});
