@@ -211,7 +211,10 @@ export async function renderBatch(
   const first = batch[0]!;
   return pipe.generate({
     prompt: batch.map((j) => j.prompt),
-    negativePrompt: batch.map((j) => j.negative_prompt),
+    // No negative prompt at all is not the same as "" for SDXL (zeros): pass none then.
+    ...(batch.some((j) => j.negative_prompt !== '')
+      ? { negativePrompt: batch.map((j) => j.negative_prompt) }
+      : {}),
     seed: batch.map((j) => j.seed),
     steps: first.steps,
     guidance: first.guidance,

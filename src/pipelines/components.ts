@@ -148,6 +148,33 @@ export class TextEncoder {
     return { hidden: r.hidden as Tensor<'float32'>, pooled: r.pooled as Tensor<'float32'> };
   }
 
+  /**
+   * SDXL's reading of a text encoder: the hidden states `clipSkip + 2` from the end (the
+   * penultimate layer by default, without the final layer norm), and the projected pooled state
+   * (`text_embeds`) where the encoder has a projection, else the pooled state.
+   */
+  async encodeSdxl(
+    ids: Tensor<'int64'>,
+    clipSkip = 0,
+  ): Promise<{ hidden: Tensor<'float32'>; pooled: Tensor<'float32'> }> {
+    const model = this.compiled.module;
+    const length = ids.shape[1]!;
+    const session = await this.compiled.session(`text_encoder_sdxl:len${length}:skip${clipSkip}`, (g, p) => {
+      const out = model.forward(p, g.input('input_ids', 'int64', ['batch', length]));
+      const states = out.hiddenStates;
+      const index = states.length - 2 - clipSkip;
+      if (index < 0) {
+        throw new Error(
+          `clip skip ${clipSkip} is deeper than the text encoder's ${states.length - 1} layers`,
+        );
+      }
+      g.output(states[index]!, 'hidden');
+      g.output(out.textEmbeds ?? out.pooled, 'pooled');
+    });
+    const r = await session.run({ input_ids: ids });
+    return { hidden: r.hidden as Tensor<'float32'>, pooled: r.pooled as Tensor<'float32'> };
+  }
+
   release(): Promise<void> {
     return this.compiled.release();
   }
@@ -159,6 +186,9 @@ export interface UNetCall {
   readonly timestep: Tensor<'float32'>;
   readonly encoderHiddenStates: Tensor<'float32'>;
   readonly timestepCond?: Tensor<'float32'>;
+  /** SDXL's added conditioning: the pooled text embedding [B, D] and six time ids [B, 6]. */
+  readonly textEmbeds?: Tensor<'float32'>;
+  readonly timeIds?: Tensor<'float32'>;
 }
 
 export class UNet {
@@ -199,6 +229,15 @@ export class UNet {
         ...(c.timeCondProjDim !== null
           ? { timestepCond: g.input('timestep_cond', 'float32', ['batch', c.timeCondProjDim]) }
           : {}),
+        ...(c.additionEmbedType === 'text_time'
+          ? {
+              textEmbeds: g.input('text_embeds', 'float32', [
+                'batch',
+                c.projectionClassEmbeddingsInputDim! - 6 * c.additionTimeEmbedDim!,
+              ]),
+              timeIds: g.input('time_ids', 'float32', ['batch', 6]),
+            }
+          : {}),
       };
       g.output(model.forward(p, inputs), 'out_sample');
     });
@@ -211,6 +250,12 @@ export class UNet {
       if (call.timestepCond === undefined)
         throw new Error('this UNet needs timestep_cond (an LCM guidance embedding)');
       feeds.timestep_cond = call.timestepCond;
+    }
+    if (c.additionEmbedType === 'text_time') {
+      if (call.textEmbeds === undefined || call.timeIds === undefined)
+        throw new Error('this UNet needs text_embeds and time_ids (SDXL added conditioning)');
+      feeds.text_embeds = call.textEmbeds;
+      feeds.time_ids = call.timeIds;
     }
     return (await session.run(feeds)).out_sample as Tensor<'float32'>;
   }

@@ -150,6 +150,11 @@ export class StableDiffusionPipeline {
   readonly schedulerConfig: SchedulerConfig;
   readonly options: PipelineOptions;
   readonly defaults: GenerationDefaults;
+  /** SDXL's second tokenizer and text encoder (CLIPTextModelWithProjection). */
+  readonly tokenizer2: Tokenizer | undefined;
+  readonly textEncoder2: TextEncoder | undefined;
+  /** SDXL: with no negative prompt, the negative conditioning is zeros rather than "". */
+  readonly forceZerosForEmptyPrompt: boolean;
 
   private constructor(
     path: string,
@@ -159,6 +164,9 @@ export class StableDiffusionPipeline {
       unet: UNet;
       vae: Vae;
       schedulerConfig: SchedulerConfig;
+      tokenizer2?: Tokenizer;
+      textEncoder2?: TextEncoder;
+      forceZerosForEmptyPrompt?: boolean;
     },
     options: PipelineOptions,
     defaults: GenerationDefaults,
@@ -171,6 +179,9 @@ export class StableDiffusionPipeline {
     this.vae = parts.vae;
     this.schedulerConfig = parts.schedulerConfig;
     this.options = options;
+    this.tokenizer2 = parts.tokenizer2;
+    this.textEncoder2 = parts.textEncoder2;
+    this.forceZerosForEmptyPrompt = parts.forceZerosForEmptyPrompt ?? false;
   }
 
   /** Loads a diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`). */
@@ -195,9 +206,27 @@ export class StableDiffusionPipeline {
       readConfig(join(path, 'scheduler'), 'scheduler_config.json'),
     ]);
     if (options.scheduler !== undefined) createScheduler(schedulerConfig, options.scheduler); // fail early on a bad name
+    const sdxl =
+      Array.isArray(index.text_encoder_2) && (index.text_encoder_2 as unknown[])[0] !== null;
+    const [tokenizer2, textEncoder2] = sdxl
+      ? await Promise.all([
+          loadTokenizer(join(path, 'tokenizer_2')),
+          TextEncoder.load(join(path, 'text_encoder_2'), options),
+        ])
+      : [undefined, undefined];
     return new StableDiffusionPipeline(
       path,
-      { tokenizer, textEncoder, unet, vae, schedulerConfig },
+      {
+        tokenizer,
+        textEncoder,
+        unet,
+        vae,
+        schedulerConfig,
+        ...(tokenizer2 !== undefined && textEncoder2 !== undefined
+          ? { tokenizer2, textEncoder2 }
+          : {}),
+        forceZerosForEmptyPrompt: index.force_zeros_for_empty_prompt === true,
+      },
       options,
       generationDefaults(index),
     );
@@ -214,27 +243,61 @@ export class StableDiffusionPipeline {
   }
 
   /** Token ids for each prompt, padded to the text encoder's length. */
-  tokenize(prompts: readonly string[]): Tensor<'int64'> {
-    const length = this.tokenizer.maxLength;
-    const ids = prompts.flatMap((p) => this.tokenizer.encode(p, { maxLength: length }));
+  tokenize(prompts: readonly string[], tokenizer: Tokenizer = this.tokenizer): Tensor<'int64'> {
+    const length = tokenizer.maxLength;
+    const ids = prompts.flatMap((p) => tokenizer.encode(p, { maxLength: length }));
     return Tensor.int64([prompts.length, length], ids);
   }
 
-  /** Prompt embeddings: [negative..., positive...] with guidance, else [positive...]; `count` each. */
+  /**
+   * One set of prompts encoded: per-token states for cross-attention, and for SDXL the pooled
+   * embedding (both encoders' penultimate states side by side; encoder 2's projected pooled state).
+   */
+  private async encodeText(
+    prompts: readonly string[],
+    clipSkip: number,
+  ): Promise<{ hidden: F32; pooled: F32 | undefined }> {
+    if (this.textEncoder2 === undefined || this.tokenizer2 === undefined) {
+      const { hidden } = await this.textEncoder.encode(this.tokenize(prompts), clipSkip);
+      return { hidden, pooled: undefined };
+    }
+    const first = await this.textEncoder.encodeSdxl(this.tokenize(prompts), clipSkip);
+    const second = await this.textEncoder2.encodeSdxl(
+      this.tokenize(prompts, this.tokenizer2),
+      clipSkip,
+    );
+    return { hidden: concat([first.hidden, second.hidden], 2), pooled: second.pooled };
+  }
+
+  /**
+   * Prompt embeddings: [negative..., positive...] with guidance, else [positive...]; `count` each.
+   * `negatives` undefined means no negative prompt: "" for SD 1/2, zeros for SDXL folders with
+   * `force_zeros_for_empty_prompt` (as diffusers).
+   */
   async encodePrompts(
     prompts: readonly string[],
     negatives: readonly string[] | undefined,
     count: number,
     clipSkip = 0,
-  ): Promise<F32> {
+    guided = negatives !== undefined,
+  ): Promise<{ embeddings: F32; pooled: F32 | undefined }> {
     const repeat = (list: readonly string[]) =>
       list.flatMap((p) => new Array<string>(count).fill(p));
-    const positive = (await this.textEncoder.encode(this.tokenize(repeat(prompts)), clipSkip))
-      .hidden;
-    if (negatives === undefined) return positive;
-    const negative = (await this.textEncoder.encode(this.tokenize(repeat(negatives)), clipSkip))
-      .hidden;
-    return concat([negative, positive]);
+    const positive = await this.encodeText(repeat(prompts), clipSkip);
+    if (!guided) return { embeddings: positive.hidden, pooled: positive.pooled };
+    const zeros = (t: F32) => new Tensor('float32', t.shape);
+    const negative =
+      negatives === undefined && this.forceZerosForEmptyPrompt
+        ? {
+            hidden: zeros(positive.hidden),
+            pooled: positive.pooled !== undefined ? zeros(positive.pooled) : undefined,
+          }
+        : await this.encodeText(repeat(negatives ?? prompts.map(() => '')), clipSkip);
+    return {
+      embeddings: concat([negative.hidden, positive.hidden]),
+      pooled:
+        positive.pooled !== undefined ? concat([negative.pooled!, positive.pooled]) : undefined,
+    };
   }
 
   async generate(options: GenerateOptions): Promise<GenerateResult> {
@@ -261,13 +324,12 @@ export class StableDiffusionPipeline {
 
     let negatives: string[] | undefined;
     if (cfg) {
+      // Left undefined when none was given: encodePrompts decides between "" and zeros (SDXL).
       negatives =
-        options.negativePrompt === undefined
-          ? new Array<string>(prompts.length).fill('')
-          : asList(options.negativePrompt);
-      if (negatives.length === 1 && prompts.length > 1)
+        options.negativePrompt === undefined ? undefined : asList(options.negativePrompt);
+      if (negatives !== undefined && negatives.length === 1 && prompts.length > 1)
         negatives = new Array<string>(prompts.length).fill(negatives[0]!);
-      if (negatives.length !== prompts.length) {
+      if (negatives !== undefined && negatives.length !== prompts.length) {
         throw new UserError(
           'bad-request',
           `${negatives.length} negative prompts for ${prompts.length} prompts`,
@@ -302,7 +364,24 @@ export class StableDiffusionPipeline {
         ? concat((generator as TorchGenerator[]).map((g) => g.randn([1, ...shape.slice(1)])))
         : (generator as TorchGenerator).randn(shape);
 
-    const embeddings = await this.encodePrompts(prompts, negatives, count, options.clipSkip ?? 0);
+    const { embeddings, pooled } = await this.encodePrompts(
+      prompts,
+      negatives,
+      count,
+      options.clipSkip ?? 0,
+      cfg,
+    );
+    // SDXL's six time ids per image: original size, crop top-left, target size (all (h, w)).
+    const timeIds =
+      pooled !== undefined
+        ? new Tensor(
+            'float32',
+            [pooled.shape[0]!, 6],
+            Float32Array.from({ length: pooled.shape[0]! * 6 }, (_, i) =>
+              [height, width, 0, 0, height, width][i % 6]!,
+            ),
+          )
+        : undefined;
     signal?.throwIfAborted();
 
     const scheduler =
@@ -360,6 +439,7 @@ export class StableDiffusionPipeline {
         timestep: Tensor.full([input.shape[0]!], t),
         encoderHiddenStates: embeddings,
         ...(timestepCond !== undefined ? { timestepCond } : {}),
+        ...(pooled !== undefined && timeIds !== undefined ? { textEmbeds: pooled, timeIds } : {}),
       });
       let noise = prediction;
       if (cfg) {
@@ -430,7 +510,12 @@ export class StableDiffusionPipeline {
   }
 
   async release(): Promise<void> {
-    await Promise.all([this.textEncoder.release(), this.unet.release(), this.vae.release()]);
+    await Promise.all([
+      this.textEncoder.release(),
+      this.textEncoder2?.release(),
+      this.unet.release(),
+      this.vae.release(),
+    ]);
   }
 }
 
