@@ -159,18 +159,21 @@ export class TextEncoder {
   ): Promise<{ hidden: Tensor<'float32'>; pooled: Tensor<'float32'> }> {
     const model = this.compiled.module;
     const length = ids.shape[1]!;
-    const session = await this.compiled.session(`text_encoder_sdxl:len${length}:skip${clipSkip}`, (g, p) => {
-      const out = model.forward(p, g.input('input_ids', 'int64', ['batch', length]));
-      const states = out.hiddenStates;
-      const index = states.length - 2 - clipSkip;
-      if (index < 0) {
-        throw new Error(
-          `clip skip ${clipSkip} is deeper than the text encoder's ${states.length - 1} layers`,
-        );
-      }
-      g.output(states[index]!, 'hidden');
-      g.output(out.textEmbeds ?? out.pooled, 'pooled');
-    });
+    const session = await this.compiled.session(
+      `text_encoder_sdxl:len${length}:skip${clipSkip}`,
+      (g, p) => {
+        const out = model.forward(p, g.input('input_ids', 'int64', ['batch', length]));
+        const states = out.hiddenStates;
+        const index = states.length - 2 - clipSkip;
+        if (index < 0) {
+          throw new Error(
+            `clip skip ${clipSkip} is deeper than the text encoder's ${states.length - 1} layers`,
+          );
+        }
+        g.output(states[index]!, 'hidden');
+        g.output(out.textEmbeds ?? out.pooled, 'pooled');
+      },
+    );
     const r = await session.run({ input_ids: ids });
     return { hidden: r.hidden as Tensor<'float32'>, pooled: r.pooled as Tensor<'float32'> };
   }

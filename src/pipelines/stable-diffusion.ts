@@ -325,8 +325,7 @@ export class StableDiffusionPipeline {
     let negatives: string[] | undefined;
     if (cfg) {
       // Left undefined when none was given: encodePrompts decides between "" and zeros (SDXL).
-      negatives =
-        options.negativePrompt === undefined ? undefined : asList(options.negativePrompt);
+      negatives = options.negativePrompt === undefined ? undefined : asList(options.negativePrompt);
       if (negatives !== undefined && negatives.length === 1 && prompts.length > 1)
         negatives = new Array<string>(prompts.length).fill(negatives[0]!);
       if (negatives !== undefined && negatives.length !== prompts.length) {
@@ -377,8 +376,9 @@ export class StableDiffusionPipeline {
         ? new Tensor(
             'float32',
             [pooled.shape[0]!, 6],
-            Float32Array.from({ length: pooled.shape[0]! * 6 }, (_, i) =>
-              [height, width, 0, 0, height, width][i % 6]!,
+            Float32Array.from(
+              { length: pooled.shape[0]! * 6 },
+              (_, i) => [height, width, 0, 0, height, width][i % 6]!,
             ),
           )
         : undefined;
