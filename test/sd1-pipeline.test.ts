@@ -71,9 +71,10 @@ const pipeline = () =>
     cacheDir: false,
   }));
 
-for (const variant of ['fp32', 'fp16'] as const) {
-  // fp32: final latents within 1e-3 of their scale, images within 2e-3. fp16 weights: 5e-3 and 1e-2.
-  const [latentTol, imageTol] = variant === 'fp32' ? [1e-3, 2e-3] : [5e-3, 1e-2];
+for (const variant of ['fp32', 'fp16', 'onnx'] as const) {
+  // fp32 (and the diffusers ONNX layout, fp32 too): final latents within 1e-3 of their scale,
+  // images within 2e-3. fp16 weights: 5e-3 and 1e-2.
+  const [latentTol, imageTol] = variant === 'fp16' ? [5e-3, 1e-2] : [1e-3, 2e-3];
   test(
     `every golden pipeline run (${variant} weights): final latents and image`,
     needsGolden(),
@@ -81,10 +82,15 @@ for (const variant of ['fp32', 'fp16'] as const) {
       const pipe =
         variant === 'fp32'
           ? await pipeline()
-          : await StableDiffusionPipeline.fromPretrained(golden('sd1-tiny', 'sd-tiny'), {
-              cacheDir: false,
-              variant: 'fp16',
-            });
+          : variant === 'fp16'
+            ? await StableDiffusionPipeline.fromPretrained(golden('sd1-tiny', 'sd-tiny'), {
+                cacheDir: false,
+                variant: 'fp16',
+              })
+            : // text_encoder/, unet/, vae_encoder/, vae_decoder/ as model.onnx files
+              await StableDiffusionPipeline.fromPretrained(golden('sd1-tiny', 'sd-tiny-onnx'), {
+                cacheDir: false,
+              });
       const latentsIn = await goldenTensor('latents_in');
       assert.equal(spec!.runs.length, 12);
       for (const run of spec!.runs) {
@@ -111,7 +117,7 @@ for (const variant of ['fp32', 'fp16'] as const) {
           `${run.key} image`,
         );
       }
-      if (variant === 'fp16') await pipe.release();
+      if (variant !== 'fp32') await pipe.release();
     },
   );
 }

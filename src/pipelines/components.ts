@@ -1,15 +1,18 @@
+import { readdirSync } from 'node:fs';
+import { UserError } from '../errors.js';
 import { Graph, type Value } from '../graph/ir.js';
 import { emitOnnx } from '../graph/onnx.js';
 import { findWeightFiles, readConfig } from '../loaders/component.js';
+import { hasOnnxModel, openOnnxFile, type OnnxFile } from '../loaders/onnx-file.js';
 import { AutoencoderKL, autoencoderKLConfig } from '../models/autoencoder-kl.js';
 import { ClipTextModel, clipTextConfig } from '../models/clip-text.js';
 import { PatchAutoencoder, patchAutoencoderConfig } from '../models/patch-autoencoder.js';
-import { UNet2DConditionModel, unetConfig } from '../models/unet-2d-condition.js';
+import { UNet2DConditionModel, unetConfig, type UNetConfig } from '../models/unet-2d-condition.js';
 import * as op from '../graph/ops.js';
 import type { Module, ParameterSource } from '../nn/module.js';
 import { WeightSet, type BoundWeights } from '../nn/weights.js';
 import { Session, type RuntimeOptions } from '../runtime/session.js';
-import type { Tensor } from '../tensor/tensor.js';
+import { Tensor } from '../tensor/tensor.js';
 
 /**
  * The model components of a pipeline: a module tree bound to its weight files, compiled on first
@@ -99,14 +102,32 @@ export interface TextEncoding {
   readonly pooled: Tensor<'float32'>;
 }
 
-export class TextEncoder {
-  private readonly compiled: Compiled<ClipTextModel>;
+/** A component folder that holds an ONNX model and no weights gesso builds a graph from. */
+function isOnnxFolder(dir: string): boolean {
+  return (
+    hasOnnxModel(dir) &&
+    !readdirSync(dir).some((f) => f.endsWith('.safetensors') || f.endsWith('.bin'))
+  );
+}
 
-  private constructor(compiled: Compiled<ClipTextModel>) {
+function needsGraph(what: string): never {
+  throw new UserError(
+    'unsupported-model',
+    `${what} is not available for a component given as model.onnx; use the diffusers layout of this model`,
+  );
+}
+
+export class TextEncoder {
+  private readonly compiled: Compiled<ClipTextModel> | undefined;
+  private readonly onnx: OnnxFile | undefined;
+
+  private constructor(compiled: Compiled<ClipTextModel> | undefined, onnx?: OnnxFile) {
     this.compiled = compiled;
+    this.onnx = onnx;
   }
 
   static async load(dir: string, options: ComponentOptions): Promise<TextEncoder> {
+    if (isOnnxFolder(dir)) return new TextEncoder(undefined, await openOnnxFile(dir, options));
     const compiled = await bindComponent(
       dir,
       'model',
@@ -118,7 +139,7 @@ export class TextEncoder {
   }
 
   get config() {
-    return this.compiled.module.config;
+    return (this.compiled ?? needsGraph('the text encoder config')).module.config;
   }
 
   /**
@@ -126,9 +147,21 @@ export class TextEncoder {
    * through the final layer norm, as diffusers' `clip_skip` does.
    */
   async encode(ids: Tensor<'int64'>, clipSkip = 0): Promise<TextEncoding> {
-    const model = this.compiled.module;
+    if (this.onnx !== undefined) {
+      if (clipSkip > 0) needsGraph('clip skip');
+      // diffusers' ONNX export takes int32 ids and returns the last layer and the pooled state.
+      const ids32 = new Tensor(
+        'int32',
+        ids.shape,
+        Int32Array.from(ids.data as BigInt64Array, Number),
+      );
+      const [hidden, pooled] = this.onnx.outputs.map((o) => o.name) as [string, string];
+      const r = await this.onnx.session.run({ [this.onnx.inputs[0]!.name]: ids32 });
+      return { hidden: r[hidden] as Tensor<'float32'>, pooled: r[pooled] as Tensor<'float32'> };
+    }
+    const model = this.compiled!.module;
     const length = ids.shape[1]!;
-    const session = await this.compiled.session(
+    const session = await this.compiled!.session(
       `text_encoder:len${length}:skip${clipSkip}`,
       (g, p) => {
         const out = model.forward(p, g.input('input_ids', 'int64', ['batch', length]));
@@ -157,9 +190,10 @@ export class TextEncoder {
     ids: Tensor<'int64'>,
     clipSkip = 0,
   ): Promise<{ hidden: Tensor<'float32'>; pooled: Tensor<'float32'> }> {
-    const model = this.compiled.module;
+    const compiled = this.compiled ?? needsGraph("SDXL's penultimate hidden states");
+    const model = compiled.module;
     const length = ids.shape[1]!;
-    const session = await this.compiled.session(
+    const session = await compiled.session(
       `text_encoder_sdxl:len${length}:skip${clipSkip}`,
       (g, p) => {
         const out = model.forward(p, g.input('input_ids', 'int64', ['batch', length]));
@@ -179,7 +213,7 @@ export class TextEncoder {
   }
 
   release(): Promise<void> {
-    return this.compiled.release();
+    return this.compiled?.release() ?? this.onnx!.session.release();
   }
 }
 
@@ -195,13 +229,29 @@ export interface UNetCall {
 }
 
 export class UNet {
-  private readonly compiled: Compiled<UNet2DConditionModel>;
+  private readonly compiled: Compiled<UNet2DConditionModel> | undefined;
+  private readonly onnx: { file: OnnxFile; config: UNetConfig } | undefined;
 
-  private constructor(compiled: Compiled<UNet2DConditionModel>) {
+  private constructor(
+    compiled: Compiled<UNet2DConditionModel> | undefined,
+    onnx?: { file: OnnxFile; config: UNetConfig },
+  ) {
     this.compiled = compiled;
+    this.onnx = onnx;
   }
 
   static async load(dir: string, options: ComponentOptions): Promise<UNet> {
+    if (isOnnxFolder(dir)) {
+      const file = await openOnnxFile(dir, options);
+      // No config.json in this layout: the channels and native size come from the input shape.
+      const sample = file.inputs.find((i) => i.name === 'sample')?.shape ?? [];
+      const channels = typeof sample[1] === 'number' ? sample[1] : 4;
+      const side = typeof sample[2] === 'number' ? sample[2] : 64;
+      return new UNet(undefined, {
+        file,
+        config: unetConfig({ in_channels: channels, out_channels: channels, sample_size: side }),
+      });
+    }
     const compiled = await bindComponent(
       dir,
       'diffusion_pytorch_model',
@@ -212,15 +262,23 @@ export class UNet {
     return new UNet(compiled);
   }
 
-  get config() {
-    return this.compiled.module.config;
+  get config(): UNetConfig {
+    return this.onnx?.config ?? this.compiled!.module.config;
   }
 
   async predict(call: UNetCall): Promise<Tensor<'float32'>> {
-    const model = this.compiled.module;
+    if (this.onnx !== undefined) {
+      const r = await this.onnx.file.session.run({
+        sample: call.sample,
+        timestep: call.timestep,
+        encoder_hidden_states: call.encoderHiddenStates,
+      });
+      return r[this.onnx.file.outputs[0]!.name] as Tensor<'float32'>;
+    }
+    const model = this.compiled!.module;
     const c = model.config;
     const context = call.encoderHiddenStates.shape;
-    const session = await this.compiled.session(`unet:ctx${context[1]}x${context[2]}`, (g, p) => {
+    const session = await this.compiled!.session(`unet:ctx${context[1]}x${context[2]}`, (g, p) => {
       const inputs = {
         sample: g.input('sample', 'float32', ['batch', c.inChannels, 'height', 'width']),
         timestep: g.input('timestep', 'float32', ['batch']),
@@ -264,18 +322,45 @@ export class UNet {
   }
 
   release(): Promise<void> {
-    return this.compiled.release();
+    return this.compiled?.release() ?? this.onnx!.file.session.release();
   }
 }
 
 type Codec = AutoencoderKL | PatchAutoencoder;
 
 /** The image codec of a pipeline: a KL autoencoder, or gesso's parameter-free patch codec. */
-export class Vae {
-  private readonly compiled: Compiled<Codec>;
+/** diffusers' ONNX pipeline fixes the VAE's latent scaling (0.18215) and its 4 channels. */
+const ONNX_VAE = { scalingFactor: 0.18215, latentChannels: 4 };
 
-  private constructor(compiled: Compiled<Codec>) {
+export class Vae {
+  private readonly compiled: Compiled<Codec> | undefined;
+  private readonly onnx:
+    { decoder: OnnxFile; encoder: OnnxFile | undefined; scaleFactor: number } | undefined;
+
+  private constructor(
+    compiled: Compiled<Codec> | undefined,
+    onnx?: { decoder: OnnxFile; encoder: OnnxFile | undefined; scaleFactor: number },
+  ) {
     this.compiled = compiled;
+    this.onnx = onnx;
+  }
+
+  /** The ONNX layout's `vae_decoder/` and (optional) `vae_encoder/` folders. */
+  static async loadOnnx(
+    decoderDir: string,
+    encoderDir: string | undefined,
+    options: ComponentOptions,
+  ): Promise<Vae> {
+    const [decoder, encoder] = await Promise.all([
+      openOnnxFile(decoderDir, options),
+      encoderDir !== undefined ? openOnnxFile(encoderDir, options) : undefined,
+    ]);
+    // Pixels per latent: read by decoding an 8×8 latent once (the layout carries no config).
+    const probe = await decoder.session.run({
+      [decoder.inputs[0]!.name]: new Tensor('float32', [1, ONNX_VAE.latentChannels, 8, 8]),
+    });
+    const scaleFactor = probe[decoder.outputs[0]!.name]!.shape[2]! / 8;
+    return new Vae(undefined, { decoder, encoder, scaleFactor });
   }
 
   static async load(dir: string, options: ComponentOptions): Promise<Vae> {
@@ -304,18 +389,21 @@ export class Vae {
   }
 
   private get codec(): Codec {
-    return this.compiled.module;
+    return this.compiled!.module;
   }
 
   get scalingFactor(): number {
-    return this.codec.config.scalingFactor;
+    return this.onnx !== undefined ? ONNX_VAE.scalingFactor : this.codec.config.scalingFactor;
   }
 
   get shiftFactor(): number {
-    return this.codec instanceof AutoencoderKL ? this.codec.config.shiftFactor : 0;
+    return this.onnx === undefined && this.codec instanceof AutoencoderKL
+      ? this.codec.config.shiftFactor
+      : 0;
   }
 
   get latentChannels(): number {
+    if (this.onnx !== undefined) return ONNX_VAE.latentChannels;
     return this.codec instanceof AutoencoderKL
       ? this.codec.config.latentChannels
       : this.codec.latentChannels;
@@ -323,6 +411,7 @@ export class Vae {
 
   /** Pixels per latent. */
   get scaleFactor(): number {
+    if (this.onnx !== undefined) return this.onnx.scaleFactor;
     return this.codec instanceof AutoencoderKL
       ? 2 ** (this.codec.config.blockOutChannels.length - 1)
       : this.codec.config.patchSize;
@@ -330,8 +419,13 @@ export class Vae {
 
   /** Unscaled latents → pixels in about [−1, 1], NCHW. */
   async decode(latents: Tensor<'float32'>): Promise<Tensor<'float32'>> {
+    if (this.onnx !== undefined) {
+      const d = this.onnx.decoder;
+      const r = await d.session.run({ [d.inputs[0]!.name]: latents });
+      return r[d.outputs[0]!.name] as Tensor<'float32'>;
+    }
     const codec = this.codec;
-    const session = await this.compiled.session('vae_decoder', (g, p) => {
+    const session = await this.compiled!.session('vae_decoder', (g, p) => {
       const z: Value = g.input('latent_sample', 'float32', [
         'batch',
         this.latentChannels,
@@ -347,8 +441,16 @@ export class Vae {
   async encode(
     image: Tensor<'float32'>,
   ): Promise<{ mean: Tensor<'float32'>; std: Tensor<'float32'> }> {
+    if (this.onnx !== undefined) {
+      // The exported encoder returns a draw from the latent distribution made inside the graph
+      // (not from gesso's generator): image-to-image is not seed-reproducible in this layout.
+      const e = this.onnx.encoder ?? needsGraph('image-to-image without vae_encoder/');
+      const r = await e.session.run({ [e.inputs[0]!.name]: image });
+      const sample = r[e.outputs[0]!.name] as Tensor<'float32'>;
+      return { mean: sample, std: new Tensor('float32', sample.shape) };
+    }
     const codec = this.codec;
-    const session = await this.compiled.session('vae_encoder', (g, p) => {
+    const session = await this.compiled!.session('vae_encoder', (g, p) => {
       const x = g.input('sample', 'float32', ['batch', 3, 'height', 'width']);
       if (codec instanceof AutoencoderKL) {
         const d = codec.encode(p, x);
@@ -364,7 +466,9 @@ export class Vae {
     return { mean: r.mean as Tensor<'float32'>, std: r.std as Tensor<'float32'> };
   }
 
-  release(): Promise<void> {
-    return this.compiled.release();
+  async release(): Promise<void> {
+    if (this.compiled !== undefined) return this.compiled.release();
+    await this.onnx!.decoder.session.release();
+    await this.onnx!.encoder?.session.release();
   }
 }

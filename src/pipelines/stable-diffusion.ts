@@ -190,8 +190,18 @@ export class StableDiffusionPipeline {
     options: PipelineOptions = {},
   ): Promise<StableDiffusionPipeline> {
     const index = await readConfig(path, 'model_index.json');
-    for (const part of ['tokenizer', 'text_encoder', 'unet', 'vae', 'scheduler']) {
-      if (!Array.isArray(index[part]) || (index[part] as unknown[])[0] === null) {
+    const named = (part: string) =>
+      Array.isArray(index[part]) && (index[part] as unknown[])[0] !== null;
+    // diffusers' ONNX layout (OnnxStableDiffusionPipeline) splits the VAE in two folders.
+    const onnxVae = !named('vae') && named('vae_decoder');
+    for (const part of [
+      'tokenizer',
+      'text_encoder',
+      'unet',
+      onnxVae ? 'vae_decoder' : 'vae',
+      'scheduler',
+    ]) {
+      if (!named(part)) {
         throw new UserError(
           'missing-component',
           `${path}/model_index.json names no '${part}'; this is not a Stable Diffusion folder`,
@@ -202,7 +212,13 @@ export class StableDiffusionPipeline {
       loadTokenizer(join(path, 'tokenizer')),
       TextEncoder.load(join(path, 'text_encoder'), options),
       UNet.load(join(path, 'unet'), options),
-      Vae.load(join(path, 'vae'), options),
+      onnxVae
+        ? Vae.loadOnnx(
+            join(path, 'vae_decoder'),
+            named('vae_encoder') ? join(path, 'vae_encoder') : undefined,
+            options,
+          )
+        : Vae.load(join(path, 'vae'), options),
       readConfig(join(path, 'scheduler'), 'scheduler_config.json'),
     ]);
     if (options.scheduler !== undefined) createScheduler(schedulerConfig, options.scheduler); // fail early on a bad name
@@ -312,10 +328,13 @@ export class StableDiffusionPipeline {
     const cfg = guidance > 1 && this.unet.config.timeCondProjDim === null;
     const imageInput = options.image;
     const scale = this.vae.scaleFactor;
+    // The size follows the starting image, else the starting latents, else the model.
+    const fromLatents = (axis: 2 | 3) =>
+      options.latents !== undefined ? options.latents.shape[axis]! * scale : this.defaultSize;
     const width =
-      options.width ?? (imageInput !== undefined ? imageWidth(imageInput) : this.defaultSize);
+      options.width ?? (imageInput !== undefined ? imageWidth(imageInput) : fromLatents(3));
     const height =
-      options.height ?? (imageInput !== undefined ? imageHeight(imageInput) : this.defaultSize);
+      options.height ?? (imageInput !== undefined ? imageHeight(imageInput) : fromLatents(2));
     checkSize(width, height, scale);
     if (!Number.isInteger(steps) || steps < 1)
       throw new UserError('bad-steps', `steps must be a positive integer (got ${steps})`);
