@@ -216,6 +216,8 @@ export async function renderBatch(
       ? { negativePrompt: batch.map((j) => j.negative_prompt) }
       : {}),
     seed: batch.map((j) => j.seed),
+    // The command line and the server read prompts as AUTOMATIC1111 does.
+    promptSyntax: 'a1111',
     steps: first.steps,
     guidance: first.guidance,
     width: first.width,

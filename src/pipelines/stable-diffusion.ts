@@ -5,7 +5,8 @@ import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedu
 import { chunk, concat, map, zip } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
-import { loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
+import { ClipTokenizer, loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
+import { applyEmphasis, promptChunks } from '../tokenizers/prompt.js';
 import { TextEncoder, UNet, Vae, type ComponentOptions } from './components.js';
 
 /**
@@ -56,6 +57,12 @@ export interface GenerateOptions {
   readonly latents?: F32;
   /** Use the text encoder's output this many layers before the last. */
   readonly clipSkip?: number;
+  /**
+   * How prompts are read: 'plain' text as diffusers reads it (default), or 'a1111':
+   * AUTOMATIC1111's emphasis syntax (`(word:1.3)`, `(word)`, `[word]`, `BREAK`) and prompts
+   * longer than 75 tokens in chunks (see tokenizers/prompt.ts for exactly what weights do).
+   */
+  readonly promptSyntax?: 'plain' | 'a1111';
   /** DDIM's η (default 0). */
   readonly eta?: number;
   /** Guidance rescale φ of Lin et al. (2023), 0 to 1 (default 0). */
@@ -269,20 +276,91 @@ export class StableDiffusionPipeline {
    * One set of prompts encoded: per-token states for cross-attention, and for SDXL the pooled
    * embedding (both encoders' penultimate states side by side; encoder 2's projected pooled state).
    */
+  private async encodeIds(
+    ids: Tensor<'int64'>,
+    ids2: Tensor<'int64'> | undefined,
+    clipSkip: number,
+  ): Promise<{ hidden: F32; pooled: F32 | undefined }> {
+    if (this.textEncoder2 === undefined || ids2 === undefined) {
+      const { hidden } = await this.textEncoder.encode(ids, clipSkip);
+      return { hidden, pooled: undefined };
+    }
+    const first = await this.textEncoder.encodeSdxl(ids, clipSkip);
+    const second = await this.textEncoder2.encodeSdxl(ids2, clipSkip);
+    return { hidden: concat([first.hidden, second.hidden], 2), pooled: second.pooled };
+  }
+
+  /** Chunks of A1111-syntax prompts for each tokenizer, or undefined for plain prompts. */
+  private chunked(prompts: readonly string[], syntax: 'plain' | 'a1111') {
+    const tokenizers = [this.tokenizer, this.tokenizer2].filter((t) => t !== undefined);
+    if (syntax !== 'a1111' || !tokenizers.every((t) => t instanceof ClipTokenizer))
+      return undefined;
+    return (tokenizers as ClipTokenizer[]).map((t) => prompts.map((p) => promptChunks(t, p)));
+  }
+
   private async encodeText(
     prompts: readonly string[],
     clipSkip: number,
+    syntax: 'plain' | 'a1111',
+    chunkCount: number,
   ): Promise<{ hidden: F32; pooled: F32 | undefined }> {
-    if (this.textEncoder2 === undefined || this.tokenizer2 === undefined) {
-      const { hidden } = await this.textEncoder.encode(this.tokenize(prompts), clipSkip);
-      return { hidden, pooled: undefined };
+    const chunks = this.chunked(prompts, syntax);
+    if (chunks === undefined) {
+      return this.encodeIds(
+        this.tokenize(prompts),
+        this.tokenizer2 !== undefined ? this.tokenize(prompts, this.tokenizer2) : undefined,
+        clipSkip,
+      );
     }
-    const first = await this.textEncoder.encodeSdxl(this.tokenize(prompts), clipSkip);
-    const second = await this.textEncoder2.encodeSdxl(
-      this.tokenize(prompts, this.tokenizer2),
-      clipSkip,
-    );
-    return { hidden: concat([first.hidden, second.hidden], 2), pooled: second.pooled };
+    // Chunk i of every prompt is encoded together; prompts with fewer chunks get empty ones.
+    const empty = (t: ClipTokenizer) => promptChunks(t, '');
+    const tokenizers = [this.tokenizer, this.tokenizer2].filter(
+      (t) => t !== undefined,
+    ) as ClipTokenizer[];
+    const parts: F32[] = [];
+    let pooled: F32 | undefined;
+    for (let c = 0; c < chunkCount; c++) {
+      const pick = (k: number) =>
+        chunks[k]!.map((pc) =>
+          c < pc.ids.length
+            ? { ids: pc.ids[c]!, weights: pc.weights[c]! }
+            : { ids: empty(tokenizers[k]!).ids[0]!, weights: empty(tokenizers[k]!).weights[0]! },
+        );
+      const first = pick(0);
+      const length = first[0]!.ids.length;
+      const tensor = (rows: { ids: number[] }[]) =>
+        Tensor.int64(
+          [rows.length, length],
+          rows.flatMap((r) => r.ids),
+        );
+      const encoded = await this.encodeIds(
+        tensor(first),
+        chunks.length > 1 ? tensor(pick(1)) : undefined,
+        clipSkip,
+      );
+      pooled ??= encoded.pooled; // A1111 takes the pooled state of the first chunk
+      const [batch, tokens, width] = encoded.hidden.shape as [number, number, number];
+      const weighted = new Tensor('float32', encoded.hidden.shape);
+      for (let b = 0; b < batch; b++) {
+        const size = tokens * width;
+        weighted.data.set(
+          applyEmphasis(
+            encoded.hidden.data.subarray(b * size, (b + 1) * size),
+            first[b]!.weights,
+            width,
+          ),
+          b * size,
+        );
+      }
+      parts.push(weighted);
+    }
+    return { hidden: parts.length === 1 ? parts[0]! : concat(parts, 1), pooled };
+  }
+
+  /** How many 75-token chunks the longest of these prompts needs (1 for plain prompts). */
+  private chunkCount(prompts: readonly string[], syntax: 'plain' | 'a1111'): number {
+    const chunks = this.chunked(prompts, syntax);
+    return chunks === undefined ? 1 : Math.max(1, ...chunks.flat().map((c) => c.ids.length));
   }
 
   /**
@@ -296,19 +374,26 @@ export class StableDiffusionPipeline {
     count: number,
     clipSkip = 0,
     guided = negatives !== undefined,
+    syntax: 'plain' | 'a1111' = 'plain',
   ): Promise<{ embeddings: F32; pooled: F32 | undefined }> {
     const repeat = (list: readonly string[]) =>
       list.flatMap((p) => new Array<string>(count).fill(p));
-    const positive = await this.encodeText(repeat(prompts), clipSkip);
+    const zeroNegative = negatives === undefined && this.forceZerosForEmptyPrompt;
+    const negativeTexts = negatives ?? prompts.map(() => '');
+    // Positive and negative states must be equally long: both get the larger chunk count.
+    const chunkCount = Math.max(
+      this.chunkCount(prompts, syntax),
+      guided && !zeroNegative ? this.chunkCount(negativeTexts, syntax) : 1,
+    );
+    const positive = await this.encodeText(repeat(prompts), clipSkip, syntax, chunkCount);
     if (!guided) return { embeddings: positive.hidden, pooled: positive.pooled };
     const zeros = (t: F32) => new Tensor('float32', t.shape);
-    const negative =
-      negatives === undefined && this.forceZerosForEmptyPrompt
-        ? {
-            hidden: zeros(positive.hidden),
-            pooled: positive.pooled !== undefined ? zeros(positive.pooled) : undefined,
-          }
-        : await this.encodeText(repeat(negatives ?? prompts.map(() => '')), clipSkip);
+    const negative = zeroNegative
+      ? {
+          hidden: zeros(positive.hidden),
+          pooled: positive.pooled !== undefined ? zeros(positive.pooled) : undefined,
+        }
+      : await this.encodeText(repeat(negativeTexts), clipSkip, syntax, chunkCount);
     return {
       embeddings: concat([negative.hidden, positive.hidden]),
       pooled:
@@ -388,6 +473,7 @@ export class StableDiffusionPipeline {
       count,
       options.clipSkip ?? 0,
       cfg,
+      options.promptSyntax ?? 'plain',
     );
     // SDXL's six time ids per image: original size, crop top-left, target size (all (h, w)).
     const timeIds =

@@ -182,6 +182,11 @@ export class ClipTokenizer {
     return this.vocab.get(this.options.padToken)!;
   }
 
+  /** The id of ",", where A1111's chunking prefers to cut long prompts. */
+  get commaId(): number | undefined {
+    return this.vocab.get(',</w>');
+  }
+
   private bpe(word: string): string[] {
     const cached = this.cache.get(word);
     if (cached !== undefined) return cached;
