@@ -53,6 +53,8 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
   --clip-skip N           use the text encoder's output N layers before the last
   --from IMAGE.png        reproduce an image from its 'parameters' metadata (flags given
                           alongside override what it says)
+  --lora FILE[:SCALE]     merge a LoRA (diffusers/PEFT or kohya .safetensors) into the model
+                          at SCALE (default 1); repeatable
   --variant fp16          load the fp16 weight files
   --threads N             compute threads (default: one per core)
   --provider NAME         cpu (default), cuda, coreml, dml
@@ -220,6 +222,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       'clip-skip': { type: 'string' },
       from: { type: 'string' },
       variant: { type: 'string' },
+      lora: { type: 'string', multiple: true },
       threads: { type: 'string' },
       provider: { type: 'string' },
       out: { type: 'string' },
@@ -332,7 +335,15 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
         ? basename(resolve(modelPath))
         : modelName;
 
+  const loras = (values.lora ?? []).map((spec) => {
+    const m = /^(.*?)(?::(-?[\d.]+))?$/.exec(spec)!;
+    const scale = m[2] === undefined ? 1 : Number(m[2]);
+    if (!Number.isFinite(scale))
+      throw new UserError('usage', `--lora ${spec}: the scale is not a number`);
+    return { path: m[1]!, scale };
+  });
   const pipe = await loadPipeline(modelPath, {
+    ...(loras.length > 0 ? { loras } : {}),
     ...(values.variant !== undefined ? { variant: values.variant } : {}),
     ...(threads !== undefined ? { threads } : {}),
     ...(provider !== undefined ? { executionProvider: provider } : {}),
@@ -375,6 +386,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
           height: entry.height ?? heightFlag ?? nativeSize,
           model: shownModel,
           model_path: resolve(modelPath),
+          ...(loras.length > 0 ? { loras: loras.map((l) => `${l.path}:${l.scale}`) } : {}),
           route,
           ...(clipSkip !== undefined ? { clip_skip: clipSkip } : {}),
           ...(values['init-image'] !== undefined

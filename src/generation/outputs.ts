@@ -32,6 +32,8 @@ export interface ImageSettings {
   /** A GAN draws in one step and has no sampler, steps or guidance. */
   readonly route: 'diffusion' | 'gan';
   readonly clip_skip?: number;
+  /** LoRAs merged into the model, as `path:scale`. */
+  readonly loras?: readonly string[];
   readonly init_image?: string;
   readonly strength?: number;
 }

@@ -130,6 +130,14 @@ export class WeightSet {
     return this.records.get(key);
   }
 
+  /** These weights with some replaced by host tensors (merged LoRAs, conversions). */
+  withTensors(tensors: Readonly<Record<string, Tensor>>, tag: string): WeightSet {
+    const out = new Map(this.records);
+    for (const [key, t] of Object.entries(tensors))
+      out.set(key, { key, dtype: t.dtype, shape: t.shape, data: t });
+    return new WeightSet(out, this.origin, `${this.fingerprintText}|${tag}`);
+  }
+
   /** The same weights under new names; keys mapped to undefined are dropped. */
   rename(map: (key: string) => string | undefined): WeightSet {
     const out = new Map<string, WeightRecord>();

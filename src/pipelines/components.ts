@@ -1,8 +1,10 @@
 import { readdirSync } from 'node:fs';
+import { basename } from 'node:path';
 import { UserError } from '../errors.js';
 import { Graph, type Value } from '../graph/ir.js';
 import { emitOnnx } from '../graph/onnx.js';
 import { findWeightFiles, readConfig } from '../loaders/component.js';
+import { mergeLoras, type LoraComponent, type LoraFile } from '../loaders/lora.js';
 import { hasOnnxModel, openOnnxFile, type OnnxFile } from '../loaders/onnx-file.js';
 import { AutoencoderKL, autoencoderKLConfig } from '../models/autoencoder-kl.js';
 import { ClipTextModel, clipTextConfig } from '../models/clip-text.js';
@@ -27,6 +29,8 @@ export interface ComponentOptions extends RuntimeOptions {
   readonly variant?: string;
   /** Use ONNX Runtime's fused attention (default true). */
   readonly fusedAttention?: boolean;
+  /** LoRAs to merge into the UNet and text-encoder weights (read once by the pipeline). */
+  readonly mergedLoras?: readonly LoraFile[];
 }
 
 type Build = (graph: Graph, params: ParameterSource) => void;
@@ -90,7 +94,10 @@ async function bindComponent<M extends Module>(
 ): Promise<Compiled<M>> {
   const config = await readConfig(dir);
   const module = make(config);
-  const weights = await WeightSet.fromFiles(await findWeightFiles(dir, base, options.variant));
+  let weights = await WeightSet.fromFiles(await findWeightFiles(dir, base, options.variant));
+  const component = basename(dir);
+  if (options.mergedLoras !== undefined && /^(unet|text_encoder(_2)?)$/.test(component))
+    weights = await mergeLoras(weights, component as LoraComponent, options.mergedLoras);
   const bound = weights.bind(module, ignore === undefined ? {} : { ignoreUnexpected: ignore });
   return new Compiled(module, bound, JSON.stringify({ dir, config }), options);
 }

@@ -1,6 +1,7 @@
 import { join } from 'node:path';
 import { UserError } from '../errors.js';
 import { readConfig } from '../loaders/component.js';
+import { readLora, type LoraSpec } from '../loaders/lora.js';
 import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedulers/index.js';
 import { chunk, concat, map, zip } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
@@ -108,6 +109,8 @@ export function generationDefaults(index: Readonly<Record<string, unknown>>): Ge
 }
 
 export interface PipelineOptions extends ComponentOptions {
+  /** LoRA files to merge into the UNet and text encoders, each with its scale. */
+  readonly loras?: readonly LoraSpec[];
   /** A scheduler by name to use by default instead of the folder's. */
   readonly scheduler?: string;
 }
@@ -196,6 +199,11 @@ export class StableDiffusionPipeline {
     path: string,
     options: PipelineOptions = {},
   ): Promise<StableDiffusionPipeline> {
+    if (options.loras !== undefined && options.loras.length > 0)
+      options = {
+        ...options,
+        mergedLoras: await Promise.all(options.loras.map((l) => readLora(l))),
+      };
     const index = await readConfig(path, 'model_index.json');
     const named = (part: string) =>
       Array.isArray(index[part]) && (index[part] as unknown[])[0] !== null;
