@@ -48,7 +48,9 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
   --size WxH              image size in pixels, multiples of 8 (default: the model's)
   --width W, --height H   the same, one side at a time
   --init-image FILE       start from this image (image-to-image)
-  --strength S            how much of the schedule to run from the image (default 0.8)
+  --strength S            how much of the schedule to run from the image (default 0.8;
+                          1 with --mask)
+  --mask FILE             inpainting: repaint the white pixels of this image, keep the black
   --latents FILE          starting noise: a .safetensors file with a tensor named 'latents'
   --clip-skip N           use the text encoder's output N layers before the last
   --from IMAGE.png        reproduce an image from its 'parameters' metadata (flags given
@@ -218,6 +220,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       height: { type: 'string' },
       'init-image': { type: 'string' },
       strength: { type: 'string' },
+      mask: { type: 'string' },
       latents: { type: 'string' },
       'clip-skip': { type: 'string' },
       from: { type: 'string' },
@@ -390,7 +393,11 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
           route,
           ...(clipSkip !== undefined ? { clip_skip: clipSkip } : {}),
           ...(values['init-image'] !== undefined
-            ? { init_image: values['init-image'], strength: strength ?? 0.8 }
+            ? {
+                init_image: values['init-image'],
+                strength: strength ?? (values.mask !== undefined ? 1 : 0.8),
+                ...(values.mask !== undefined ? { mask: values.mask } : {}),
+              }
             : {}),
         });
       }
@@ -419,6 +426,12 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
               ? { width: widthFlag, height: heightFlag }
               : undefined,
           );
+    if (values.mask !== undefined && image === undefined)
+      throw new UserError('usage', '--mask needs --init-image, the picture it masks');
+    const mask =
+      values.mask === undefined
+        ? undefined
+        : await readImage(values.mask, { width: image!.shape[2]!, height: image!.shape[1]! });
     let latents: Tensor<'float32'> | undefined;
     if (values.latents !== undefined) {
       latents = await SafetensorsFile.with(values.latents, async (f) => {
@@ -459,6 +472,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       try {
         result = await renderBatch(pipe, traits, batch, {
           ...(image !== undefined ? { image } : {}),
+          ...(mask !== undefined ? { mask } : {}),
           ...(latents !== undefined ? { latents } : {}),
           ...(spacing !== undefined ? { timestepSpacing: spacing } : {}),
           signal: controller.signal,

@@ -36,6 +36,8 @@ export interface ImageSettings {
   readonly loras?: readonly string[];
   readonly init_image?: string;
   readonly strength?: number;
+  /** Inpainting: the mask image. */
+  readonly mask?: string;
 }
 
 /** The A1111 infotext of an image's settings: prompt, negative prompt, then the parameter line. */
@@ -197,6 +199,7 @@ export function modelTraits(pipe: TextToImage): ModelTraits {
 
 export interface RenderOptions {
   readonly image?: Tensor<'uint8'>;
+  readonly mask?: Tensor<'uint8'>;
   readonly latents?: Tensor<'float32'>;
   readonly timestepSpacing?: string;
   readonly signal?: AbortSignal;

@@ -70,8 +70,16 @@ export interface GenerateOptions {
   readonly guidanceRescale?: number;
   /** Image-to-image: the starting image, NCHW float in [0, 1] or NHWC uint8. */
   readonly image?: Tensor;
-  /** Image-to-image: how much of the schedule to run (default 0.8). */
+  /** Image-to-image: how much of the schedule to run (default 0.8; 1 when inpainting). */
   readonly strength?: number;
+  /**
+   * Inpainting: which pixels of `image` to repaint (white, ≥ 0.5) and which to keep (black), as
+   * NHWC uint8 (1 or 3 channels) or NCHW float in [0, 1]. A 9-channel inpainting UNet sees the
+   * mask and the masked image; an ordinary model keeps the unmasked latents at every step.
+   */
+  readonly mask?: Tensor;
+  /** Inpainting: paste the kept pixels of `image` back over the result (default true). */
+  readonly keepUnmasked?: boolean;
   readonly signal?: AbortSignal;
   readonly onProgress?: (info: ProgressInfo) => void | Promise<void>;
   /** Skip the VAE and return only latents. */
@@ -505,10 +513,63 @@ export class StableDiffusionPipeline {
       (scheduler as { eta: number }).eta = options.eta;
     scheduler.setTimesteps(steps);
     let timesteps = scheduler.timesteps;
-    const latentShape = [batch, this.unet.config.inChannels, height / scale, width / scale];
+    const latentChannels = this.vae.latentChannels;
+    const inpaintingModel = this.unet.config.inChannels === 2 * latentChannels + 1;
+    if (inpaintingModel && (imageInput === undefined || options.mask === undefined))
+      throw new UserError(
+        'bad-request',
+        'this is an inpainting model: give it an image and a mask of what to repaint',
+      );
+    if (options.mask !== undefined && imageInput === undefined)
+      throw new UserError('bad-request', 'a mask needs the image it masks');
+    const latentShape = [batch, latentChannels, height / scale, width / scale];
+    const [lh, lw] = [height / scale, width / scale];
+    // The mask in pixels (1: repaint) and at latent size (nearest, as torch's interpolate).
+    const pixelMask =
+      options.mask !== undefined ? binaryMask(options.mask, width, height) : undefined;
+    const latentMask =
+      pixelMask !== undefined
+        ? Float32Array.from({ length: lh * lw }, (_, i) => {
+            const y = Math.floor((Math.floor(i / lw) * height) / lh);
+            const x = Math.floor(((i % lw) * width) / lw);
+            return pixelMask[y * width + x]!;
+          })
+        : undefined;
 
     let latents: F32;
-    if (imageInput !== undefined) {
+    let imageLatents: F32 | undefined;
+    let blendNoise: F32 | undefined;
+    let maskedImageLatents: F32 | undefined;
+    if (imageInput !== undefined && pixelMask !== undefined) {
+      const strength = options.strength ?? 1;
+      if (!(strength > 0 && strength <= 1))
+        throw new UserError('bad-request', `strength must be within (0, 1] (got ${strength})`);
+      const initSteps = Math.min(Math.floor(steps * strength), steps);
+      const start = Math.max(steps - initSteps, 0);
+      timesteps = timesteps.slice(start * scheduler.order);
+      scheduler.setBeginIndex(start * scheduler.order);
+      if (timesteps.length === 0)
+        throw new UserError(
+          'bad-request',
+          `strength ${strength} with ${steps} steps leaves no step to run`,
+        );
+      if (!inpaintingModel || strength < 1)
+        imageLatents = await this.imageLatents(imageInput, batch, width, height, randn);
+      blendNoise = randn(latentShape);
+      latents =
+        strength >= 1
+          ? map(blendNoise, (v) => v * scheduler.initNoiseSigma)
+          : scheduler.addNoise(imageLatents!, blendNoise, timesteps[0]!);
+      if (inpaintingModel) {
+        // diffusers zeroes the repainted pixels in [−1, 1], i.e. mid-gray; given here in [0, 1].
+        const pixels = toModelPixels(imageInput);
+        const masked = new Tensor('float32', pixels.shape);
+        const plane = width * height;
+        for (let i = 0; i < masked.size; i++)
+          masked.data[i] = pixelMask[i % plane]! >= 0.5 ? 0.5 : pixels.data[i]! / 2 + 0.5;
+        maskedImageLatents = await this.imageLatents(masked, batch, width, height, randn);
+      }
+    } else if (imageInput !== undefined) {
       const strength = options.strength ?? 0.8;
       if (!(strength >= 0 && strength <= 1))
         throw new UserError('bad-request', `strength must be within [0, 1] (got ${strength})`);
@@ -546,7 +607,14 @@ export class StableDiffusionPipeline {
     for (let i = 0; i < timesteps.length; i++) {
       signal?.throwIfAborted();
       const t = timesteps[i]!;
-      const input = scheduler.scaleModelInput(cfg ? concat([latents, latents]) : latents, t);
+      let input = scheduler.scaleModelInput(cfg ? concat([latents, latents]) : latents, t);
+      if (inpaintingModel) {
+        // The UNet's extra channels: the mask and the masked image's latents.
+        const maskLatents = new Tensor('float32', [batch, 1, lh, lw]);
+        for (let b = 0; b < batch; b++) maskLatents.data.set(latentMask!, b * lh * lw);
+        const extra = concat([maskLatents, maskedImageLatents!], 1);
+        input = concat([input, cfg ? concat([extra, extra]) : extra], 1);
+      }
       const prediction = await this.unet.predict({
         sample: input,
         timestep: Tensor.full([input.shape[0]!], t),
@@ -561,12 +629,41 @@ export class StableDiffusionPipeline {
         if (rescale > 0) noise = rescaleGuidance(noise, text, rescale);
       }
       latents = scheduler.step(noise, t, latents, generator);
+      if (latentMask !== undefined && !inpaintingModel) {
+        // An ordinary model inpaints by keeping the image's latents, noised to the next step,
+        // wherever the mask says keep (diffusers' blending for 4-channel UNets).
+        const next = timesteps[i + 1];
+        const kept =
+          next !== undefined ? scheduler.addNoise(imageLatents!, blendNoise!, next) : imageLatents!;
+        const plane = lh * lw;
+        const stepped = latents;
+        latents = new Tensor('float32', stepped.shape);
+        for (let j = 0; j < latents.size; j++) {
+          const m = latentMask[j % plane]!;
+          latents.data[j] = (1 - m) * kept.data[j]! + m * stepped.data[j]!;
+        }
+      }
       await options.onProgress?.({ step: i + 1, steps: timesteps.length, timestep: t, latents });
     }
     signal?.throwIfAborted();
 
     if (options.latentsOnly === true) return { images: new Tensor('float32', [0]), latents, seeds };
     const images = await this.decode(latents);
+    if (pixelMask !== undefined && imageInput !== undefined && options.keepUnmasked !== false) {
+      // The kept pixels come back exactly as they were (NHWC, [0, 1]).
+      const original = toModelPixels(imageInput);
+      const plane = width * height;
+      const perImage = original.shape[0]!;
+      for (let n = 0; n < batch; n++) {
+        const src = n % perImage;
+        for (let i = 0; i < plane; i++) {
+          if (pixelMask[i]! >= 0.5) continue;
+          for (let c = 0; c < 3; c++)
+            images.data[(n * plane + i) * 3 + c] =
+              original.data[(src * 3 + c) * plane + i]! / 2 + 0.5;
+        }
+      }
+    }
     return { images, latents, seeds };
   }
 
@@ -648,6 +745,21 @@ function imageWidth(image: Tensor): number {
 
 function imageHeight(image: Tensor): number {
   return image.dtype === 'uint8' ? image.shape[1]! : image.shape[2]!;
+}
+
+/** A mask as one plane of 0 (keep) and 1 (repaint), thresholded at 0.5 as diffusers does. */
+function binaryMask(mask: Tensor, width: number, height: number): Float32Array {
+  const uint8 = mask.dtype === 'uint8';
+  const [h, w] = uint8 ? [mask.shape[1]!, mask.shape[2]!] : [mask.shape[2]!, mask.shape[3]!];
+  if (h !== height || w !== width)
+    throw new UserError('bad-mask', `the mask is ${w}×${h}, the image is ${width}×${height}`);
+  const channels = uint8 ? mask.shape[3]! : 1;
+  const out = new Float32Array(width * height);
+  for (let i = 0; i < out.length; i++) {
+    const v = uint8 ? Number(mask.data[i * channels]) / 255 : Number(mask.data[i]);
+    out[i] = v >= 0.5 ? 1 : 0;
+  }
+  return out;
 }
 
 /** NHWC uint8 or NCHW float in [0, 1] → NCHW float in [−1, 1]. */
