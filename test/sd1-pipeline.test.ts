@@ -253,7 +253,7 @@ test('bad requests are refused with clear errors', needsGolden(), async () => {
     /unknown scheduler 'nope'/,
   );
   await assert.rejects(
-    pipe.generate({ prompt: 'x', latents: Tensor.float32([1, 4, 8, 8]) }),
+    pipe.generate({ prompt: 'x', width: 64, height: 64, latents: Tensor.float32([1, 4, 8, 8]) }),
     /starting latents have shape \[1, 4, 8, 8\], this generation needs \[1, 4, 32, 32\]/,
   );
   await assert.rejects(pipe.generate({ prompt: [] }), /no prompt/);

@@ -55,8 +55,8 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
   --clip-skip N           use the text encoder's output N layers before the last
   --from IMAGE.png        reproduce an image from its 'parameters' metadata (flags given
                           alongside override what it says)
-  --lora FILE[:SCALE]     merge a LoRA (diffusers/PEFT or kohya .safetensors) into the model
-                          at SCALE (default 1); repeatable
+  --lora FILE[:SCALE]     merge a LoRA (diffusers/PEFT or kohya .safetensors) into the model,
+                          scaled by SCALE (default 1); repeatable
   --variant fp16          load the fp16 weight files
   --threads N             compute threads (default: one per core)
   --provider NAME         cpu (default), cuda, coreml, dml
