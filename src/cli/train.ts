@@ -6,7 +6,7 @@ import { folderSource, shapesSource, type DataSource } from '../data/source.js';
 import { UserError } from '../errors.js';
 import { FeatureTask } from '../eval/features.js';
 import { writeFileAtomically } from '../io/atomic.js';
-import { toUint8 } from '../io/image.js';
+import { contactSheet, toUint8 } from '../io/image.js';
 import { encodePng } from '../io/png.js';
 import { loadPipeline } from '../pipelines/index.js';
 import {
@@ -134,26 +134,11 @@ async function writeSampleGrid(path: string, modelDir: string, config: TrainConf
       seed: prompts.map((_, i) => config.seed * 1000 + i),
     });
     const pixels = toUint8(images);
-    const [n, h, w] = pixels.shape as [number, number, number];
-    const columns = Math.min(n, 4);
-    const rows = Math.ceil(n / columns);
-    const sheet = new Uint8Array(rows * h * columns * w * 3).fill(255);
-    for (let k = 0; k < n; k++) {
-      const gx = k % columns;
-      const gy = Math.floor(k / columns);
-      for (let y = 0; y < h; y++) {
-        sheet.set(
-          (pixels.data as Uint8Array).subarray((k * h + y) * w * 3, (k * h + y + 1) * w * 3),
-          ((gy * h + y) * columns * w + gx * w) * 3,
-        );
-      }
-    }
     await writeFileAtomically(
       path,
-      encodePng(
-        { width: columns * w, height: rows * h, channels: 3, data: sheet },
-        { prompts: prompts.join('\n') },
-      ),
+      encodePng(contactSheet(pixels, Math.min(pixels.shape[0]!, 4)), {
+        prompts: prompts.join('\n'),
+      }),
     );
   } finally {
     await pipe.release();

@@ -2,7 +2,7 @@ import { mkdir, stat, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { render, seededRandom } from '../data/shapes.js';
 import { writeFileAtomically } from '../io/atomic.js';
-import { toUint8 } from '../io/image.js';
+import { contactSheet, toUint8 } from '../io/image.js';
 import { encodePng } from '../io/png.js';
 import { summarizeSafetensors } from '../loaders/describe.js';
 import { loadPipeline } from '../pipelines/index.js';
@@ -69,23 +69,6 @@ async function folderBytes(dir: string): Promise<number> {
     total += entry.isDirectory() ? await folderBytes(path) : (await stat(path)).size;
   }
   return total;
-}
-
-function contactSheet(images: Tensor<'uint8'>, columns: number): Uint8Array {
-  const [n, h, w] = images.shape as [number, number, number];
-  const rows = Math.ceil(n / columns);
-  const sheet = new Uint8Array(rows * h * columns * w * 3).fill(255);
-  for (let k = 0; k < n; k++) {
-    const gx = k % columns;
-    const gy = Math.floor(k / columns);
-    for (let y = 0; y < h; y++) {
-      sheet.set(
-        (images.data as Uint8Array).subarray((k * h + y) * w * 3, (k * h + y + 1) * w * 3),
-        ((gy * h + y) * columns * w + gx * w) * 3,
-      );
-    }
-  }
-  return sheet;
 }
 
 export async function evaluate(options: EvalOptions): Promise<EvalReport> {
@@ -206,15 +189,7 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
           .join('\n');
         await writeFileAtomically(
           join(options.out, `${category.replace(/[^a-z]+/g, '-')}.png`),
-          encodePng(
-            {
-              width: columns * 64,
-              height: Math.ceil(idx.length / columns) * 64,
-              channels: 3,
-              data: contactSheet(images, columns),
-            },
-            { prompts: text },
-          ),
+          encodePng(contactSheet(images, columns), { prompts: text }),
         );
       }
     }

@@ -3,7 +3,7 @@ import sharp from 'sharp';
 import { UserError } from '../errors.js';
 import { Tensor } from '../tensor/tensor.js';
 import { writeFileAtomically } from './atomic.js';
-import { encodePng } from './png.js';
+import { encodePng, type RawImage } from './png.js';
 
 /** Images between files and tensors: NHWC uint8 for pixels, NHWC float in [0, 1] from models. */
 
@@ -74,4 +74,22 @@ export async function decodeImage(
       `${name} is not an image gesso can read: ${(error as Error).message}`,
     );
   }
+}
+
+/** NHWC uint8 RGB images laid out in a grid of `columns`, on white. */
+export function contactSheet(images: Tensor<'uint8'>, columns: number): RawImage {
+  const [n, h, w] = images.shape as [number, number, number];
+  const rows = Math.ceil(n / columns);
+  const sheet = new Uint8Array(rows * h * columns * w * 3).fill(255);
+  for (let k = 0; k < n; k++) {
+    const gx = k % columns;
+    const gy = Math.floor(k / columns);
+    for (let y = 0; y < h; y++) {
+      sheet.set(
+        (images.data as Uint8Array).subarray((k * h + y) * w * 3, (k * h + y + 1) * w * 3),
+        ((gy * h + y) * columns * w + gx * w) * 3,
+      );
+    }
+  }
+  return { width: columns * w, height: rows * h, channels: 3, data: sheet };
 }
