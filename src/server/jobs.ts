@@ -265,7 +265,7 @@ export class JobQueue extends EventEmitter {
         scheduler: r.scheduler ?? traits.folderScheduler,
         width: r.width ?? (image?.shape[2] as number | undefined) ?? traits.nativeSize,
         height: r.height ?? (image?.shape[1] as number | undefined) ?? traits.nativeSize,
-        model: this.models.name,
+        model: this.models.displayName,
         model_path: this.models.path,
         route: traits.route,
         ...(image !== undefined ? { init_image: 'uploaded', strength: r.strength ?? 0.75 } : {}),

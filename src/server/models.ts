@@ -1,3 +1,5 @@
+import { existsSync } from 'node:fs';
+import { basename, resolve } from 'node:path';
 import { resolveModel } from '../generation/models.js';
 import { loadPipeline, type TextToImage } from '../pipelines/index.js';
 import type { RuntimeOptions } from '../runtime/session.js';
@@ -19,6 +21,11 @@ export class ModelManager {
 
   get path(): string {
     return this.resolvedPath;
+  }
+
+  /** The name written into images' metadata: as given, or a folder's own name. */
+  get displayName(): string {
+    return existsSync(this.current) ? basename(resolve(this.current)) : this.current;
   }
 
   pipeline(): Promise<TextToImage> {
