@@ -1,9 +1,9 @@
 import { existsSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
 import { totalmem } from 'node:os';
 import { basename, extname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { isUserError, UserError } from '../errors.js';
+import { readUserFile } from '../io/atomic.js';
 import { readImage, toUint8, writePng } from '../io/image.js';
 import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
 import { loadPipeline, type TextToImage } from '../pipelines/index.js';
@@ -145,15 +145,7 @@ function entryFromJson(value: unknown, where: string): PromptEntry {
 }
 
 async function readPromptFile(path: string): Promise<PromptEntry[]> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (error) {
-    throw new UserError(
-      'file-not-found',
-      `cannot read prompts file ${path}: ${(error as Error).message}`,
-    );
-  }
+  const text = (await readUserFile(path, 'prompts file ')).toString('utf8');
   const entries: PromptEntry[] = [];
   text.split(/\r?\n/).forEach((line, i) => {
     const where = `${path}:${i + 1}`;
@@ -241,15 +233,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   // Settings from an existing image, which flags given alongside override.
   let from: ParsedSettings | undefined;
   if (values.from !== undefined) {
-    let bytes: Buffer;
-    try {
-      bytes = await readFile(values.from);
-    } catch (error) {
-      throw new UserError(
-        'file-not-found',
-        `cannot read ${values.from}: ${(error as Error).message}`,
-      );
-    }
+    const bytes = await readUserFile(values.from);
     from = settingsFromInfotext(readParameters(bytes, values.from), values.from);
     if (from.strength !== undefined && values['init-image'] === undefined) {
       throw new UserError(

@@ -1,6 +1,6 @@
-import { readFile } from 'node:fs/promises';
 import { parseArgs } from 'node:util';
 import { UserError } from '../errors.js';
+import { readUserFile } from '../io/atomic.js';
 import { readParameters, settingsFromInfotext } from '../generation/outputs.js';
 
 export const INFO_USAGE = `usage: gesso info IMAGE.png [--json]
@@ -20,13 +20,7 @@ export async function infoCommand(args: readonly string[]): Promise<number> {
   }
   if (positionals.length !== 1) throw new UserError('usage', INFO_USAGE);
   const path = positionals[0]!;
-  let bytes: Buffer;
-  try {
-    bytes = await readFile(path);
-  } catch (error) {
-    throw new UserError('file-not-found', `cannot read ${path}: ${(error as Error).message}`);
-  }
-  const parameters = readParameters(bytes, path);
+  const parameters = readParameters(await readUserFile(path), path);
   const settings = settingsFromInfotext(parameters, path);
   if (values.json) {
     process.stdout.write(

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, rm, type FileHandle } from 'node:fs/promises';
+import { UserError } from '../errors.js';
 import { dirname } from 'node:path';
 
 /**
@@ -30,4 +31,19 @@ export async function writeFileAtomically(path: string, data: Uint8Array | strin
   await writeAtomically(path, async (file) => {
     await file.writeFile(data);
   });
+}
+
+/**
+ * Reads a file the user named; a missing or unreadable file is the user's error, worded
+ * `cannot read <what><path>: <reason>` (`what` such as "image " or "prompts file ").
+ */
+export async function readUserFile(path: string, what = ''): Promise<Buffer> {
+  try {
+    return await readFile(path);
+  } catch (error) {
+    throw new UserError(
+      'file-not-found',
+      `cannot read ${what}${path}: ${(error as Error).message}`,
+    );
+  }
 }

@@ -1,8 +1,7 @@
-import { readFile } from 'node:fs/promises';
 import sharp from 'sharp';
 import { UserError } from '../errors.js';
 import { Tensor } from '../tensor/tensor.js';
-import { writeFileAtomically } from './atomic.js';
+import { readUserFile, writeFileAtomically } from './atomic.js';
 import { encodePng, type RawImage } from './png.js';
 
 /** Images between files and tensors: NHWC uint8 for pixels, NHWC float in [0, 1] from models. */
@@ -42,13 +41,7 @@ export async function readImage(
   path: string,
   size?: { width: number; height: number },
 ): Promise<Tensor<'uint8'>> {
-  let bytes: Buffer;
-  try {
-    bytes = await readFile(path);
-  } catch (error) {
-    throw new UserError('file-not-found', `cannot read image ${path}: ${(error as Error).message}`);
-  }
-  return decodeImage(bytes, path, size);
+  return decodeImage(await readUserFile(path, 'image '), path, size);
 }
 
 /** Decodes image bytes (PNG, JPEG, WebP, ...) as `readImage` does; `name` appears in errors. */

@@ -1,6 +1,7 @@
-import { readdir, readFile, stat } from 'node:fs/promises';
+import { readdir, stat } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { UserError } from '../errors.js';
+import { readUserFile } from '../io/atomic.js';
 import { SafetensorsFile } from '../io/safetensors.js';
 
 /** What `gesso inspect` reports about a weight file. */
@@ -32,12 +33,7 @@ export interface ModelFolderSummary {
 }
 
 async function readJson(path: string): Promise<Record<string, unknown>> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (error) {
-    throw new UserError('file-not-found', `cannot read ${path}: ${(error as Error).message}`);
-  }
+  const text = (await readUserFile(path)).toString('utf8');
   try {
     const value: unknown = JSON.parse(text);
     if (typeof value !== 'object' || value === null || Array.isArray(value))

@@ -1,7 +1,7 @@
-import { readFile } from 'node:fs/promises';
 import { extname } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { UserError } from '../errors.js';
+import { readUserFile } from '../io/atomic.js';
 import { DEFAULT_DIFFUSION_RECIPE } from './diffusion.js';
 
 /**
@@ -233,15 +233,7 @@ function check(key: string, value: unknown): void {
 
 /** Reads a JSON (.json) or YAML (.yaml, .yml) config file. */
 export async function readTrainConfigFile(path: string): Promise<Record<string, unknown>> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (error) {
-    throw new UserError(
-      'file-not-found',
-      `cannot read the training config ${path}: ${(error as Error).message}`,
-    );
-  }
+  const text = (await readUserFile(path, 'the training config ')).toString('utf8');
   let value: unknown;
   try {
     value = ['.yaml', '.yml'].includes(extname(path).toLowerCase())
