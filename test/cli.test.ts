@@ -1,17 +1,13 @@
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import test from 'node:test';
 import { writeSafetensors } from '../src/io/safetensors.js';
 import { Tensor } from '../src/tensor/tensor.js';
-import { golden, needsGolden, repoRoot, withTempDir } from './helpers.js';
+import { golden, needsGolden, withTempDir, runGesso } from './helpers.js';
 import { writeMalformed } from './malformed.js';
 
-const BIN = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
-
 function gesso(...args: string[]) {
-  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8' });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+  return runGesso(args);
 }
 
 test('gesso inspect lists a file’s tensors and metadata', async () => {

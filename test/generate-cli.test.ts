@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -7,18 +7,12 @@ import { decodePng, encodePng } from '../src/io/png.js';
 import { parseInfotext } from '../src/io/infotext.js';
 import { DiffusionTask } from '../src/training/diffusion.js';
 import { Trainer } from '../src/training/trainer.js';
-import { options, repoRoot, TINY, withTempDir } from './helpers.js';
+import { options, TINY, withTempDir, runGesso, GESSO_BIN } from './helpers.js';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 
-const BIN = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
-
 function gesso(...args: string[]) {
-  const r = spawnSync(process.execPath, [BIN, ...args], {
-    encoding: 'utf8',
-    env: { ...process.env, GESSO_CACHE_DIR: cache },
-  });
-  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+  return runGesso(args, { GESSO_CACHE_DIR: cache });
 }
 
 let root = '';
@@ -261,7 +255,7 @@ test('gesso generate: Ctrl-C stops cleanly and keeps the finished images', async
     const child = spawn(
       process.execPath,
       [
-        BIN,
+        GESSO_BIN,
         'generate',
         '--model',
         model,

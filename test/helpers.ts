@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -11,6 +12,18 @@ import { Trainer, type TrainerOptions } from '../src/training/trainer.js';
 /** The repository root (tests run from dist/test/). */
 export const repoRoot = resolve(fileURLToPath(new URL('../../', import.meta.url)));
 export const fixtures = join(repoRoot, 'test', 'fixtures');
+
+/** The built command-line entry point. */
+export const GESSO_BIN = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+
+/** Runs the real `gesso` command and returns its exit status and output. */
+export function runGesso(args: readonly string[], env: NodeJS.ProcessEnv = {}) {
+  const r = spawnSync(process.execPath, [GESSO_BIN, ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, ...env },
+  });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
 
 /** `../shared/golden` beside the clone, as CI provides it; undefined when absent. */
 export const goldenDir: string | undefined = (() => {

@@ -76,6 +76,28 @@ test('the shapes world: every caption form, held-out pairs never in training dat
   });
 });
 
+test('colourless training captions: single-object captions may leave the colour unnamed, still true of the image', () => {
+  const colourWords = /\b(red|orange|yellow|green|blue|purple|white|black) (circle|square|triangle|diamond)/;
+  const plain = sampleBatch(seededRandom(4), 400, { excludeHeldOut: true });
+  assert.ok(plain.captions.every((c) => colourWords.test(c)), 'the grammar always names colours');
+  const { captions, scenes } = sampleBatch(seededRandom(4), 400, {
+    excludeHeldOut: true,
+    colourless: 1,
+  });
+  let colourless = 0;
+  captions.forEach((caption, i) => {
+    const scene = scenes[i]!;
+    if (colourWords.test(caption)) return;
+    colourless += 1;
+    assert.equal(scene.objects.length, 1, caption);
+    const o = scene.objects[0]!;
+    assert.match(caption, new RegExp(`\\b(a|an|one) (small |large )?${o.shape}\\b`), caption);
+    assert.doesNotMatch(caption, /  /, caption);
+  });
+  // Single objects are 40% of captions; all of them lose their colour, nothing else does.
+  assert.ok(colourless > 120 && colourless < 200, `${colourless} colourless captions`);
+});
+
 test('the word tokenizer ignores case and punctuation and maps unknown words to <unk>', () => {
   const t = new WordTokenizer(SHAPES_WORDS, 12);
   assert.deepEqual(t.encode('A  RED, circle!'), t.encode('a red circle'));

@@ -314,12 +314,13 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       );
     throw error;
   }
-  // As A1111 names the checkpoint: the bundled name or Hub id as typed, else the folder's name.
+  // As A1111 names the checkpoint: the bundled name or Hub id as typed, else the folder's name
+  // (a single file's without its extension).
   const shownModel =
     modelName === undefined
       ? DEFAULT_MODEL
       : existsSync(modelName)
-        ? basename(resolve(modelPath))
+        ? basename(resolve(modelPath)).replace(/\.safetensors$/i, '')
         : modelName;
 
   const loras = (values.lora ?? []).map((spec) => {

@@ -146,7 +146,9 @@ async function writeSampleGrid(path: string, modelDir: string, config: TrainConf
 }
 
 async function dataSource(config: TrainConfig): Promise<DataSource> {
-  return config.data === 'shapes' ? shapesSource() : folderSource(config.data, 64);
+  return config.data === 'shapes'
+    ? shapesSource(config.shapes_colourless)
+    : folderSource(config.data, 64);
 }
 
 async function diffusionRun(

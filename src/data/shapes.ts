@@ -228,6 +228,12 @@ export function render(scenes: readonly Scene[]): Tensor<'uint8'> {
 export interface SampleOptions {
   /** Exclude the held-out colour–shape pairs (training data). */
   readonly excludeHeldOut: boolean;
+  /**
+   * Fraction of single-object captions that leave the colour unnamed ("a circle"). The grammar
+   * always names it; training with some colourless captions puts prompts such as the `single
+   * object` category's in the training distribution. Default 0: the grammar exactly.
+   */
+  readonly colourless?: number;
 }
 
 export function randomSize(random: Random, size: Size | undefined): number {
@@ -281,14 +287,15 @@ function article(next: string): string {
 
 function objectPhrase(
   random: Random,
-  o: { colour: Colour; shape: ShapeKind },
+  o: { colour: Colour | undefined; shape: ShapeKind },
   size: Size | undefined,
   count = 1,
 ): string {
-  const words = [size, o.colour].filter((w) => w !== undefined).join(' ');
-  if (count > 1) return `${NUMBERS[count - 1]} ${words} ${o.shape}s`;
+  const noun = count > 1 ? `${o.shape}s` : o.shape;
+  const words = [size, o.colour, noun].filter((w) => w !== undefined).join(' ');
+  if (count > 1) return `${NUMBERS[count - 1]} ${words}`;
   const determiner = pick(random, ['a', 'a', 'one'] as const);
-  const first = `${words} ${o.shape}`;
+  const first = words;
   return `${determiner === 'one' ? 'one' : article(first)} ${first}`;
 }
 
@@ -334,9 +341,14 @@ function tryCaption(random: Random, options: SampleOptions): CaptionedScene | un
     });
     if (o === undefined) return undefined;
     const where = position === undefined ? '' : ` ${POSITION_PHRASES[position]}`;
+    const colourless = (options.colourless ?? 0) > 0 && random() < options.colourless!;
+    const named = { shape: o.shape, colour: colourless ? undefined : o.colour };
     return {
       scene: { background, objects: [o] },
-      caption: withPrefix(random, `${objectPhrase(random, o, size)}${where}${backgroundPhrase}`),
+      caption: withPrefix(
+        random,
+        `${objectPhrase(random, named, size)}${where}${backgroundPhrase}`,
+      ),
     };
   }
   if (form < 0.65) {

@@ -11,12 +11,16 @@ export interface DataSource {
   sample(random: Random, count: number): { images: Tensor<'uint8'>; captions: string[] };
 }
 
-export function shapesSource(): DataSource {
+/** `colourless`: the fraction of single-object captions that name no colour (SampleOptions). */
+export function shapesSource(colourless = 0): DataSource {
   return {
     description: 'the shapes world (held-out colour–shape pairs excluded)',
     vocabulary: SHAPES_WORDS,
     sample: (random, count) => {
-      const { images, captions } = sampleBatch(random, count, { excludeHeldOut: true });
+      const { images, captions } = sampleBatch(random, count, {
+        excludeHeldOut: true,
+        colourless,
+      });
       return { images, captions };
     },
   };

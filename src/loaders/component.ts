@@ -1,5 +1,5 @@
 import { readdir, readFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { UserError } from '../errors.js';
 import { WeightSet } from '../nn/weights.js';
 
@@ -74,13 +74,27 @@ export async function findWeightFiles(
   );
 }
 
+/**
+ * One model component's config and weights, wherever they come from: a diffusers component folder,
+ * or a part of a single-file checkpoint.
+ */
+export interface ComponentSource {
+  /** `unet`, `vae`, `text_encoder` or `text_encoder_2` (LoRAs are matched by it). */
+  readonly role: string;
+  /** The folder or `FILE#role`, for messages and cache keys. */
+  readonly name: string;
+  /** The config.json a diffusers folder would hold. */
+  readonly config: Record<string, unknown>;
+  readonly weights: WeightSet;
+}
+
 /** Config and weight headers of one component folder. */
 export async function loadComponent(
   dir: string,
   base: string,
   variant?: string,
-): Promise<{ config: Record<string, unknown>; weights: WeightSet }> {
+): Promise<ComponentSource> {
   const config = await readConfig(dir);
   const weights = await WeightSet.fromFiles(await findWeightFiles(dir, base, variant));
-  return { config, weights };
+  return { role: basename(dir), name: dir, config, weights };
 }

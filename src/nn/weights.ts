@@ -3,7 +3,7 @@ import { resolve } from 'node:path';
 import { UserError } from '../errors.js';
 import type { ExternalData, Graph, Value } from '../graph/ir.js';
 import { cast } from '../graph/ops.js';
-import { SafetensorsFile, tensorDTypeOf } from '../io/safetensors.js';
+import { SafetensorsFile, tensorDTypeOf, type TensorInfo } from '../io/safetensors.js';
 import type { DType } from '../tensor/dtype.js';
 import { Tensor } from '../tensor/tensor.js';
 import type { Module, ParameterSource } from './module.js';
@@ -57,6 +57,14 @@ export class WeightMismatchError extends UserError {
   }
 }
 
+/** Identifies a weight file's contents for cache keys: path, size and modification time. */
+export function fileFingerprint(
+  path: string,
+  info: { size: number; mtimeMs: number } | undefined,
+): string {
+  return `${path}:${info?.size ?? 0}:${info?.mtimeMs ?? 0}`;
+}
+
 /** A set of named weights, read from the headers of weight files or given as host tensors. */
 export class WeightSet {
   readonly records: ReadonlyMap<string, WeightRecord>;
@@ -84,13 +92,7 @@ export class WeightSet {
       const info = await stat(path).catch(() => undefined);
       await SafetensorsFile.with(path, async (file) => {
         for (const t of file.tensors.values()) {
-          const dtype = tensorDTypeOf(t.dtype);
-          if (dtype === undefined) {
-            throw new UserError(
-              'unsupported-dtype',
-              `${path}: weight '${t.name}' has dtype ${t.dtype}, which gesso cannot compute with`,
-            );
-          }
+          const dtype = WeightSet.dtypeOf(t, path);
           if (records.has(t.name)) {
             throw new UserError(
               'duplicate-weight',
@@ -105,9 +107,36 @@ export class WeightSet {
           });
         }
       });
-      prints.push(`${path}:${info?.size ?? 0}:${info?.mtimeMs ?? 0}`);
+      prints.push(fileFingerprint(path, info));
     }
     return new WeightSet(records, list.join(', '), prints.join('|'));
+  }
+
+  /** The dtype gesso computes a stored tensor in, or a clear error for dtypes it cannot. */
+  static dtypeOf(t: TensorInfo, path: string): DType {
+    const dtype = tensorDTypeOf(t.dtype);
+    if (dtype === undefined) {
+      throw new UserError(
+        'unsupported-dtype',
+        `${path}: weight '${t.name}' has dtype ${t.dtype}, which gesso cannot compute with`,
+      );
+    }
+    return dtype;
+  }
+
+  /** Records assembled elsewhere (a single-file checkpoint's components, renamed and split). */
+  static fromRecords(
+    records: Iterable<WeightRecord>,
+    origin: string,
+    fingerprint: string,
+  ): WeightSet {
+    const map = new Map<string, WeightRecord>();
+    for (const r of records) {
+      if (map.has(r.key))
+        throw new UserError('duplicate-weight', `weight '${r.key}' appears twice in ${origin}`);
+      map.set(r.key, r);
+    }
+    return new WeightSet(map, origin, fingerprint);
   }
 
   static fromTensors(tensors: Readonly<Record<string, Tensor>>, origin = 'memory'): WeightSet {

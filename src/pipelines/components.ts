@@ -1,9 +1,8 @@
 import { readdirSync } from 'node:fs';
-import { basename } from 'node:path';
 import { UserError } from '../errors.js';
 import { Graph, type Value } from '../graph/ir.js';
 import { emitOnnx } from '../graph/onnx.js';
-import { findWeightFiles, readConfig } from '../loaders/component.js';
+import { loadComponent, readConfig, type ComponentSource } from '../loaders/component.js';
 import { mergeLoras, type LoraComponent, type LoraFile } from '../loaders/lora.js';
 import { hasOnnxModel, openOnnxFile, type OnnxFile } from '../loaders/onnx-file.js';
 import { AutoencoderKL, autoencoderKLConfig } from '../models/autoencoder-kl.js';
@@ -86,20 +85,24 @@ class Compiled<M extends Module> {
 }
 
 async function bindComponent<M extends Module>(
-  dir: string,
+  source: string | ComponentSource,
   base: string,
   make: (config: Record<string, unknown>) => M,
   options: ComponentOptions,
   ignore?: (key: string) => boolean,
 ): Promise<Compiled<M>> {
-  const config = await readConfig(dir);
+  const {
+    role,
+    name,
+    config,
+    weights: stored,
+  } = typeof source === 'string' ? await loadComponent(source, base, options.variant) : source;
   const module = make(config);
-  let weights = await WeightSet.fromFiles(await findWeightFiles(dir, base, options.variant));
-  const component = basename(dir);
-  if (options.mergedLoras !== undefined && /^(unet|text_encoder(_2)?)$/.test(component))
-    weights = await mergeLoras(weights, component as LoraComponent, options.mergedLoras);
+  let weights = stored;
+  if (options.mergedLoras !== undefined && /^(unet|text_encoder(_2)?)$/.test(role))
+    weights = await mergeLoras(weights, role as LoraComponent, options.mergedLoras);
   const bound = weights.bind(module, ignore === undefined ? {} : { ignoreUnexpected: ignore });
-  return new Compiled(module, bound, JSON.stringify({ dir, config }), options);
+  return new Compiled(module, bound, JSON.stringify({ dir: name, config }), options);
 }
 
 export interface TextEncoding {
@@ -133,10 +136,14 @@ export class TextEncoder {
     this.onnx = onnx;
   }
 
-  static async load(dir: string, options: ComponentOptions): Promise<TextEncoder> {
-    if (isOnnxFolder(dir)) return new TextEncoder(undefined, await openOnnxFile(dir, options));
+  static async load(
+    source: string | ComponentSource,
+    options: ComponentOptions,
+  ): Promise<TextEncoder> {
+    if (typeof source === 'string' && isOnnxFolder(source))
+      return new TextEncoder(undefined, await openOnnxFile(source, options));
     const compiled = await bindComponent(
-      dir,
+      source,
       'model',
       (c) => new ClipTextModel(clipTextConfig(c)),
       options,
@@ -247,9 +254,9 @@ export class UNet {
     this.onnx = onnx;
   }
 
-  static async load(dir: string, options: ComponentOptions): Promise<UNet> {
-    if (isOnnxFolder(dir)) {
-      const file = await openOnnxFile(dir, options);
+  static async load(source: string | ComponentSource, options: ComponentOptions): Promise<UNet> {
+    if (typeof source === 'string' && isOnnxFolder(source)) {
+      const file = await openOnnxFile(source, options);
       // No config.json in this layout: the channels and native size come from the input shape.
       const sample = file.inputs.find((i) => i.name === 'sample')?.shape ?? [];
       const channels = typeof sample[1] === 'number' ? sample[1] : 4;
@@ -260,7 +267,7 @@ export class UNet {
       });
     }
     const compiled = await bindComponent(
-      dir,
+      source,
       'diffusion_pytorch_model',
       (c) =>
         new UNet2DConditionModel(unetConfig(c), { fusedAttention: options.fusedAttention ?? true }),
@@ -339,6 +346,20 @@ type Codec = AutoencoderKL | PatchAutoencoder;
 /** diffusers' ONNX pipeline fixes the VAE's latent scaling (0.18215) and its 4 channels. */
 const ONNX_VAE = { scalingFactor: 0.18215, latentChannels: 4 };
 
+async function bindAutoencoderKL(
+  source: string | ComponentSource,
+  options: ComponentOptions,
+): Promise<Compiled<Codec>> {
+  const compiled = await bindComponent(
+    source,
+    'diffusion_pytorch_model',
+    (c) =>
+      new AutoencoderKL(autoencoderKLConfig(c), { fusedAttention: options.fusedAttention ?? true }),
+    options,
+  );
+  return compiled as Compiled<Codec>;
+}
+
 export class Vae {
   private readonly compiled: Compiled<Codec> | undefined;
   private readonly onnx:
@@ -370,7 +391,9 @@ export class Vae {
     return new Vae(undefined, { decoder, encoder, scaleFactor });
   }
 
-  static async load(dir: string, options: ComponentOptions): Promise<Vae> {
+  static async load(source: string | ComponentSource, options: ComponentOptions): Promise<Vae> {
+    if (typeof source !== 'string') return new Vae(await bindAutoencoderKL(source, options));
+    const dir = source;
     const config = await readConfig(dir);
     if (config._class_name === 'GessoPatchAutoencoder') {
       const module = new PatchAutoencoder(patchAutoencoderConfig(config));
@@ -383,16 +406,7 @@ export class Vae {
         ),
       );
     }
-    const compiled = await bindComponent(
-      dir,
-      'diffusion_pytorch_model',
-      (c) =>
-        new AutoencoderKL(autoencoderKLConfig(c), {
-          fusedAttention: options.fusedAttention ?? true,
-        }),
-      options,
-    );
-    return new Vae(compiled as Compiled<Codec>);
+    return new Vae(await bindAutoencoderKL(dir, options));
   }
 
   private get codec(): Codec {

@@ -1,3 +1,4 @@
+import { statSync } from 'node:fs';
 import { readConfig } from '../loaders/component.js';
 import type { ComponentOptions } from './components.js';
 import { GanPipeline } from './gan.js';
@@ -18,11 +19,16 @@ export interface TextToImage {
   release(): Promise<void>;
 }
 
-/** Loads any model folder gesso runs: a diffusion pipeline, or one of gesso's GANs. */
+/**
+ * Loads any model gesso runs: a diffusion pipeline folder or single-file checkpoint, or one of
+ * gesso's GANs.
+ */
 export async function loadPipeline(
   path: string,
   options: PipelineOptions & ComponentOptions = {},
 ): Promise<TextToImage> {
+  if (/\.safetensors$/i.test(path) && statSync(path, { throwIfNoEntry: false })?.isFile() === true)
+    return StableDiffusionPipeline.fromSingleFile(path, options);
   const index = await readConfig(path, 'model_index.json');
   if (index._class_name === 'GessoGanPipeline') return GanPipeline.fromPretrained(path, options);
   return StableDiffusionPipeline.fromPretrained(path, options);

@@ -1,7 +1,9 @@
+import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { UserError } from '../errors.js';
 import { readConfig } from '../loaders/component.js';
 import { readLora, type LoraSpec } from '../loaders/lora.js';
+import { openSingleFile } from '../loaders/single-file.js';
 import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedulers/index.js';
 import { chunk, concat, map, zip } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
@@ -123,6 +125,10 @@ export interface PipelineOptions extends ComponentOptions {
   readonly scheduler?: string;
 }
 
+async function isFile(path: string): Promise<boolean> {
+  return (await stat(path).catch(() => undefined))?.isFile() === true;
+}
+
 function asList(value: string | readonly string[]): string[] {
   return typeof value === 'string' ? [value] : [...value];
 }
@@ -202,7 +208,11 @@ export class StableDiffusionPipeline {
     this.forceZerosForEmptyPrompt = parts.forceZerosForEmptyPrompt ?? false;
   }
 
-  /** Loads a diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`, `scheduler/`). */
+  /**
+   * Loads a diffusers folder (`model_index.json`, `tokenizer/`, `text_encoder/`, `unet/`, `vae/`,
+   * `scheduler/`; or the ONNX layout), or a single-file checkpoint (a `.safetensors` file with the
+   * original key names).
+   */
   static async fromPretrained(
     path: string,
     options: PipelineOptions = {},
@@ -212,6 +222,8 @@ export class StableDiffusionPipeline {
         ...options,
         mergedLoras: await Promise.all(options.loras.map((l) => readLora(l))),
       };
+    if (path.toLowerCase().endsWith('.safetensors') && (await isFile(path)))
+      return StableDiffusionPipeline.fromSingleFile(path, options);
     const index = await readConfig(path, 'model_index.json');
     const named = (part: string) =>
       Array.isArray(index[part]) && (index[part] as unknown[])[0] !== null;
@@ -231,36 +243,87 @@ export class StableDiffusionPipeline {
         );
       }
     }
-    const [tokenizer, textEncoder, unet, vae, schedulerConfig] = await Promise.all([
-      loadTokenizer(join(path, 'tokenizer')),
-      TextEncoder.load(join(path, 'text_encoder'), options),
-      UNet.load(join(path, 'unet'), options),
-      onnxVae
-        ? Vae.loadOnnx(
-            join(path, 'vae_decoder'),
-            named('vae_encoder') ? join(path, 'vae_encoder') : undefined,
-            options,
-          )
-        : Vae.load(join(path, 'vae'), options),
-      readConfig(join(path, 'scheduler'), 'scheduler_config.json'),
-    ]);
-    if (options.scheduler !== undefined) createScheduler(schedulerConfig, options.scheduler); // fail early on a bad name
-    const sdxl =
-      Array.isArray(index.text_encoder_2) && (index.text_encoder_2 as unknown[])[0] !== null;
-    const [tokenizer2, textEncoder2] = sdxl
-      ? await Promise.all([
-          loadTokenizer(join(path, 'tokenizer_2')),
-          TextEncoder.load(join(path, 'text_encoder_2'), options),
-        ])
-      : [undefined, undefined];
-    return new StableDiffusionPipeline(
+    const sdxl = named('text_encoder_2');
+    const [tokenizer, textEncoder, unet, vae, schedulerConfig, tokenizer2, textEncoder2] =
+      await Promise.all([
+        loadTokenizer(join(path, 'tokenizer')),
+        TextEncoder.load(join(path, 'text_encoder'), options),
+        UNet.load(join(path, 'unet'), options),
+        onnxVae
+          ? Vae.loadOnnx(
+              join(path, 'vae_decoder'),
+              named('vae_encoder') ? join(path, 'vae_encoder') : undefined,
+              options,
+            )
+          : Vae.load(join(path, 'vae'), options),
+        readConfig(join(path, 'scheduler'), 'scheduler_config.json'),
+        sdxl ? loadTokenizer(join(path, 'tokenizer_2')) : undefined,
+        sdxl ? TextEncoder.load(join(path, 'text_encoder_2'), options) : undefined,
+      ]);
+    return StableDiffusionPipeline.assemble(
       path,
+      index,
+      { tokenizer, textEncoder, unet, vae, schedulerConfig, tokenizer2, textEncoder2 },
+      options,
+    );
+  }
+
+  /**
+   * A single-file checkpoint (original CompVis / Stability key names): SD 1.x, SD 2.x or SDXL,
+   * its architecture read from the tensor shapes, its weights used in place.
+   */
+  static async fromSingleFile(
+    path: string,
+    options: PipelineOptions = {},
+  ): Promise<StableDiffusionPipeline> {
+    const model = await openSingleFile(path);
+    const { components: c, tokenizers } = model;
+    const [tokenizer, textEncoder, unet, vae, tokenizer2, textEncoder2] = await Promise.all([
+      ClipTokenizer.bundled(tokenizers.tokenizer!.padToken),
+      TextEncoder.load(c.text_encoder!, options),
+      UNet.load(c.unet!, options),
+      Vae.load(c.vae!, options),
+      tokenizers.tokenizer_2 !== undefined
+        ? ClipTokenizer.bundled(tokenizers.tokenizer_2.padToken)
+        : undefined,
+      c.text_encoder_2 !== undefined ? TextEncoder.load(c.text_encoder_2, options) : undefined,
+    ]);
+    return StableDiffusionPipeline.assemble(
+      path,
+      model.index,
       {
         tokenizer,
         textEncoder,
         unet,
         vae,
-        schedulerConfig,
+        schedulerConfig: model.schedulerConfig,
+        tokenizer2,
+        textEncoder2,
+      },
+      options,
+    );
+  }
+
+  private static assemble(
+    path: string,
+    index: Readonly<Record<string, unknown>>,
+    parts: {
+      tokenizer: Tokenizer;
+      textEncoder: TextEncoder;
+      unet: UNet;
+      vae: Vae;
+      schedulerConfig: SchedulerConfig;
+      tokenizer2: Tokenizer | undefined;
+      textEncoder2: TextEncoder | undefined;
+    },
+    options: PipelineOptions,
+  ): StableDiffusionPipeline {
+    if (options.scheduler !== undefined) createScheduler(parts.schedulerConfig, options.scheduler); // fail early on a bad name
+    const { tokenizer2, textEncoder2, ...common } = parts;
+    return new StableDiffusionPipeline(
+      path,
+      {
+        ...common,
         ...(tokenizer2 !== undefined && textEncoder2 !== undefined
           ? { tokenizer2, textEncoder2 }
           : {}),

@@ -1,3 +1,4 @@
+import { fileURLToPath } from 'node:url';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { decodeHTML } from 'entities';
@@ -110,8 +111,20 @@ export class ClipTokenizer {
     }
   }
 
+  /**
+   * CLIP's vocabulary as the repository bundles it (assets/clip-tokenizer), for models that carry
+   * no tokenizer (single-file checkpoints). SD 2.x and SDXL's OpenCLIP encoders pad with '!'.
+   */
+  static async bundled(padToken = '<|endoftext|>'): Promise<ClipTokenizer> {
+    const dir = fileURLToPath(new URL('../../../assets/clip-tokenizer', import.meta.url));
+    return ClipTokenizer.fromFolder(dir, { pad_token: padToken });
+  }
+
   /** Loads `vocab.json`, `merges.txt` and `tokenizer_config.json` / `special_tokens_map.json`. */
-  static async fromFolder(dir: string): Promise<ClipTokenizer> {
+  static async fromFolder(
+    dir: string,
+    overrides: Readonly<Record<string, unknown>> = {},
+  ): Promise<ClipTokenizer> {
     const read = async (name: string): Promise<string | undefined> =>
       readFile(join(dir, name), 'utf8').catch(() => undefined);
     const vocabText = await read('vocab.json');
@@ -134,6 +147,7 @@ export class ClipTokenizer {
     const config = {
       ...parseLoose(await read('special_tokens_map.json')),
       ...parseLoose(await read('tokenizer_config.json')),
+      ...overrides,
     };
     const token = (key: string, fallback: string): string => {
       const v = config[key];

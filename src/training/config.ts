@@ -29,6 +29,7 @@ export interface TrainConfig {
   sample_steps: number;
   sample_guidance: number;
   data: string;
+  shapes_colourless: number;
   threads: number | null;
   text_encoder_from: string;
   gan: {
@@ -124,6 +125,11 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
     type: 'string',
     doc: '"shapes" (the shapes world, generated on the fly) or a folder of images with captions (NAME.txt beside each, or metadata.jsonl)',
   },
+  shapes_colourless: {
+    type: 'number',
+    min: 0,
+    doc: 'shapes world: fraction of single-object captions that leave the colour unnamed ("a circle"); the grammar always names it, prompts often do not',
+  },
   threads: { type: 'integer|null', min: 1, doc: 'compute threads (null: one per core)' },
   text_encoder_from: {
     type: 'string',
@@ -168,6 +174,7 @@ export const DEFAULT_TRAIN_CONFIG: TrainConfig = {
   sample_steps: 20,
   sample_guidance: 4,
   data: 'shapes',
+  shapes_colourless: 0,
   threads: null,
   text_encoder_from: 'models/shapes-diffusion',
   gan: {
