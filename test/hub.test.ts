@@ -87,6 +87,19 @@ test('Hub ids and the files a pipeline needs', () => {
   assert.ok(
     pipelineFiles(files, 'fp16').includes('vae/diffusion_pytorch_model.safetensors.index.json'),
   );
+  // A single-component repo (as madebyollin/taesd): its config and one set of weights.
+  const component = [
+    'config.json',
+    'README.md',
+    'diffusion_pytorch_model.safetensors',
+    'diffusion_pytorch_model.bin',
+    'taesd_decoder.pth',
+    'images/example.png',
+  ];
+  assert.deepEqual(pipelineFiles(component).sort(), [
+    'config.json',
+    'diffusion_pytorch_model.safetensors',
+  ]);
 });
 
 test(

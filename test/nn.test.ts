@@ -20,6 +20,7 @@ import {
   WeightMismatchError,
   WeightSet,
 } from '../src/nn/index.js';
+import { Vae } from '../src/pipelines/components.js';
 import { runOnce } from '../src/runtime/session.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
@@ -268,4 +269,24 @@ test('parameter paths are state-dict keys', () => {
   assert.ok(!keys.some((k) => k.startsWith('down_pool')));
   assert.equal(zoo.selfAttn.path, 'self_attn');
   assert.equal(zoo.linear2d.parameterCount(), 5 * 7 + 7);
+});
+
+test('the tiny autoencoder (TAESD): encode and decode equal PyTorch’s on random weights', async () => {
+  // scripts/make-taesd-fixture.py: TAESD written in PyTorch from its description, random weights.
+  const vae = await Vae.load(join(fixtures, 'taesd-tiny'), { cacheDir: false });
+  assert.equal(vae.scalingFactor, 1);
+  assert.equal(vae.scaleFactor, 8);
+  const io = async (name: string) =>
+    SafetensorsFile.with(join(fixtures, 'taesd-io.safetensors'), async (f) =>
+      (await f.read(name)).toFloat32(),
+    );
+  const decoded = await vae.decode(await io('latents'));
+  const expected = await io('decoded');
+  assert.deepEqual(decoded.shape, [1, 3, 32, 32]);
+  // Float32 arithmetic in a different order: within 1e-5 of values of order 1.
+  assertClose(decoded, expected, { atol: 1e-5, rtol: 1e-5 }, 'decode');
+  const { mean, std } = await vae.encode(await io('image'));
+  assertClose(mean, await io('encoded'), { atol: 1e-5, rtol: 1e-5 }, 'encode');
+  assert.ok(std.data.every((v) => v === 0));
+  await vae.release();
 });

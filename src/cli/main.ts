@@ -5,7 +5,8 @@ import { isUserError } from '../errors.js';
 const USAGE = `usage: gesso <command> [options]
 
 commands:
-  convert SRC DEST  copy a model folder with its weights in fp16 or fp32
+  bench             measure speed and memory (full-size models with random weights)
+  convert SRC DEST  convert a model: fp16/fp32 weights, diffusers folder ↔ single file
   download ORG/NAME fetch a model from the Hugging Face Hub into the shared Hub cache
   eval              measure a model's prompt fidelity, diversity, realism and speed
   generate PROMPT   draw images (gesso generate --help for the options)
@@ -21,6 +22,7 @@ type Command = (args: readonly string[]) => Promise<number>;
 
 // Commands load on demand, so a quick command never pays for ONNX Runtime's start-up.
 const COMMANDS: Readonly<Record<string, Command>> = {
+  bench: async (args) => (await import('./bench.js')).benchCommand(args),
   convert: async (args) => (await import('./convert.js')).convertCommand(args),
   download: async (args) => (await import('./download.js')).downloadCommand(args),
   eval: async (args) => (await import('./eval.js')).evalCommand(args),

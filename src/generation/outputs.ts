@@ -38,6 +38,8 @@ export interface ImageSettings {
   readonly strength?: number;
   /** Inpainting: the mask image. */
   readonly mask?: string;
+  /** The tiny autoencoder the image was decoded with (--fast-decode), as the user named it. */
+  readonly vae?: string;
 }
 
 /** The A1111 infotext of an image's settings: prompt, negative prompt, then the parameter line. */
@@ -54,6 +56,7 @@ export function infotextFor(s: ImageSettings, modelName: string): string {
   if (s.strength !== undefined) params.push(['Denoising strength', String(s.strength)]);
   if (s.clip_skip !== undefined && s.clip_skip > 0)
     params.push(['Clip skip', String(s.clip_skip + 1)]);
+  if (s.vae !== undefined) params.push(['VAE', s.vae]);
   params.push(['Version', 'gesso']);
   return formatInfotext({ prompt: s.prompt, negativePrompt: s.negative_prompt, params });
 }
@@ -71,6 +74,7 @@ export interface ParsedSettings {
   readonly model?: string;
   readonly clipSkip?: number;
   readonly strength?: number;
+  readonly vae?: string;
   /** Every key and value as written, in order. */
   readonly params: readonly (readonly [string, string])[];
 }
@@ -102,6 +106,7 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
   const seed = number('Seed');
   const model = get('Model');
   const strength = number('Denoising strength');
+  const vae = get('VAE');
   return {
     prompt: info.prompt,
     negativePrompt: info.negativePrompt,
@@ -114,6 +119,7 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
     ...(model !== undefined ? { model } : {}),
     ...(clip !== undefined ? { clipSkip: clip - 1 } : {}),
     ...(strength !== undefined ? { strength } : {}),
+    ...(vae !== undefined ? { vae } : {}),
   };
 }
 
@@ -236,6 +242,7 @@ export async function renderBatch(
       : {}),
     ...(options.latents !== undefined ? { latents: options.latents } : {}),
     ...(first.clip_skip !== undefined ? { clipSkip: first.clip_skip } : {}),
+    ...(first.vae !== undefined ? { fastDecode: true } : {}),
     ...(options.signal !== undefined ? { signal: options.signal } : {}),
     onProgress: ({ step, steps, latents }) => options.onProgress?.(step, steps, latents),
   });

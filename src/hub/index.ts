@@ -85,7 +85,9 @@ export function cachedSnapshot(spec: RepoSpec, cacheDir: string): string | undef
     commit = readFileSync(ref, 'utf8').trim();
   }
   const snapshot = join(folder, 'snapshots', commit);
-  return existsSync(join(snapshot, 'model_index.json')) ? snapshot : undefined;
+  return existsSync(join(snapshot, 'model_index.json')) || existsSync(join(snapshot, 'config.json'))
+    ? snapshot
+    : undefined;
 }
 
 /** Components gesso loads; others in a pipeline repo (safety checker, ...) are not fetched. */
@@ -103,12 +105,44 @@ const COMPONENTS = new Set([
 const WEIGHT = /\.(safetensors|bin|ckpt|pt|pth|msgpack|h5|onnx|onnx_data|pb)$/;
 
 /**
- * The files of a diffusers pipeline repo that a pipeline needs: model_index.json and, for each
- * component gesso loads, its configuration files and one set of weights: the requested variant
+ * One component's weights among its folder's files: the requested variant
  * (`name.fp16.safetensors`) where it exists, else the plain `.safetensors`, else `.bin`
  * (diffusers' preference), shards and their index included.
  */
+function chooseWeights(names: readonly string[], variant?: string): string[] {
+  const weights = names.filter((n) => WEIGHT.test(n) || n.endsWith('.index.json'));
+  const isVariant = (n: string, v: string) =>
+    n.includes(`.${v}.`) || new RegExp(`\\.${v}-\\d+-of-\\d+\\.`).test(n);
+  const anyVariant = (n: string) => /\.(fp16|fp32|bf16|non_ema|ema)[.-]/.test(n);
+  const pick = (ext: string): string[] => {
+    const plain = weights.filter(
+      (n) => (n.endsWith(ext) || n.endsWith(`${ext}.index.json`)) && !anyVariant(n),
+    );
+    if (variant !== undefined) {
+      const wanted = weights.filter(
+        (n) => (n.endsWith(ext) || n.endsWith(`${ext}.index.json`)) && isVariant(n, variant),
+      );
+      if (wanted.length > 0) return wanted;
+    }
+    return plain;
+  };
+  const safetensors = pick('.safetensors');
+  return safetensors.length > 0 ? safetensors : pick('.bin');
+}
+
+/**
+ * The files a model repo's loader needs. A diffusers pipeline repo: model_index.json and, for each
+ * component gesso loads, its configuration files and one set of weights. A single-component repo
+ * (config.json at the top, as the tiny autoencoders `madebyollin/taesd` and `taesdxl`): its
+ * top-level configuration files and one set of weights.
+ */
 export function pipelineFiles(paths: readonly string[], variant?: string): string[] {
+  const isConfig = (n: string) =>
+    !WEIGHT.test(n) && n.endsWith('.json') && !n.endsWith('.index.json');
+  if (!paths.includes('model_index.json')) {
+    const top = paths.filter((p) => !p.includes('/'));
+    return [...top.filter(isConfig), ...chooseWeights(top, variant)];
+  }
   const chosen = ['model_index.json'];
   const byFolder = new Map<string, string[]>();
   for (const path of paths) {
@@ -119,25 +153,7 @@ export function pipelineFiles(paths: readonly string[], variant?: string): strin
   for (const [folder, names] of byFolder) {
     const configs = names.filter((n) => !WEIGHT.test(n) && !n.endsWith('.index.json'));
     chosen.push(...configs.map((n) => `${folder}/${n}`));
-    const weights = names.filter((n) => WEIGHT.test(n) || n.endsWith('.index.json'));
-    const isVariant = (n: string, v: string) =>
-      n.includes(`.${v}.`) || new RegExp(`\\.${v}-\\d+-of-\\d+\\.`).test(n);
-    const anyVariant = (n: string) => /\.(fp16|fp32|bf16|non_ema|ema)[.-]/.test(n);
-    const pick = (ext: string): string[] => {
-      const plain = weights.filter(
-        (n) => (n.endsWith(ext) || n.endsWith(`${ext}.index.json`)) && !anyVariant(n),
-      );
-      if (variant !== undefined) {
-        const wanted = weights.filter(
-          (n) => (n.endsWith(ext) || n.endsWith(`${ext}.index.json`)) && isVariant(n, variant),
-        );
-        if (wanted.length > 0) return wanted;
-      }
-      return plain;
-    };
-    const safetensors = pick('.safetensors');
-    const files = safetensors.length > 0 ? safetensors : pick('.bin');
-    chosen.push(...files.map((n) => `${folder}/${n}`));
+    chosen.push(...chooseWeights(names, variant).map((n) => `${folder}/${n}`));
   }
   return chosen;
 }
@@ -249,10 +265,10 @@ export async function downloadModel(spec: RepoSpec, options: HubOptions): Promis
     throw hubError(spec, error);
   }
   const files = new Map(entries.filter((e) => e.type === 'file').map((e) => [e.path, e]));
-  if (!files.has('model_index.json'))
+  if (!files.has('model_index.json') && !files.has('config.json'))
     throw new UserError(
       'unsupported-model',
-      `${spec.repo} has no model_index.json at its top level, so it is not a diffusers pipeline repo`,
+      `${spec.repo} has no model_index.json (a diffusers pipeline) or config.json (one component) at its top level`,
     );
   const wanted = pipelineFiles([...files.keys()], options.variant);
 

@@ -6,6 +6,7 @@ import { loadComponent, readConfig, type ComponentSource } from '../loaders/comp
 import { mergeLoras, type LoraComponent, type LoraFile } from '../loaders/lora.js';
 import { hasOnnxModel, openOnnxFile, type OnnxFile } from '../loaders/onnx-file.js';
 import { AutoencoderKL, autoencoderKLConfig } from '../models/autoencoder-kl.js';
+import { AutoencoderTiny, autoencoderTinyConfig } from '../models/autoencoder-tiny.js';
 import { ClipTextModel, clipTextConfig } from '../models/clip-text.js';
 import { PatchAutoencoder, patchAutoencoderConfig } from '../models/patch-autoencoder.js';
 import { UNet2DConditionModel, unetConfig, type UNetConfig } from '../models/unet-2d-condition.js';
@@ -340,21 +341,26 @@ export class UNet {
   }
 }
 
-type Codec = AutoencoderKL | PatchAutoencoder;
+type Codec = AutoencoderKL | AutoencoderTiny | PatchAutoencoder;
 
 /** The image codec of a pipeline: a KL autoencoder, or gesso's parameter-free patch codec. */
 /** diffusers' ONNX pipeline fixes the VAE's latent scaling (0.18215) and its 4 channels. */
 const ONNX_VAE = { scalingFactor: 0.18215, latentChannels: 4 };
 
-async function bindAutoencoderKL(
+/** A KL autoencoder, or the tiny autoencoder (TAESD) when the config names AutoencoderTiny. */
+async function bindAutoencoder(
   source: string | ComponentSource,
   options: ComponentOptions,
 ): Promise<Compiled<Codec>> {
-  const compiled = await bindComponent(
+  const compiled = await bindComponent<AutoencoderKL | AutoencoderTiny>(
     source,
     'diffusion_pytorch_model',
     (c) =>
-      new AutoencoderKL(autoencoderKLConfig(c), { fusedAttention: options.fusedAttention ?? true }),
+      c._class_name === 'AutoencoderTiny'
+        ? new AutoencoderTiny(autoencoderTinyConfig(c))
+        : new AutoencoderKL(autoencoderKLConfig(c), {
+            fusedAttention: options.fusedAttention ?? true,
+          }),
     options,
   );
   return compiled as Compiled<Codec>;
@@ -392,7 +398,7 @@ export class Vae {
   }
 
   static async load(source: string | ComponentSource, options: ComponentOptions): Promise<Vae> {
-    if (typeof source !== 'string') return new Vae(await bindAutoencoderKL(source, options));
+    if (typeof source !== 'string') return new Vae(await bindAutoencoder(source, options));
     const dir = source;
     const config = await readConfig(dir);
     if (config._class_name === 'GessoPatchAutoencoder') {
@@ -406,7 +412,7 @@ export class Vae {
         ),
       );
     }
-    return new Vae(await bindAutoencoderKL(dir, options));
+    return new Vae(await bindAutoencoder(dir, options));
   }
 
   private get codec(): Codec {
@@ -425,17 +431,17 @@ export class Vae {
 
   get latentChannels(): number {
     if (this.onnx !== undefined) return ONNX_VAE.latentChannels;
-    return this.codec instanceof AutoencoderKL
-      ? this.codec.config.latentChannels
-      : this.codec.latentChannels;
+    return this.codec instanceof PatchAutoencoder
+      ? this.codec.latentChannels
+      : this.codec.config.latentChannels;
   }
 
   /** Pixels per latent. */
   get scaleFactor(): number {
     if (this.onnx !== undefined) return this.onnx.scaleFactor;
-    return this.codec instanceof AutoencoderKL
-      ? 2 ** (this.codec.config.blockOutChannels.length - 1)
-      : this.codec.config.patchSize;
+    const codec = this.codec;
+    if (codec instanceof AutoencoderKL) return 2 ** (codec.config.blockOutChannels.length - 1);
+    return codec instanceof AutoencoderTiny ? codec.scaleFactor : codec.config.patchSize;
   }
 
   /** Unscaled latents → pixels in about [−1, 1], NCHW. */
@@ -453,7 +459,7 @@ export class Vae {
         'height',
         'width',
       ]);
-      g.output(codec instanceof AutoencoderKL ? codec.decode(p, z) : codec.decode(z), 'sample');
+      g.output(codec instanceof PatchAutoencoder ? codec.decode(z) : codec.decode(p, z), 'sample');
     });
     return (await session.run({ latent_sample: latents })).sample as Tensor<'float32'>;
   }
@@ -478,7 +484,8 @@ export class Vae {
         g.output(d.mean, 'mean');
         g.output(d.std, 'std');
       } else {
-        const mean = codec.encode(x);
+        // Deterministic encoders: the latents are the mean, with no spread.
+        const mean = codec instanceof PatchAutoencoder ? codec.encode(x) : codec.encode(p, x);
         g.output(mean, 'mean');
         g.output(op.mul(mean, 0), 'std');
       }

@@ -86,6 +86,8 @@ export interface GenerateOptions {
   readonly onProgress?: (info: ProgressInfo) => void | Promise<void>;
   /** Skip the VAE and return only latents. */
   readonly latentsOnly?: boolean;
+  /** Decode with the tiny autoencoder (PipelineOptions.tinyVae): much faster, a little softer. */
+  readonly fastDecode?: boolean;
 }
 
 export interface GenerateResult {
@@ -123,6 +125,11 @@ export interface PipelineOptions extends ComponentOptions {
   readonly loras?: readonly LoraSpec[];
   /** A scheduler by name to use by default instead of the folder's. */
   readonly scheduler?: string;
+  /**
+   * A tiny autoencoder's folder (diffusers' AutoencoderTiny: TAESD for SD 1.x/2.x, TAESDXL for
+   * SDXL) for `fastDecode` and previews.
+   */
+  readonly tinyVae?: string;
 }
 
 async function isFile(path: string): Promise<boolean> {
@@ -171,6 +178,7 @@ export class StableDiffusionPipeline {
   readonly textEncoder: TextEncoder;
   readonly unet: UNet;
   readonly vae: Vae;
+  private tiny: Vae | undefined;
   readonly schedulerConfig: SchedulerConfig;
   readonly options: PipelineOptions;
   readonly defaults: GenerationDefaults;
@@ -304,7 +312,7 @@ export class StableDiffusionPipeline {
     );
   }
 
-  private static assemble(
+  private static async assemble(
     path: string,
     index: Readonly<Record<string, unknown>>,
     parts: {
@@ -317,10 +325,10 @@ export class StableDiffusionPipeline {
       textEncoder2: TextEncoder | undefined;
     },
     options: PipelineOptions,
-  ): StableDiffusionPipeline {
+  ): Promise<StableDiffusionPipeline> {
     if (options.scheduler !== undefined) createScheduler(parts.schedulerConfig, options.scheduler); // fail early on a bad name
     const { tokenizer2, textEncoder2, ...common } = parts;
-    return new StableDiffusionPipeline(
+    const pipe = new StableDiffusionPipeline(
       path,
       {
         ...common,
@@ -332,6 +340,28 @@ export class StableDiffusionPipeline {
       options,
       generationDefaults(index),
     );
+    if (options.tinyVae !== undefined) await pipe.loadTinyVae(options.tinyVae);
+    return pipe;
+  }
+
+  /** The tiny autoencoder for fast decoding and previews, when one is loaded. */
+  get tinyVae(): Vae | undefined {
+    return this.tiny;
+  }
+
+  /** Loads a tiny autoencoder (an AutoencoderTiny folder) for `fastDecode` and previews. */
+  async loadTinyVae(dir: string): Promise<void> {
+    const tiny = await Vae.load(dir, this.options);
+    if (
+      tiny.latentChannels !== this.vae.latentChannels ||
+      tiny.scaleFactor !== this.vae.scaleFactor
+    )
+      throw new UserError(
+        'bad-model',
+        `the tiny autoencoder ${dir} does not fit this model (${tiny.latentChannels} latent channels at 1/${tiny.scaleFactor} scale; the model's VAE: ${this.vae.latentChannels} at 1/${this.vae.scaleFactor})`,
+      );
+    await this.tiny?.release();
+    this.tiny = tiny;
   }
 
   /** The default image size: the UNet's sample size times the VAE's scale factor. */
@@ -711,7 +741,12 @@ export class StableDiffusionPipeline {
     signal?.throwIfAborted();
 
     if (options.latentsOnly === true) return { images: new Tensor('float32', [0]), latents, seeds };
-    const images = await this.decode(latents);
+    if (options.fastDecode === true && this.tiny === undefined)
+      throw new UserError(
+        'usage',
+        'fast decoding needs a tiny autoencoder: pass tinyVae (a TAESD folder) when loading, or call loadTinyVae',
+      );
+    const images = await this.decode(latents, { fast: options.fastDecode === true });
     if (pixelMask !== undefined && imageInput !== undefined && options.keepUnmasked !== false) {
       // The kept pixels come back exactly as they were (NHWC, [0, 1]).
       const original = toModelPixels(imageInput);
@@ -730,11 +765,15 @@ export class StableDiffusionPipeline {
     return { images, latents, seeds };
   }
 
-  /** Latents → NHWC images in [0, 1], as diffusers' VAE decode and postprocessing. */
-  async decode(latents: F32): Promise<F32> {
-    const { scalingFactor, shiftFactor } = this.vae;
+  /**
+   * Latents → NHWC images in [0, 1], as diffusers' VAE decode and postprocessing. `fast` decodes
+   * with the tiny autoencoder when the pipeline has one (previews), else with the VAE.
+   */
+  async decode(latents: F32, options: { fast?: boolean } = {}): Promise<F32> {
+    const vae = options.fast === true && this.tiny !== undefined ? this.tiny : this.vae;
+    const { scalingFactor, shiftFactor } = vae;
     const unscaled = map(latents, (v) => v / scalingFactor + shiftFactor);
-    const pixels = await this.vae.decode(unscaled);
+    const pixels = await vae.decode(unscaled);
     const [b, c, h, w] = pixels.shape as [number, number, number, number];
     const out = new Tensor('float32', [b, h, w, c]);
     const src = pixels.data;
@@ -788,6 +827,7 @@ export class StableDiffusionPipeline {
       this.textEncoder2?.release(),
       this.unet.release(),
       this.vae.release(),
+      this.tiny?.release(),
     ]);
   }
 }

@@ -338,7 +338,7 @@ export class JobQueue extends EventEmitter {
   ): Promise<Buffer> {
     const per = latents.size / latents.shape[0]!;
     const first = new Tensor('float32', [1, ...latents.shape.slice(1)], latents.data.slice(0, per));
-    const image = toUint8(await pipe.decode(first));
+    const image = toUint8(await pipe.decode(first, { fast: true }));
     const [, h, w] = image.shape as [number, number, number];
     return encodePng({ width: w, height: h, channels: 3, data: image.data as Uint8Array });
   }

@@ -1,0 +1,494 @@
+import { existsSync } from 'node:fs';
+import { copyFile, mkdir, rename, rm, writeFile } from 'node:fs/promises';
+import { homedir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Graph } from '../src/graph/ir.js';
+import { emitOnnx } from '../src/graph/onnx.js';
+import { countMacs } from '../src/graph/macs.js';
+import * as op from '../src/graph/ops.js';
+import { writeSafetensors, type LazyTensor } from '../src/io/safetensors.js';
+import { AutoencoderKL, autoencoderKLConfig } from '../src/models/autoencoder-kl.js';
+import { ClipTextModel, clipTextConfig } from '../src/models/clip-text.js';
+import { UNet2DConditionModel, unetConfig } from '../src/models/unet-2d-condition.js';
+import type { Module } from '../src/nn/module.js';
+import { WeightSet } from '../src/nn/weights.js';
+import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
+import { Session } from '../src/runtime/session.js';
+import { float32ArrayToFloat16 } from '../src/tensor/half.js';
+import { TorchGenerator } from '../src/tensor/rng.js';
+import { Tensor } from '../src/tensor/tensor.js';
+import { measurement, timeRuns, type Measurement } from './harness.js';
+
+/**
+ * Full-size Stable Diffusion with random weights: speed does not depend on the weights' values,
+ * so these measure what users get. The models are written once, in the diffusers layout with the
+ * released configs, into ~/.cache/gesso/bench-models (or $GESSO_BENCH_MODELS).
+ */
+
+type Json = Record<string, unknown>;
+
+interface FullSizeModel {
+  readonly name: string;
+  readonly index: Json;
+  readonly unet: Json;
+  readonly vae: Json;
+  readonly textEncoders: readonly {
+    readonly role: string;
+    readonly config: Json;
+    readonly pad: string;
+  }[];
+  readonly scheduler: Json;
+}
+
+const SD_SCHEDULER: Json = {
+  _class_name: 'EulerDiscreteScheduler',
+  num_train_timesteps: 1000,
+  beta_start: 0.00085,
+  beta_end: 0.012,
+  beta_schedule: 'scaled_linear',
+  prediction_type: 'epsilon',
+  steps_offset: 1,
+  timestep_spacing: 'leading',
+};
+
+const SD_VAE: Json = {
+  _class_name: 'AutoencoderKL',
+  in_channels: 3,
+  out_channels: 3,
+  latent_channels: 4,
+  block_out_channels: [128, 256, 512, 512],
+  down_block_types: Array(4).fill('DownEncoderBlock2D'),
+  up_block_types: Array(4).fill('UpDecoderBlock2D'),
+  layers_per_block: 2,
+  norm_num_groups: 32,
+  scaling_factor: 0.18215,
+  sample_size: 512,
+};
+
+const CLIP_L: Json = {
+  architectures: ['CLIPTextModel'],
+  vocab_size: 49408,
+  hidden_size: 768,
+  intermediate_size: 3072,
+  num_hidden_layers: 12,
+  num_attention_heads: 12,
+  max_position_embeddings: 77,
+  hidden_act: 'quick_gelu',
+  layer_norm_eps: 1e-5,
+  bos_token_id: 49406,
+  eos_token_id: 49407,
+  pad_token_id: 1,
+};
+
+/** The released configs (diffusers' keys) of the models the benchmark measures. */
+export const FULL_SIZE: Record<string, FullSizeModel> = {
+  sd15: {
+    name: 'sd15',
+    index: { _class_name: 'StableDiffusionPipeline' },
+    unet: {
+      _class_name: 'UNet2DConditionModel',
+      in_channels: 4,
+      out_channels: 4,
+      block_out_channels: [320, 640, 1280, 1280],
+      layers_per_block: 2,
+      down_block_types: [
+        'CrossAttnDownBlock2D',
+        'CrossAttnDownBlock2D',
+        'CrossAttnDownBlock2D',
+        'DownBlock2D',
+      ],
+      up_block_types: [
+        'UpBlock2D',
+        'CrossAttnUpBlock2D',
+        'CrossAttnUpBlock2D',
+        'CrossAttnUpBlock2D',
+      ],
+      cross_attention_dim: 768,
+      attention_head_dim: 8,
+      norm_num_groups: 32,
+      sample_size: 64,
+    },
+    vae: SD_VAE,
+    textEncoders: [{ role: 'text_encoder', config: CLIP_L, pad: '<|endoftext|>' }],
+    scheduler: SD_SCHEDULER,
+  },
+  sd21: {
+    name: 'sd21',
+    index: { _class_name: 'StableDiffusionPipeline' },
+    unet: {
+      _class_name: 'UNet2DConditionModel',
+      in_channels: 4,
+      out_channels: 4,
+      block_out_channels: [320, 640, 1280, 1280],
+      layers_per_block: 2,
+      down_block_types: [
+        'CrossAttnDownBlock2D',
+        'CrossAttnDownBlock2D',
+        'CrossAttnDownBlock2D',
+        'DownBlock2D',
+      ],
+      up_block_types: [
+        'UpBlock2D',
+        'CrossAttnUpBlock2D',
+        'CrossAttnUpBlock2D',
+        'CrossAttnUpBlock2D',
+      ],
+      cross_attention_dim: 1024,
+      attention_head_dim: [5, 10, 20, 20],
+      use_linear_projection: true,
+      upcast_attention: true,
+      norm_num_groups: 32,
+      sample_size: 96,
+    },
+    vae: SD_VAE,
+    textEncoders: [
+      {
+        role: 'text_encoder',
+        config: {
+          ...CLIP_L,
+          hidden_size: 1024,
+          intermediate_size: 4096,
+          num_hidden_layers: 23,
+          num_attention_heads: 16,
+          hidden_act: 'gelu',
+        },
+        pad: '!',
+      },
+    ],
+    scheduler: { ...SD_SCHEDULER, prediction_type: 'v_prediction' },
+  },
+  sdxl: {
+    name: 'sdxl',
+    index: { _class_name: 'StableDiffusionXLPipeline', force_zeros_for_empty_prompt: true },
+    unet: {
+      _class_name: 'UNet2DConditionModel',
+      in_channels: 4,
+      out_channels: 4,
+      block_out_channels: [320, 640, 1280],
+      layers_per_block: 2,
+      down_block_types: ['DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'],
+      up_block_types: ['CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'],
+      transformer_layers_per_block: [1, 2, 10],
+      cross_attention_dim: 2048,
+      attention_head_dim: [5, 10, 20],
+      use_linear_projection: true,
+      addition_embed_type: 'text_time',
+      addition_time_embed_dim: 256,
+      projection_class_embeddings_input_dim: 2816,
+      norm_num_groups: 32,
+      sample_size: 128,
+    },
+    vae: { ...SD_VAE, scaling_factor: 0.13025, sample_size: 1024 },
+    textEncoders: [
+      { role: 'text_encoder', config: CLIP_L, pad: '<|endoftext|>' },
+      {
+        role: 'text_encoder_2',
+        config: {
+          ...CLIP_L,
+          architectures: ['CLIPTextModelWithProjection'],
+          hidden_size: 1280,
+          intermediate_size: 5120,
+          num_hidden_layers: 32,
+          num_attention_heads: 20,
+          hidden_act: 'gelu',
+          projection_dim: 1280,
+        },
+        pad: '!',
+      },
+    ],
+    scheduler: SD_SCHEDULER,
+  },
+};
+
+export function benchModelsDir(): string {
+  return process.env.GESSO_BENCH_MODELS ?? join(homedir(), '.cache', 'gesso', 'bench-models');
+}
+
+/**
+ * Random weights with the scale of a trained network's (uniform, variance 1/fan-in; norms 1,
+ * biases 0), so activations stay in range and no denormals slow the arithmetic.
+ */
+function randomWeights(
+  module: Module,
+  seed: number,
+  dtype: 'F32' | 'F16',
+): Record<string, LazyTensor> {
+  const g = new TorchGenerator(seed);
+  const out: Record<string, LazyTensor> = {};
+  for (const [key, shape] of module.namedParameters()) {
+    out[key] = {
+      dtype,
+      shape: [...shape],
+      bytes: () => {
+        const size = shape.reduce((n, d) => n * d, 1);
+        let values: Float32Array;
+        if (key.endsWith('bias')) values = new Float32Array(size);
+        else if (shape.length === 1) values = new Float32Array(size).fill(1);
+        else {
+          const fanIn = shape.slice(1).reduce((n, d) => n * d, 1);
+          const bound = Math.sqrt(3 / fanIn);
+          values = g.rand([size]).data.map((u) => (2 * u - 1) * bound);
+        }
+        return dtype === 'F32'
+          ? new Uint8Array(values.buffer)
+          : new Uint8Array(float32ArrayToFloat16(values).buffer);
+      },
+    };
+  }
+  return out;
+}
+
+const TOKENIZER = fileURLToPath(new URL('../../assets/clip-tokenizer', import.meta.url));
+
+/** Writes the model folder once (fp32 and the fp16 variant); later calls return its path. */
+export async function ensureFullSizeModel(model: FullSizeModel): Promise<string> {
+  const dir = join(benchModelsDir(), model.name);
+  if (existsSync(join(dir, 'model_index.json'))) return dir;
+  const staging = `${dir}.tmp-${process.pid}`;
+  await rm(staging, { recursive: true, force: true });
+  const json = (v: unknown) => `${JSON.stringify(v, null, 2)}\n`;
+  const component = async (
+    role: string,
+    config: Json,
+    module: Module,
+    base: string,
+    seed: number,
+  ) => {
+    await mkdir(join(staging, role), { recursive: true });
+    await writeFile(join(staging, role, 'config.json'), json(config));
+    for (const [variant, dtype] of [
+      ['', 'F32'],
+      ['.fp16', 'F16'],
+    ] as const)
+      await writeSafetensors(
+        join(staging, role, `${base}${variant}.safetensors`),
+        randomWeights(module, seed, dtype),
+      );
+  };
+  const index: Json = {
+    ...model.index,
+    unet: ['diffusers', 'UNet2DConditionModel'],
+    vae: ['diffusers', 'AutoencoderKL'],
+    scheduler: ['diffusers', String(model.scheduler._class_name)],
+  };
+  await component(
+    'unet',
+    model.unet,
+    new UNet2DConditionModel(unetConfig(model.unet)),
+    'diffusion_pytorch_model',
+    1,
+  );
+  await component(
+    'vae',
+    model.vae,
+    new AutoencoderKL(autoencoderKLConfig(model.vae)),
+    'diffusion_pytorch_model',
+    2,
+  );
+  for (const [i, t] of model.textEncoders.entries()) {
+    await component(t.role, t.config, new ClipTextModel(clipTextConfig(t.config)), 'model', 3 + i);
+    const tokenizer = t.role === 'text_encoder' ? 'tokenizer' : 'tokenizer_2';
+    await mkdir(join(staging, tokenizer));
+    for (const f of ['vocab.json', 'merges.txt'])
+      await copyFile(join(TOKENIZER, f), join(staging, tokenizer, f));
+    await writeFile(
+      join(staging, tokenizer, 'tokenizer_config.json'),
+      json({ tokenizer_class: 'CLIPTokenizer', model_max_length: 77, pad_token: t.pad }),
+    );
+    index[t.role] = ['transformers', (t.config.architectures as string[])[0]];
+    index[tokenizer] = ['transformers', 'CLIPTokenizer'];
+  }
+  await mkdir(join(staging, 'scheduler'));
+  await writeFile(join(staging, 'scheduler', 'scheduler_config.json'), json(model.scheduler));
+  await writeFile(join(staging, 'model_index.json'), json(index));
+  await rename(staging, dir);
+  return dir;
+}
+
+/** Multiply–accumulates of one UNet evaluation at a batch and latent size (static shapes). */
+export async function unetMacs(
+  dir: string,
+  config: Json,
+  batch: number,
+  side: number,
+  context: number,
+  width: number,
+): Promise<number> {
+  const module = new UNet2DConditionModel(unetConfig(config));
+  const weights = (
+    await WeightSet.fromFiles(join(dir, 'unet', 'diffusion_pytorch_model.safetensors'))
+  ).bind(module);
+  const graph = new Graph();
+  const c = module.config;
+  const sdxl = c.additionEmbedType === 'text_time';
+  const out = module.forward(weights.parameters(graph), {
+    sample: graph.input('sample', 'float32', [batch, 4, side, side]),
+    timestep: graph.input('timestep', 'float32', [batch]),
+    encoderHiddenStates: graph.input('context', 'float32', [batch, context, width]),
+    ...(sdxl
+      ? {
+          textEmbeds: graph.input('text_embeds', 'float32', [
+            batch,
+            c.projectionClassEmbeddingsInputDim! - 6 * c.additionTimeEmbedDim!,
+          ]),
+          timeIds: graph.input('time_ids', 'float32', [batch, 6]),
+        }
+      : {}),
+  });
+  graph.output(out, 'out');
+  return countMacs(graph);
+}
+
+/** This machine's fp32 matrix rate on ONNX Runtime: a 2048³ MatMul, in multiply–accumulates/s. */
+export async function matmulPeak(runs: number, threads?: number): Promise<number> {
+  const n = 2048;
+  const graph = new Graph('peak');
+  const a = graph.input('a', 'float32', [n, n]);
+  const b = graph.input('b', 'float32', [n, n]);
+  graph.output(op.matmul(a, b), 'c');
+  const session = await Session.create(
+    { key: undefined, emit: () => emitOnnx(graph) },
+    { cacheDir: false, ...(threads !== undefined ? { threads } : {}) },
+  );
+  const g = new TorchGenerator(0);
+  const feeds = { a: g.randn([n, n]), b: g.randn([n, n]) };
+  const times = await timeRuns(runs, () => session.run(feeds), 2);
+  await session.release();
+  return n ** 3 / Math.min(...times);
+}
+
+const rss = () => process.resourceUsage().maxRSS * 1024;
+
+/**
+ * One model's numbers: load (first, then from the graph cache), text encoder, UNet at batch 1 and
+ * 2 (classifier-free guidance) at its native size and half of it, VAE decode, whole images at 1 and
+ * 20 steps, peak resident memory, and the UNet's achieved MAC rate as a fraction of the peak.
+ */
+export async function fullSizeSuite(
+  name: string,
+  runs: number,
+  options: { threads?: number; sizes?: readonly number[]; peak?: number } = {},
+): Promise<Measurement[]> {
+  const model = FULL_SIZE[name];
+  if (model === undefined)
+    throw new Error(`unknown model '${name}' (have: ${Object.keys(FULL_SIZE).join(', ')})`);
+  const results: Measurement[] = [];
+  const created = Date.now();
+  const dir = await ensureFullSizeModel(model);
+  process.stderr.write(
+    `${name}: model folder ${dir} (${((Date.now() - created) / 1000).toFixed(0)} s to make)\n`,
+  );
+  const peak = options.peak ?? (await matmulPeak(5, options.threads));
+  results.push(measurement('machine fp32 MatMul peak (2048³)', 'GFLOP/s', [(2 * peak) / 1e9]));
+  const cacheDir = join(benchModelsDir(), `${name}-graph-cache`);
+  await rm(cacheDir, { recursive: true, force: true });
+  const runtime = {
+    cacheDir,
+    ...(options.threads !== undefined ? { threads: options.threads } : {}),
+  };
+  const native = ((model.unet.sample_size as number) ?? 64) * 8;
+  const sizes = options.sizes ?? [native, native / 2];
+  const textWidth = (model.unet.cross_attention_dim as number) ?? 768;
+  const g = new TorchGenerator(0);
+
+  // First load builds and optimizes every graph a 20-step generation needs; the second finds them cached.
+  const firstImage = async () => {
+    const start = process.hrtime.bigint();
+    const pipe = await StableDiffusionPipeline.fromPretrained(dir, runtime);
+    await pipe.generate({
+      prompt: 'a red circle',
+      steps: 1,
+      guidance: 7.5,
+      seed: 1,
+      width: sizes[0],
+      height: sizes[0],
+    });
+    const seconds = Number(process.hrtime.bigint() - start) / 1e9;
+    await pipe.release();
+    return seconds;
+  };
+  results.push(
+    measurement(`${name}: first load + 1-step image (graphs built)`, 's', [await firstImage()]),
+  );
+  results.push(measurement(`${name}: cached load + 1-step image`, 's', [await firstImage()]));
+
+  const pipe = await StableDiffusionPipeline.fromPretrained(dir, runtime);
+  const ids = pipe.tokenize(['a red circle above a blue square']);
+  results.push(
+    measurement(
+      `${name}: text encoder (batch 1)`,
+      's',
+      await timeRuns(runs, () => pipe.textEncoder.encode(ids)),
+    ),
+  );
+  const context = (await pipe.encodePrompts(['a red circle'], [''], 1, 0, true)).embeddings;
+  for (const size of sizes) {
+    const side = size / 8;
+    for (const batch of [1, 2]) {
+      const sdxl = model.unet.addition_embed_type === 'text_time';
+      const call = {
+        sample: g.randn([batch, 4, side, side]),
+        timestep: Tensor.float32([batch], new Array<number>(batch).fill(500)),
+        encoderHiddenStates:
+          batch === 2
+            ? context
+            : new Tensor(
+                'float32',
+                [1, ...context.shape.slice(1)],
+                context.data.slice(0, context.size / 2),
+              ),
+        ...(sdxl
+          ? {
+              textEmbeds: g.randn([batch, 1280]),
+              timeIds: Tensor.float32([batch, 6], new Array<number>(batch * 6).fill(size)),
+            }
+          : {}),
+      };
+      const macs = await unetMacs(dir, model.unet, batch, side, context.shape[1]!, textWidth);
+      results.push(
+        measurement(
+          `${name}: UNet ${size}×${size} batch ${batch}`,
+          's',
+          await timeRuns(runs, () => pipe.unet.predict(call)),
+          (m) =>
+            `${(macs / 1e9).toFixed(1)} GMAC, ${(macs / m / 1e9).toFixed(0)} GMAC/s = ${((100 * macs) / m / peak).toFixed(0)}% of peak`,
+        ),
+      );
+    }
+    const latents = g.randn([1, 4, side, side]);
+    results.push(
+      measurement(
+        `${name}: VAE decode ${size}×${size}`,
+        's',
+        await timeRuns(Math.min(runs, 3), () => pipe.vae.decode(latents)),
+      ),
+    );
+  }
+  const image = (steps: number, guidance: number) => () =>
+    pipe.generate({
+      prompt: 'a red circle',
+      steps,
+      guidance,
+      seed: 1,
+      width: sizes[0],
+      height: sizes[0],
+    });
+  results.push(
+    measurement(
+      `${name}: image ${sizes[0]}² 1 step, guidance 0 (Turbo-style)`,
+      's',
+      await timeRuns(Math.min(runs, 3), image(1, 0)),
+    ),
+  );
+  results.push(
+    measurement(
+      `${name}: image ${sizes[0]}² 20 steps, guidance 7.5`,
+      's',
+      await timeRuns(Math.min(runs, 2), image(20, 7.5), 0),
+    ),
+  );
+  results.push(measurement(`${name}: peak resident memory (whole run)`, 'GiB', [rss() / 2 ** 30]));
+  await pipe.release();
+  return results;
+}
