@@ -1,3 +1,4 @@
+import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { copyFile, mkdir, rename, rm, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
@@ -488,7 +489,27 @@ export async function fullSizeSuite(
       await timeRuns(Math.min(runs, 2), image(20, 7.5), 0),
     ),
   );
-  results.push(measurement(`${name}: peak resident memory (whole run)`, 'GiB', [rss() / 2 ** 30]));
+  results.push(
+    measurement(`${name}: peak resident memory (this whole run)`, 'GiB', [rss() / 2 ** 30]),
+  );
   await pipe.release();
+  // One 2-step generation per fresh process: the pipeline's own peak, as users see it.
+  const probe = fileURLToPath(new URL('./memory-probe.js', import.meta.url));
+  for (const flags of [[], ['low-memory'], ['fp16'], ['fp16', 'low-memory']]) {
+    const r = spawnSync(process.execPath, [probe, dir, String(sizes[0]), '2', ...flags], {
+      encoding: 'utf8',
+      env: { ...process.env, GESSO_CACHE_DIR: cacheDir },
+    });
+    if (r.status !== 0) throw new Error(`memory probe failed: ${r.stderr}`);
+    const { maxRssBytes } = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as {
+      maxRssBytes: number;
+    };
+    const label = flags.length === 0 ? 'fp32' : flags.join(', ');
+    results.push(
+      measurement(`${name}: peak resident memory, ${sizes[0]}² image (${label})`, 'GiB', [
+        maxRssBytes / 2 ** 30,
+      ]),
+    );
+  }
   return results;
 }

@@ -1,7 +1,9 @@
+import assert from 'node:assert/strict';
 import test from 'node:test';
 import { SafetensorsFile } from '../src/io/safetensors.js';
 import { TextEncoder, UNet, Vae } from '../src/pipelines/components.js';
 import { chunk } from '../src/tensor/ops.js';
+import { TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { assertClose, golden, needsGolden } from './helpers.js';
 
@@ -145,5 +147,50 @@ test(
     });
     assertWithinScale(single, chunk(outs[0]!, 2)[0]!, 'batch 1 vs batch 2', 1e-5);
     await unet.release();
+  },
+);
+
+test(
+  'tiled VAE decoding: tiles of the training size, blended linearly over a quarter tile',
+  needsGolden(),
+  async () => {
+    const vae = await Vae.load(golden('sd1-tiny', 'sd-tiny', 'vae'), noCache);
+    // sd1-tiny's VAE: trained at 64 px, 2 px per latent, so tiles of 32 latents every 24.
+    assert.equal(vae.tile, 32);
+    const latents = new TorchGenerator(3).randn([1, 4, 56, 40]);
+    const tiled = await vae.decode(latents, true);
+    assert.deepEqual(tiled.shape, [1, 3, 112, 80]);
+    const crop = async (top: number, left: number) => {
+      const [h, w] = [Math.min(32, 56 - top), Math.min(32, 40 - left)];
+      const t = new Tensor('float32', [1, 4, h, w]);
+      for (let c = 0; c < 4; c++)
+        for (let y = 0; y < h; y++)
+          for (let x = 0; x < w; x++)
+            t.data[(c * h + y) * w + x] = latents.data[(c * 56 + top + y) * 40 + left + x]!;
+      return vae.decode(t, false);
+    };
+    const [t00, t01, t10] = [await crop(0, 0), await crop(0, 24), await crop(24, 0)];
+    const at = (t: Tensor<'float32'>, c: number, y: number, x: number) => {
+      const [, , h, w] = t.shape as number[];
+      return t.data[(c * h! + y) * w! + x]!;
+    };
+    const blend = 16; // a quarter of the 64-pixel tile
+    for (let c = 0; c < 3; c++) {
+      for (let k = 0; k < blend; k++) {
+        const f = k / blend;
+        // Inside the first tile, away from every seam: that tile's own pixels.
+        assert.ok(Math.abs(at(tiled, c, k, 5) - at(t00, c, k, 5)) < 1e-6);
+        // The seam below it: the first tile's last rows fading into the second row's first.
+        const below = at(t00, c, 48 + k, 5) * (1 - f) + at(t10, c, k, 5) * f;
+        assert.ok(Math.abs(at(tiled, c, 48 + k, 5) - below) < 1e-5, `vertical seam row ${k}`);
+        // The seam to its right, likewise across columns.
+        const right = at(t00, c, 5, 48 + k) * (1 - f) + at(t01, c, 5, k) * f;
+        assert.ok(Math.abs(at(tiled, c, 5, 48 + k) - right) < 1e-5, `horizontal seam column ${k}`);
+      }
+    }
+    // Latents no larger than a tile decode whole, tiled or not.
+    const small = new TorchGenerator(4).randn([1, 4, 16, 16]);
+    assert.deepEqual((await vae.decode(small, true)).data, (await vae.decode(small, false)).data);
+    await vae.release();
   },
 );

@@ -338,3 +338,24 @@ test('gesso generate reproduces a golden run from the command line', needsGolden
     assert.doesNotMatch(bad.stderr, /\n\s+at /);
   });
 });
+
+test(
+  'low-memory mode: models unloaded after use give the same images, run after run',
+  needsGolden(),
+  async () => {
+    const dir = golden('sd1-tiny', 'sd-tiny');
+    const request = { prompt: 'a red circle', steps: 3, seed: 11, width: 32, height: 32 };
+    const normal = await StableDiffusionPipeline.fromPretrained(dir, { cacheDir: false });
+    const expected = await normal.generate(request);
+    await normal.release();
+    const low = await StableDiffusionPipeline.fromPretrained(dir, {
+      cacheDir: false,
+      lowMemory: true,
+    });
+    for (let run = 0; run < 2; run++) {
+      const got = await low.generate(request);
+      assert.deepEqual(got.images.data, expected.images.data, `run ${run}`);
+    }
+    await low.release();
+  },
+);

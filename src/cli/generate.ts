@@ -59,6 +59,7 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
                           scaled by SCALE (default 1); repeatable
   --fast-decode           decode with the tiny autoencoder (TAESD): much faster, a little softer
   --tiny-vae MODEL        its folder or Hub id (default madebyollin/taesd, taesdxl for SDXL)
+  --low-memory            keep only the running model resident (text encoder, UNet, VAE in turn)
   --variant fp16          load the fp16 weight files
   --threads N             compute threads (default: one per core)
   --provider NAME         cpu (default), cuda, coreml, dml
@@ -221,6 +222,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       variant: { type: 'string' },
       lora: { type: 'string', multiple: true },
       'fast-decode': { type: 'boolean', default: false },
+      'low-memory': { type: 'boolean', default: false },
       'tiny-vae': { type: 'string' },
       threads: { type: 'string' },
       provider: { type: 'string' },
@@ -337,6 +339,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   const pipe = await loadPipeline(modelPath, {
     ...(loras.length > 0 ? { loras } : {}),
     ...(values.variant !== undefined ? { variant: values.variant } : {}),
+    ...(values['low-memory'] ? { lowMemory: true } : {}),
     ...(threads !== undefined ? { threads } : {}),
     ...(provider !== undefined ? { executionProvider: provider } : {}),
   });

@@ -26,6 +26,8 @@ export interface AutoencoderKLConfig {
   readonly useQuantConv: boolean;
   readonly usePostQuantConv: boolean;
   readonly midBlockAddAttention: boolean;
+  /** The image size the VAE was trained at: tiled decoding's tile size. */
+  readonly sampleSize: number;
 }
 
 export function autoencoderKLConfig(c: Record<string, unknown>): AutoencoderKLConfig {
@@ -58,6 +60,7 @@ export function autoencoderKLConfig(c: Record<string, unknown>): AutoencoderKLCo
     useQuantConv: c.use_quant_conv !== false,
     usePostQuantConv: c.use_post_quant_conv !== false,
     midBlockAddAttention: c.mid_block_add_attention !== false,
+    sampleSize: num('sample_size', 512),
   };
 }
 

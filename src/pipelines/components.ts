@@ -227,6 +227,11 @@ export class TextEncoder {
     return { hidden: r.hidden as Tensor<'float32'>, pooled: r.pooled as Tensor<'float32'> };
   }
 
+  /** Frees the ONNX Runtime sessions; the next use builds them again (ONNX files stay open). */
+  async unload(): Promise<void> {
+    await this.compiled?.release();
+  }
+
   release(): Promise<void> {
     return this.compiled?.release() ?? this.onnx!.session.release();
   }
@@ -336,12 +341,48 @@ export class UNet {
     return (await session.run(feeds)).out_sample as Tensor<'float32'>;
   }
 
+  /** Frees the ONNX Runtime sessions; the next use builds them again (ONNX files stay open). */
+  async unload(): Promise<void> {
+    await this.compiled?.release();
+  }
+
   release(): Promise<void> {
     return this.compiled?.release() ?? this.onnx!.file.session.release();
   }
 }
 
 type Codec = AutoencoderKL | AutoencoderTiny | PatchAutoencoder;
+
+/**
+ * Blends the first `extent` rows (or columns) of tile `b` with the last of tile `a`, in place,
+ * linearly from all-a to all-b (diffusers' `blend_v` / `blend_h`).
+ */
+function blendTiles(
+  a: Tensor<'float32'>,
+  b: Tensor<'float32'>,
+  extent: number,
+  direction: 'vertical' | 'horizontal',
+): void {
+  const [n, c, ah, aw] = a.shape as [number, number, number, number];
+  const [, , bh, bw] = b.shape as [number, number, number, number];
+  const vertical = direction === 'vertical';
+  const e = Math.min(vertical ? ah : aw, vertical ? bh : bw, extent);
+  for (let p = 0; p < n * c; p++)
+    for (let k = 0; k < e; k++) {
+      const t = k / e;
+      if (vertical) {
+        for (let x = 0; x < bw; x++) {
+          const i = (p * bh + k) * bw + x;
+          b.data[i] = a.data[(p * ah + ah - e + k) * aw + x]! * (1 - t) + b.data[i]! * t;
+        }
+      } else {
+        for (let y = 0; y < bh; y++) {
+          const i = (p * bh + y) * bw + k;
+          b.data[i] = a.data[(p * ah + y) * aw + aw - e + k]! * (1 - t) + b.data[i]! * t;
+        }
+      }
+    }
+}
 
 /** The image codec of a pipeline: a KL autoencoder, or gesso's parameter-free patch codec. */
 /** diffusers' ONNX pipeline fixes the VAE's latent scaling (0.18215) and its 4 channels. */
@@ -444,8 +485,82 @@ export class Vae {
     return codec instanceof AutoencoderTiny ? codec.scaleFactor : codec.config.patchSize;
   }
 
-  /** Unscaled latents → pixels in about [−1, 1], NCHW. */
-  async decode(latents: Tensor<'float32'>): Promise<Tensor<'float32'>> {
+  /**
+   * Latent tiles for tiled decoding: tiles of the VAE's training size overlapping by a quarter,
+   * blended linearly, as diffusers' `AutoencoderKL.tiled_decode`. Undefined for codecs that
+   * decode any size at once.
+   */
+  get tile(): number | undefined {
+    const codec = this.onnx === undefined ? this.codec : undefined;
+    return codec instanceof AutoencoderKL
+      ? Math.floor(codec.config.sampleSize / this.scaleFactor)
+      : undefined;
+  }
+
+  /**
+   * Unscaled latents → pixels in about [−1, 1], NCHW. `tiled` decodes overlapping tiles one at a
+   * time, so memory stays that of one tile whatever the image size; `auto` (the default) tiles
+   * when the latents are more than twice the tile size on a side.
+   */
+  async decode(
+    latents: Tensor<'float32'>,
+    tiled: boolean | 'auto' = 'auto',
+  ): Promise<Tensor<'float32'>> {
+    const tile = this.tile;
+    const [, , h, w] = latents.shape as [number, number, number, number];
+    const wanted = tiled === 'auto' ? tile !== undefined && Math.max(h, w) > 2 * tile : tiled;
+    if (wanted && tile !== undefined && Math.max(h, w) > tile)
+      return this.decodeTiled(latents, tile);
+    return this.decodeWhole(latents);
+  }
+
+  private async decodeTiled(latents: Tensor<'float32'>, tile: number): Promise<Tensor<'float32'>> {
+    const [b, c, h, w] = latents.shape as [number, number, number, number];
+    const scale = this.scaleFactor;
+    const stride = Math.floor(tile * 0.75);
+    const sampleTile = tile * scale;
+    const blend = Math.floor(sampleTile * 0.25);
+    const limit = sampleTile - blend;
+    const rows: Tensor<'float32'>[][] = [];
+    for (let i = 0; i < h; i += stride) {
+      const row: Tensor<'float32'>[] = [];
+      for (let j = 0; j < w; j += stride) {
+        const th = Math.min(tile, h - i);
+        const tw = Math.min(tile, w - j);
+        const crop = new Tensor('float32', [b, c, th, tw]);
+        for (let n = 0; n < b * c; n++)
+          for (let y = 0; y < th; y++)
+            crop.data.set(
+              latents.data.subarray((n * h + i + y) * w + j, (n * h + i + y) * w + j + tw),
+              (n * th + y) * tw,
+            );
+        row.push(await this.decodeWhole(crop));
+      }
+      rows.push(row);
+    }
+    const out = new Tensor('float32', [b, 3, h * scale, w * scale]);
+    const [oh, ow] = [h * scale, w * scale];
+    rows.forEach((row, ri) =>
+      row.forEach((t, ci) => {
+        // In place and in this order, as diffusers: a tile is blended with the one above (already
+        // blended itself) and then with the one to its left.
+        if (ri > 0) blendTiles(rows[ri - 1]![ci]!, t, blend, 'vertical');
+        if (ci > 0) blendTiles(row[ci - 1]!, t, blend, 'horizontal');
+        const [, ch, th, tw] = t.shape as [number, number, number, number];
+        const y0 = ri * stride * scale;
+        const x0 = ci * stride * scale;
+        for (let n = 0; n < b * ch; n++)
+          for (let y = 0; y < Math.min(th, limit, oh - y0); y++)
+            out.data.set(
+              t.data.subarray((n * th + y) * tw, (n * th + y) * tw + Math.min(tw, limit, ow - x0)),
+              (n * oh + y0 + y) * ow + x0,
+            );
+      }),
+    );
+    return out;
+  }
+
+  private async decodeWhole(latents: Tensor<'float32'>): Promise<Tensor<'float32'>> {
     if (this.onnx !== undefined) {
       const d = this.onnx.decoder;
       const r = await d.session.run({ [d.inputs[0]!.name]: latents });
@@ -492,6 +607,11 @@ export class Vae {
     });
     const r = await session.run({ sample: image });
     return { mean: r.mean as Tensor<'float32'>, std: r.std as Tensor<'float32'> };
+  }
+
+  /** Frees the ONNX Runtime sessions; the next use builds them again (ONNX files stay open). */
+  async unload(): Promise<void> {
+    await this.compiled?.release();
   }
 
   async release(): Promise<void> {

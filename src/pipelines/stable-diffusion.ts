@@ -88,6 +88,11 @@ export interface GenerateOptions {
   readonly latentsOnly?: boolean;
   /** Decode with the tiny autoencoder (PipelineOptions.tinyVae): much faster, a little softer. */
   readonly fastDecode?: boolean;
+  /**
+   * Decode in overlapping tiles (diffusers' `enable_tiling`), so memory stays that of one tile.
+   * Default: only when the image is more than twice the VAE's training size on a side.
+   */
+  readonly tiledDecode?: boolean;
 }
 
 export interface GenerateResult {
@@ -130,6 +135,12 @@ export interface PipelineOptions extends ComponentOptions {
    * SDXL) for `fastDecode` and previews.
    */
   readonly tinyVae?: string;
+  /**
+   * Keep only the running model resident: the text encoders are released once the prompts are
+   * encoded, the UNet after the last step, the VAE after decoding. Each generation then loads
+   * them again (from the graph cache), trading seconds for gigabytes.
+   */
+  readonly lowMemory?: boolean;
 }
 
 async function isFile(path: string): Promise<boolean> {
@@ -584,6 +595,8 @@ export class StableDiffusionPipeline {
       cfg,
       options.promptSyntax ?? 'plain',
     );
+    if (this.options.lowMemory === true)
+      await Promise.all([this.textEncoder.unload(), this.textEncoder2?.unload()]);
     // SDXL's six time ids per image: original size, crop top-left, target size (all (h, w)).
     const timeIds =
       pooled !== undefined
@@ -739,6 +752,7 @@ export class StableDiffusionPipeline {
       await options.onProgress?.({ step: i + 1, steps: timesteps.length, timestep: t, latents });
     }
     signal?.throwIfAborted();
+    if (this.options.lowMemory === true) await this.unet.unload();
 
     if (options.latentsOnly === true) return { images: new Tensor('float32', [0]), latents, seeds };
     if (options.fastDecode === true && this.tiny === undefined)
@@ -746,7 +760,12 @@ export class StableDiffusionPipeline {
         'usage',
         'fast decoding needs a tiny autoencoder: pass tinyVae (a TAESD folder) when loading, or call loadTinyVae',
       );
-    const images = await this.decode(latents, { fast: options.fastDecode === true });
+    const images = await this.decode(latents, {
+      fast: options.fastDecode === true,
+      ...(options.tiledDecode !== undefined ? { tiled: options.tiledDecode } : {}),
+    });
+    if (this.options.lowMemory === true)
+      await Promise.all([this.vae.unload(), this.tiny?.unload()]);
     if (pixelMask !== undefined && imageInput !== undefined && options.keepUnmasked !== false) {
       // The kept pixels come back exactly as they were (NHWC, [0, 1]).
       const original = toModelPixels(imageInput);
@@ -769,11 +788,11 @@ export class StableDiffusionPipeline {
    * Latents → NHWC images in [0, 1], as diffusers' VAE decode and postprocessing. `fast` decodes
    * with the tiny autoencoder when the pipeline has one (previews), else with the VAE.
    */
-  async decode(latents: F32, options: { fast?: boolean } = {}): Promise<F32> {
+  async decode(latents: F32, options: { fast?: boolean; tiled?: boolean } = {}): Promise<F32> {
     const vae = options.fast === true && this.tiny !== undefined ? this.tiny : this.vae;
     const { scalingFactor, shiftFactor } = vae;
     const unscaled = map(latents, (v) => v / scalingFactor + shiftFactor);
-    const pixels = await vae.decode(unscaled);
+    const pixels = await vae.decode(unscaled, options.tiled ?? 'auto');
     const [b, c, h, w] = pixels.shape as [number, number, number, number];
     const out = new Tensor('float32', [b, h, w, c]);
     const src = pixels.data;
