@@ -6,8 +6,10 @@ import { after, before, test } from 'node:test';
 import OpenAI from 'openai';
 import { decodePng, readPngText } from '../src/io/png.js';
 import { parseInfotext } from '../src/io/infotext.js';
+import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { createServer, type GessoServer } from '../src/server/app.js';
-import { tinyModel } from './helpers.js';
+import { ModelManager } from '../src/server/models.js';
+import { fixtures, golden, needsGolden, tinyModel } from './helpers.js';
 
 let root = '';
 let model = '';
@@ -307,3 +309,26 @@ test('a restart keeps finished results; shutdown fails the running job cleanly',
     await second.s.close();
   }
 });
+
+test(
+  'the server’s tiny autoencoder for previews: attached where it fits, skipped where not',
+  needsGolden(),
+  async () => {
+    const tiny = join(fixtures, 'taesd-tiny');
+    // The single-file SD 1.x model decodes 8 px per latent, as TAESD does.
+    const fits = new ModelManager(
+      golden('single-file', 'sd15-structure-tiny.safetensors'),
+      { cacheDir: false },
+      tiny,
+    );
+    const pipe = await fits.pipeline();
+    assert.ok(pipe instanceof StableDiffusionPipeline && pipe.tinyVae !== undefined);
+    assert.equal(fits.displayName, 'sd15-structure-tiny');
+    await fits.release();
+    // sd1-tiny's VAE decodes 2 px per latent: previews keep using it.
+    const other = new ModelManager(golden('sd1-tiny', 'sd-tiny'), { cacheDir: false }, tiny);
+    const second = await other.pipeline();
+    assert.ok(second instanceof StableDiffusionPipeline && second.tinyVae === undefined);
+    await other.release();
+  },
+);

@@ -22,6 +22,8 @@ options) and OpenAI's Images API (/v1/images/generations).
   --max-images N          most images a request (default ${DEFAULT_LIMITS.maxImages})
   --max-prompt-length N   longest prompt in characters (default ${DEFAULT_LIMITS.maxPromptLength})
   --preview-every N       a preview image every N steps (default 5; 0: none)
+  --tiny-vae MODEL        decode previews with this tiny autoencoder (TAESD folder or Hub id,
+                          such as madebyollin/taesd); default: the model's own VAE
   --threads N             compute threads
   --quiet                 no request log (the log is JSON lines on stdout)`;
 
@@ -41,6 +43,7 @@ export async function serveCommand(args: readonly string[]): Promise<number> {
       'max-prompt-length': { type: 'string' },
       'preview-every': { type: 'string' },
       threads: { type: 'string' },
+      'tiny-vae': { type: 'string' },
       quiet: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -75,6 +78,7 @@ export async function serveCommand(args: readonly string[]): Promise<number> {
     previewEvery:
       parseNumber('preview-every', values['preview-every'], { integer: true, min: 0 }) ?? 5,
     ...(threads !== undefined ? { runtime: { threads } } : {}),
+    ...(values['tiny-vae'] !== undefined ? { tinyVae: values['tiny-vae'] } : {}),
     logger: !values.quiet,
   });
   // Load the model before taking requests, so a bad name fails now with a clear message.

@@ -47,6 +47,8 @@ export interface ServerOptions {
   readonly limits?: Partial<Limits>;
   /** Send a decoded preview every this many steps (0: never). */
   readonly previewEvery?: number;
+  /** A tiny autoencoder (TAESD folder or Hub id) that decodes the previews fast. */
+  readonly tinyVae?: string;
   readonly runtime?: RuntimeOptions;
   /** Fastify's logger: true for JSON lines on stdout. */
   readonly logger?: boolean;
@@ -116,7 +118,7 @@ function settled(queue: JobQueue, job: Job): Promise<Job> {
 
 export async function createServer(options: ServerOptions): Promise<GessoServer> {
   const limits: Limits = { ...DEFAULT_LIMITS, ...options.limits };
-  const models = new ModelManager(options.model, options.runtime ?? {});
+  const models = new ModelManager(options.model, options.runtime ?? {}, options.tinyVae);
   const queue = await JobQueue.open(options.out, models, options.previewEvery ?? 5);
   const keys = new Set(options.apiKeys ?? []);
   const app = Fastify({

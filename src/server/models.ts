@@ -1,7 +1,8 @@
 import { existsSync } from 'node:fs';
 import { basename, resolve } from 'node:path';
 import { resolveModel } from '../generation/models.js';
-import { loadPipeline, type TextToImage } from '../pipelines/index.js';
+import { isUserError } from '../errors.js';
+import { loadPipeline, StableDiffusionPipeline, type TextToImage } from '../pipelines/index.js';
 import type { RuntimeOptions } from '../runtime/session.js';
 
 /** The server's one loaded model: loaded on first use, switched on request. */
@@ -9,10 +10,28 @@ export class ModelManager {
   private loaded: Promise<TextToImage> | undefined;
   private resolvedPath = '';
 
+  /**
+   * `tinyVae`: a tiny autoencoder (folder or Hub id) for step previews, attached to every
+   * diffusion model it fits; previews of the others use their own VAE.
+   */
   constructor(
     private current: string,
     private readonly runtime: RuntimeOptions = {},
+    private readonly tinyVae?: string,
   ) {}
+
+  private async load(path: string): Promise<TextToImage> {
+    const pipe = await loadPipeline(path, this.runtime);
+    if (this.tinyVae !== undefined && pipe instanceof StableDiffusionPipeline) {
+      try {
+        await pipe.loadTinyVae(await resolveModel(this.tinyVae));
+      } catch (error) {
+        if (!isUserError(error)) throw error;
+        process.stderr.write(`gesso serve: previews use the VAE: ${error.message}\n`);
+      }
+    }
+    return pipe;
+  }
 
   /** The model's name as users gave it (bundled name, configured name, Hub id or folder). */
   get name(): string {
@@ -25,13 +44,15 @@ export class ModelManager {
 
   /** The name written into images' metadata: as given, or a folder's own name. */
   get displayName(): string {
-    return existsSync(this.current) ? basename(resolve(this.current)) : this.current;
+    return existsSync(this.current)
+      ? basename(resolve(this.current)).replace(/\.safetensors$/i, '')
+      : this.current;
   }
 
   pipeline(): Promise<TextToImage> {
     this.loaded ??= (async () => {
       this.resolvedPath = await resolveModel(this.current);
-      return loadPipeline(this.resolvedPath, this.runtime);
+      return this.load(this.resolvedPath);
     })();
     const attempt = this.loaded;
     // A failed load is not remembered: the next request tries again.
@@ -45,7 +66,7 @@ export class ModelManager {
   async use(name: string): Promise<void> {
     if (name === this.current && this.loaded !== undefined) return;
     const path = await resolveModel(name);
-    const next = await loadPipeline(path, this.runtime);
+    const next = await this.load(path);
     const previous = this.loaded;
     this.loaded = Promise.resolve(next);
     this.current = name;
