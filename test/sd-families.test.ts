@@ -119,6 +119,11 @@ for (const [family, name] of Object.entries(FAMILIES) as [Family, string][]) {
         // architecture field they determine.
         const inferred = await openSingleFile(file, { storedConfigs: false });
         assert.equal(inferred.family, family === 'sdxl-tiny' ? 'sdxl' : 'sd2');
+        // SD 2.x's prediction type comes from the ModelSpec key gesso writes.
+        assert.equal(
+          inferred.schedulerConfig.prediction_type,
+          family === 'sd2-tiny' ? 'v_prediction' : 'epsilon',
+        );
         const folderConfig = (part: string) =>
           JSON.parse(readFileSync(golden(family, family, part, 'config.json'), 'utf8')) as Record<
             string,
