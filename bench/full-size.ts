@@ -466,8 +466,9 @@ export async function fullSizeSuite(
       ),
     );
   }
-  const image = (steps: number, guidance: number) => () =>
-    pipe.generate({
+  let reference: Tensor<'float32'> | undefined;
+  const image = (steps: number, guidance: number) => async () => {
+    const r = await pipe.generate({
       prompt: 'a red circle',
       steps,
       guidance,
@@ -475,6 +476,8 @@ export async function fullSizeSuite(
       width: sizes[0],
       height: sizes[0],
     });
+    if (steps === 20) reference = r.images;
+  };
   results.push(
     measurement(
       `${name}: image ${sizes[0]}² 1 step, guidance 0 (Turbo-style)`,
@@ -493,6 +496,44 @@ export async function fullSizeSuite(
     measurement(`${name}: peak resident memory (this whole run)`, 'GiB', [rss() / 2 ** 30]),
   );
   await pipe.release();
+
+  // int8: the UNet at batch 2 (calibrated on the first call), and the same 20-step image's PSNR.
+  const int8 = await StableDiffusionPipeline.fromPretrained(dir, { ...runtime, quantize: 'int8' });
+  const int8Image = await int8.generate({
+    prompt: 'a red circle',
+    steps: 20,
+    guidance: 7.5,
+    seed: 1,
+    width: sizes[0],
+    height: sizes[0],
+  });
+  let squared = 0;
+  for (let i = 0; i < int8Image.images.size; i++)
+    squared += (int8Image.images.data[i]! - reference!.data[i]!) ** 2;
+  const psnr = 10 * Math.log10(int8Image.images.size / squared);
+  const side = sizes[0]! / 8;
+  const call2 = {
+    sample: g.randn([2, 4, side, side]),
+    timestep: Tensor.float32([2], [500, 500]),
+    encoderHiddenStates: context,
+    ...(model.unet.addition_embed_type === 'text_time'
+      ? {
+          textEmbeds: g.randn([2, 1280]),
+          timeIds: Tensor.float32([2, 6], new Array<number>(12).fill(sizes[0]!)),
+        }
+      : {}),
+  };
+  const macs = await unetMacs(dir, model.unet, 2, side, context.shape[1]!, textWidth);
+  results.push(
+    measurement(
+      `${name}: UNet ${sizes[0]}×${sizes[0]} batch 2, int8`,
+      's',
+      await timeRuns(runs, () => int8.unet.predict(call2)),
+      (m) =>
+        `${(macs / m / 1e9).toFixed(0)} G(int8)MAC/s; 20-step image PSNR vs fp32 ${psnr.toFixed(1)} dB`,
+    ),
+  );
+  await int8.release();
   // One 2-step generation per fresh process: the pipeline's own peak, as users see it.
   const probe = fileURLToPath(new URL('./memory-probe.js', import.meta.url));
   for (const flags of [[], ['low-memory'], ['fp16'], ['fp16', 'low-memory']]) {

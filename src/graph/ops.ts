@@ -232,7 +232,12 @@ function convAttrs(spatial: number, options: ConvOptions) {
   return { strides, pads, dilations, group, attrs };
 }
 
-export function conv(x: Value, w: Value, b: Value | null, options: ConvOptions = {}): Value {
+/** A convolution's ONNX attributes and output shape, for `conv` and its quantized forms. */
+export function convShape(
+  x: Value,
+  w: Value,
+  options: ConvOptions = {},
+): { attrs: Record<string, Attr>; shape: Dim[] } {
   const spatial = x.rank - 2;
   if (spatial < 1 || w.rank !== x.rank) {
     throw new Error(
@@ -266,7 +271,12 @@ export function conv(x: Value, w: Value, b: Value | null, options: ConvOptions =
       ),
     );
   }
-  return node('Conv', b === null ? [x, w] : [x, w, b], attrs, x.dtype, out);
+  return { attrs, shape: out };
+}
+
+export function conv(x: Value, w: Value, b: Value | null, options: ConvOptions = {}): Value {
+  const { attrs, shape } = convShape(x, w, options);
+  return node('Conv', b === null ? [x, w] : [x, w, b], attrs, x.dtype, shape);
 }
 
 export interface ConvTransposeOptions extends ConvOptions {

@@ -1,6 +1,7 @@
 import type { Value } from '../graph/ir.js';
 import { conv } from '../graph/ops.js';
 import { Module, type ParameterSource } from './module.js';
+import { int8Conv } from './quantize.js';
 
 export interface Conv2dOptions {
   stride?: number | readonly [number, number];
@@ -55,13 +56,21 @@ export class Conv2d extends Module {
   }
 
   forward(params: ParameterSource, x: Value): Value {
-    return this.scoped(params, () =>
-      conv(x, this.param(params, 'weight'), this.bias ? this.param(params, 'bias') : null, {
+    return this.scoped(params, () => {
+      const options = {
         strides: this.stride,
         pads: [this.padding[0], this.padding[1], this.padding[0], this.padding[1]],
         dilations: this.dilation,
         group: this.groups,
-      }),
-    );
+      };
+      const bias = this.bias ? this.param(params, 'bias') : null;
+      const int8 = params.int8;
+      const scale = int8?.outputScale(this.path);
+      const weight = scale !== undefined ? int8!.weight(this.path, 'conv') : undefined;
+      if (weight !== undefined) return int8Conv(x, weight, bias, scale!, options);
+      const y = conv(x, this.param(params, 'weight'), bias, options);
+      int8?.observe?.(this.path, y);
+      return y;
+    });
   }
 }

@@ -1,6 +1,7 @@
 import type { Value } from '../graph/ir.js';
 import { add, gemm, matmul, transpose } from '../graph/ops.js';
 import { Module, type Init, type ParameterSource } from './module.js';
+import { int8Linear } from './quantize.js';
 
 /** `nn.Linear`: y = x Wᵀ + b, with W stored [out, in] as PyTorch stores it. */
 export class Linear extends Module {
@@ -30,8 +31,10 @@ export class Linear extends Module {
 
   forward(params: ParameterSource, x: Value): Value {
     return this.scoped(params, () => {
-      const weight = this.param(params, 'weight');
       const bias = this.bias ? this.param(params, 'bias') : null;
+      const int8 = params.int8?.weight(this.path, 'linear');
+      if (int8 !== undefined) return int8Linear(x, int8, bias);
+      const weight = this.param(params, 'weight');
       if (x.rank === 2) return gemm(x, weight, bias, { transB: true });
       const y = matmul(x, transpose(weight, [1, 0]));
       return bias === null ? y : add(y, bias);

@@ -1,4 +1,5 @@
 import type { Graph, Value } from '../graph/ir.js';
+import type { Int8Source } from './quantize.js';
 
 /**
  * Where a module's parameters come from while its graph is built: initializers pointing into a
@@ -8,6 +9,8 @@ export interface ParameterSource {
   readonly graph: Graph;
   /** The compute dtype the source delivers every parameter in (casting if the file differs). */
   parameter(key: string, shape: readonly number[]): Value;
+  /** int8 weights for quantized graphs (nn/quantize.ts); absent: float only. */
+  readonly int8?: Int8Source;
 }
 
 /** How a parameter starts before training (PyTorch's defaults for each layer kind). */

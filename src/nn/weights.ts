@@ -1,3 +1,4 @@
+import { closeSync, openSync, readSync } from 'node:fs';
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { UserError } from '../errors.js';
@@ -7,6 +8,7 @@ import { SafetensorsFile, tensorDTypeOf, type TensorInfo } from '../io/safetenso
 import type { DType } from '../tensor/dtype.js';
 import { Tensor } from '../tensor/tensor.js';
 import type { Module, ParameterSource } from './module.js';
+import { quantizePerChannel, type Int8Source } from './quantize.js';
 
 /** One stored weight: where its bytes are and what they are. */
 export interface WeightRecord {
@@ -217,6 +219,31 @@ export class WeightSet {
   }
 }
 
+/**
+ * Which layers of a graph run in int8: `scales` holds each quantized convolution's calibrated
+ * output scale; `observe` (calibration) records every convolution's output instead.
+ */
+export interface Int8Plan {
+  readonly scales: ReadonlyMap<string, number>;
+  /** Layers kept in float (the first and last convolutions, by convention). */
+  readonly keepFloat: (layer: string) => boolean;
+  readonly observe?: (layer: string, y: Value) => void;
+}
+
+/** A stored weight's values as float32, read now (quantization needs them at build time). */
+function readFloat32(record: WeightRecord): Float32Array {
+  if (record.data instanceof Tensor) return record.data.toFloat32().data;
+  const { path, offset, length } = record.data;
+  const bytes = Buffer.alloc(length);
+  const fd = openSync(path, 'r');
+  try {
+    readSync(fd, bytes, 0, length, offset);
+  } finally {
+    closeSync(fd);
+  }
+  return Tensor.fromBytes(record.dtype, record.shape, bytes).toFloat32().data;
+}
+
 /** Weights checked against a module tree, ready to become graph initializers. */
 export class BoundWeights {
   readonly weights: WeightSet;
@@ -225,15 +252,45 @@ export class BoundWeights {
     this.weights = weights;
   }
 
+  private int8Source(graph: Graph, plan: Int8Plan): Int8Source {
+    const weights = this.weights;
+    return {
+      weight(layer, kind) {
+        if (plan.keepFloat(layer) || plan.observe !== undefined) return undefined;
+        const record = weights.get(`${layer}.weight`);
+        if (record === undefined) return undefined;
+        const q = quantizePerChannel(readFloat32(record), record.shape, kind === 'linear');
+        return {
+          weight: graph.initializer(
+            `${layer}.weight_int8`,
+            'int8',
+            q.shape,
+            new Tensor('int8', q.shape, q.values),
+          ),
+          scale: graph.initializer(
+            `${layer}.weight_scale`,
+            'float32',
+            [q.scales.length],
+            new Tensor('float32', [q.scales.length], q.scales),
+          ),
+          channels: record.shape[0]!,
+        };
+      },
+      outputScale: (layer) => (plan.keepFloat(layer) ? undefined : plan.scales.get(layer)),
+      ...(plan.observe !== undefined ? { observe: plan.observe } : {}),
+    };
+  }
+
   /**
    * A parameter source for one graph: each parameter becomes an initializer named by its key,
    * pointing into its file in place, cast in the graph when the file's dtype is not `compute`.
    */
-  parameters(graph: Graph, compute: DType = 'float32'): ParameterSource {
+  parameters(graph: Graph, compute: DType = 'float32', int8?: Int8Plan): ParameterSource {
     const values = new Map<string, Value>();
     const weights = this.weights;
     return {
       graph,
+      ...(int8 !== undefined ? { int8: this.int8Source(graph, int8) } : {}),
       parameter(key: string): Value {
         let value = values.get(key);
         if (value === undefined) {

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { readdirSync } from 'node:fs';
 import { UserError } from '../errors.js';
 import { Graph, type Value } from '../graph/ir.js';
@@ -12,8 +13,9 @@ import { PatchAutoencoder, patchAutoencoderConfig } from '../models/patch-autoen
 import { UNet2DConditionModel, unetConfig, type UNetConfig } from '../models/unet-2d-condition.js';
 import * as op from '../graph/ops.js';
 import type { Module, ParameterSource } from '../nn/module.js';
-import { WeightSet, type BoundWeights } from '../nn/weights.js';
+import { WeightSet, type BoundWeights, type Int8Plan } from '../nn/weights.js';
 import { Session, type RuntimeOptions } from '../runtime/session.js';
+import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 
 /**
@@ -31,6 +33,11 @@ export interface ComponentOptions extends RuntimeOptions {
   readonly fusedAttention?: boolean;
   /** LoRAs to merge into the UNet and text-encoder weights (read once by the pipeline). */
   readonly mergedLoras?: readonly LoraFile[];
+  /**
+   * Run the UNet's linear layers and convolutions in int8 (nn/quantize.ts), calibrated on the
+   * first call. Faster on CPUs with VNNI or AMX; the images differ slightly (see BENCHMARKS.md).
+   */
+  readonly quantize?: 'int8';
 }
 
 type Build = (graph: Graph, params: ParameterSource) => void;
@@ -40,7 +47,7 @@ class Compiled<M extends Module> {
   readonly module: M;
   private readonly weights: BoundWeights;
   private readonly identity: string;
-  private readonly options: ComponentOptions;
+  readonly options: ComponentOptions;
   private readonly sessions = new Map<string, Promise<Session>>();
 
   constructor(module: M, weights: BoundWeights, identity: string, options: ComponentOptions) {
@@ -51,7 +58,7 @@ class Compiled<M extends Module> {
   }
 
   /** The session for graph `variant`, built by `build` the first time. */
-  session(variant: string, build: Build): Promise<Session> {
+  session(variant: string, build: Build, int8?: Int8Plan): Promise<Session> {
     let session = this.sessions.get(variant);
     if (session === undefined) {
       const key = JSON.stringify({
@@ -66,7 +73,7 @@ class Compiled<M extends Module> {
           key,
           emit: () => {
             const graph = new Graph(variant);
-            build(graph, this.weights.parameters(graph));
+            build(graph, this.weights.parameters(graph, 'float32', int8));
             return emitOnnx(graph, { docString: `gesso ${variant}` });
           },
         },
@@ -76,6 +83,12 @@ class Compiled<M extends Module> {
       this.sessions.set(variant, session);
     }
     return session;
+  }
+
+  async releaseVariant(variant: string): Promise<void> {
+    const session = this.sessions.get(variant);
+    this.sessions.delete(variant);
+    await (await session?.catch(() => undefined))?.release();
   }
 
   async release(): Promise<void> {
@@ -248,8 +261,14 @@ export interface UNetCall {
   readonly timeIds?: Tensor<'float32'>;
 }
 
+/** The UNet layers int8 leaves in float: its first and last convolutions and the embeddings. */
+function keepFloat(layer: string): boolean {
+  return /^(conv_in|conv_out|time_embedding|add_embedding)(\.|$)/.test(layer);
+}
+
 export class UNet {
   private readonly compiled: Compiled<UNet2DConditionModel> | undefined;
+  private scales: Map<string, number> | undefined;
   private readonly onnx: { file: OnnxFile; config: UNetConfig } | undefined;
 
   private constructor(
@@ -295,10 +314,11 @@ export class UNet {
       });
       return r[this.onnx.file.outputs[0]!.name] as Tensor<'float32'>;
     }
-    const model = this.compiled!.module;
+    const compiled = this.compiled!;
+    const model = compiled.module;
     const c = model.config;
     const context = call.encoderHiddenStates.shape;
-    const session = await this.compiled!.session(`unet:ctx${context[1]}x${context[2]}`, (g, p) => {
+    const build = (g: Graph, p: ParameterSource) => {
       const inputs = {
         sample: g.input('sample', 'float32', ['batch', c.inChannels, 'height', 'width']),
         timestep: g.input('timestep', 'float32', ['batch']),
@@ -321,7 +341,18 @@ export class UNet {
           : {}),
       };
       g.output(model.forward(p, inputs), 'out_sample');
-    });
+    };
+    const variant = `unet:ctx${context[1]}x${context[2]}`;
+    let session: Session;
+    if (compiled.options.quantize === 'int8') {
+      this.scales ??= await this.calibrate(call, variant, build);
+      const scales = this.scales;
+      const tag = createHash('sha256')
+        .update(JSON.stringify([...scales]))
+        .digest('hex')
+        .slice(0, 16);
+      session = await compiled.session(`${variant}:int8:${tag}`, build, { scales, keepFloat });
+    } else session = await compiled.session(variant, build);
     const feeds: Record<string, Tensor> = {
       sample: call.sample,
       timestep: call.timestep,
@@ -339,6 +370,52 @@ export class UNet {
       feeds.time_ids = call.timeIds;
     }
     return (await session.run(feeds)).out_sample as Tensor<'float32'>;
+  }
+
+  /**
+   * Each convolution's output scale for int8: its largest |output| over calibration inputs (unit
+   * normal latents at timesteps across the schedule, with this call's conditioning), with a 20%
+   * margin, over 127.
+   */
+  private async calibrate(
+    call: UNetCall,
+    variant: string,
+    build: (g: Graph, p: ParameterSource) => void,
+  ): Promise<Map<string, number>> {
+    const layers: string[] = [];
+    const session = await this.compiled!.session(`${variant}:calibrate`, build, {
+      scales: new Map(),
+      keepFloat,
+      observe: (layer, y) => {
+        layers.push(layer);
+        y.graph.output(op.reduceMax(op.abs(y), [0, 1, 2, 3], false), `calibrate:${layer}`);
+      },
+    });
+    const names = session.outputNames.filter((n) => n.startsWith('calibrate:'));
+    const largest = new Map<string, number>();
+    const random = new TorchGenerator(0);
+    const batch = call.sample.shape[0]!;
+    for (const t of [999, 800, 600, 400, 200, 50]) {
+      const feeds: Record<string, Tensor> = {
+        sample: random.randn(call.sample.shape),
+        timestep: Tensor.float32([batch], new Array<number>(batch).fill(t)),
+        encoder_hidden_states: call.encoderHiddenStates,
+        ...(call.timestepCond !== undefined ? { timestep_cond: call.timestepCond } : {}),
+        ...(call.textEmbeds !== undefined && call.timeIds !== undefined
+          ? { text_embeds: call.textEmbeds, time_ids: call.timeIds }
+          : {}),
+      };
+      const r = await session.run(feeds);
+      for (const name of names) {
+        const layer = name.slice('calibrate:'.length);
+        largest.set(
+          layer,
+          Math.max(largest.get(layer) ?? 0, (r[name] as Tensor<'float32'>).data[0]!),
+        );
+      }
+    }
+    await this.compiled!.releaseVariant(`${variant}:calibrate`);
+    return new Map([...largest].map(([layer, max]) => [layer, (Math.max(max, 1e-6) * 1.2) / 127]));
   }
 
   /** Frees the ONNX Runtime sessions; the next use builds them again (ONNX files stay open). */
