@@ -84,6 +84,49 @@ const CLIP_L: Json = {
 
 /** The released configs (diffusers' keys) of the models the benchmark measures. */
 export const FULL_SIZE: Record<string, FullSizeModel> = {
+  // SD 1.x's structure at a fraction of the width: the suite's own test runs it end to end.
+  'sd15-mini': {
+    name: 'sd15-mini',
+    index: { _class_name: 'StableDiffusionPipeline' },
+    unet: {
+      _class_name: 'UNet2DConditionModel',
+      in_channels: 4,
+      out_channels: 4,
+      block_out_channels: [32, 32, 64, 64],
+      layers_per_block: 1,
+      down_block_types: [
+        'CrossAttnDownBlock2D',
+        'CrossAttnDownBlock2D',
+        'CrossAttnDownBlock2D',
+        'DownBlock2D',
+      ],
+      up_block_types: [
+        'UpBlock2D',
+        'CrossAttnUpBlock2D',
+        'CrossAttnUpBlock2D',
+        'CrossAttnUpBlock2D',
+      ],
+      cross_attention_dim: 64,
+      attention_head_dim: 8,
+      norm_num_groups: 32,
+      sample_size: 8,
+    },
+    vae: { ...SD_VAE, block_out_channels: [32, 32, 32, 32], layers_per_block: 1, sample_size: 64 },
+    textEncoders: [
+      {
+        role: 'text_encoder',
+        config: {
+          ...CLIP_L,
+          hidden_size: 64,
+          intermediate_size: 128,
+          num_hidden_layers: 2,
+          num_attention_heads: 4,
+        },
+        pad: '<|endoftext|>',
+      },
+    ],
+    scheduler: SD_SCHEDULER,
+  },
   sd15: {
     name: 'sd15',
     index: { _class_name: 'StableDiffusionPipeline' },
