@@ -82,6 +82,26 @@ const CLIP_L: Json = {
   pad_token_id: 1,
 };
 
+/** SD 1.x and 2.x's UNet; 2.x changes the context width and the attention. */
+const SD_UNET: Json = {
+  _class_name: 'UNet2DConditionModel',
+  in_channels: 4,
+  out_channels: 4,
+  block_out_channels: [320, 640, 1280, 1280],
+  layers_per_block: 2,
+  down_block_types: [
+    'CrossAttnDownBlock2D',
+    'CrossAttnDownBlock2D',
+    'CrossAttnDownBlock2D',
+    'DownBlock2D',
+  ],
+  up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
+  cross_attention_dim: 768,
+  attention_head_dim: 8,
+  norm_num_groups: 32,
+  sample_size: 64,
+};
+
 /** The released configs (diffusers' keys) of the models the benchmark measures. */
 export const FULL_SIZE: Record<string, FullSizeModel> = {
   // SD 1.x's structure at a fraction of the width: the suite's own test runs it end to end.
@@ -89,26 +109,10 @@ export const FULL_SIZE: Record<string, FullSizeModel> = {
     name: 'sd15-mini',
     index: { _class_name: 'StableDiffusionPipeline' },
     unet: {
-      _class_name: 'UNet2DConditionModel',
-      in_channels: 4,
-      out_channels: 4,
+      ...SD_UNET,
       block_out_channels: [32, 32, 64, 64],
       layers_per_block: 1,
-      down_block_types: [
-        'CrossAttnDownBlock2D',
-        'CrossAttnDownBlock2D',
-        'CrossAttnDownBlock2D',
-        'DownBlock2D',
-      ],
-      up_block_types: [
-        'UpBlock2D',
-        'CrossAttnUpBlock2D',
-        'CrossAttnUpBlock2D',
-        'CrossAttnUpBlock2D',
-      ],
       cross_attention_dim: 64,
-      attention_head_dim: 8,
-      norm_num_groups: 32,
       sample_size: 8,
     },
     vae: { ...SD_VAE, block_out_channels: [32, 32, 32, 32], layers_per_block: 1, sample_size: 64 },
@@ -130,29 +134,7 @@ export const FULL_SIZE: Record<string, FullSizeModel> = {
   sd15: {
     name: 'sd15',
     index: { _class_name: 'StableDiffusionPipeline' },
-    unet: {
-      _class_name: 'UNet2DConditionModel',
-      in_channels: 4,
-      out_channels: 4,
-      block_out_channels: [320, 640, 1280, 1280],
-      layers_per_block: 2,
-      down_block_types: [
-        'CrossAttnDownBlock2D',
-        'CrossAttnDownBlock2D',
-        'CrossAttnDownBlock2D',
-        'DownBlock2D',
-      ],
-      up_block_types: [
-        'UpBlock2D',
-        'CrossAttnUpBlock2D',
-        'CrossAttnUpBlock2D',
-        'CrossAttnUpBlock2D',
-      ],
-      cross_attention_dim: 768,
-      attention_head_dim: 8,
-      norm_num_groups: 32,
-      sample_size: 64,
-    },
+    unet: SD_UNET,
     vae: SD_VAE,
     textEncoders: [{ role: 'text_encoder', config: CLIP_L, pad: '<|endoftext|>' }],
     scheduler: SD_SCHEDULER,
@@ -161,28 +143,11 @@ export const FULL_SIZE: Record<string, FullSizeModel> = {
     name: 'sd21',
     index: { _class_name: 'StableDiffusionPipeline' },
     unet: {
-      _class_name: 'UNet2DConditionModel',
-      in_channels: 4,
-      out_channels: 4,
-      block_out_channels: [320, 640, 1280, 1280],
-      layers_per_block: 2,
-      down_block_types: [
-        'CrossAttnDownBlock2D',
-        'CrossAttnDownBlock2D',
-        'CrossAttnDownBlock2D',
-        'DownBlock2D',
-      ],
-      up_block_types: [
-        'UpBlock2D',
-        'CrossAttnUpBlock2D',
-        'CrossAttnUpBlock2D',
-        'CrossAttnUpBlock2D',
-      ],
+      ...SD_UNET,
       cross_attention_dim: 1024,
       attention_head_dim: [5, 10, 20, 20],
       use_linear_projection: true,
       upcast_attention: true,
-      norm_num_groups: 32,
       sample_size: 96,
     },
     vae: SD_VAE,

@@ -183,6 +183,17 @@ function stdPerItem(t: F32): number[] {
   });
 }
 
+/** The loaded parts of a pipeline; SDXL's second tokenizer and text encoder where it has them. */
+interface PipelineParts {
+  readonly tokenizer: Tokenizer;
+  readonly textEncoder: TextEncoder;
+  readonly unet: UNet;
+  readonly vae: Vae;
+  readonly schedulerConfig: SchedulerConfig;
+  readonly tokenizer2: Tokenizer | undefined;
+  readonly textEncoder2: TextEncoder | undefined;
+}
+
 export class StableDiffusionPipeline {
   readonly path: string;
   readonly tokenizer: Tokenizer;
@@ -201,16 +212,7 @@ export class StableDiffusionPipeline {
 
   private constructor(
     path: string,
-    parts: {
-      tokenizer: Tokenizer;
-      textEncoder: TextEncoder;
-      unet: UNet;
-      vae: Vae;
-      schedulerConfig: SchedulerConfig;
-      tokenizer2?: Tokenizer;
-      textEncoder2?: TextEncoder;
-      forceZerosForEmptyPrompt?: boolean;
-    },
+    parts: PipelineParts & { forceZerosForEmptyPrompt: boolean },
     options: PipelineOptions,
     defaults: GenerationDefaults,
   ) {
@@ -224,7 +226,7 @@ export class StableDiffusionPipeline {
     this.options = options;
     this.tokenizer2 = parts.tokenizer2;
     this.textEncoder2 = parts.textEncoder2;
-    this.forceZerosForEmptyPrompt = parts.forceZerosForEmptyPrompt ?? false;
+    this.forceZerosForEmptyPrompt = parts.forceZerosForEmptyPrompt;
   }
 
   /**
@@ -326,28 +328,13 @@ export class StableDiffusionPipeline {
   private static async assemble(
     path: string,
     index: Readonly<Record<string, unknown>>,
-    parts: {
-      tokenizer: Tokenizer;
-      textEncoder: TextEncoder;
-      unet: UNet;
-      vae: Vae;
-      schedulerConfig: SchedulerConfig;
-      tokenizer2: Tokenizer | undefined;
-      textEncoder2: TextEncoder | undefined;
-    },
+    parts: PipelineParts,
     options: PipelineOptions,
   ): Promise<StableDiffusionPipeline> {
     if (options.scheduler !== undefined) createScheduler(parts.schedulerConfig, options.scheduler); // fail early on a bad name
-    const { tokenizer2, textEncoder2, ...common } = parts;
     const pipe = new StableDiffusionPipeline(
       path,
-      {
-        ...common,
-        ...(tokenizer2 !== undefined && textEncoder2 !== undefined
-          ? { tokenizer2, textEncoder2 }
-          : {}),
-        forceZerosForEmptyPrompt: index.force_zeros_for_empty_prompt === true,
-      },
+      { ...parts, forceZerosForEmptyPrompt: index.force_zeros_for_empty_prompt === true },
       options,
       generationDefaults(index),
     );
