@@ -259,3 +259,36 @@ test(
     });
   },
 );
+
+test(
+  'what real checkpoints carry beside the model (EMA copies, schedule buffers, the VAE’s loss) is passed over',
+  needsGolden(),
+  async () => {
+    await withTempDir(async (dir) => {
+      const tensors: Record<string, Tensor> = {};
+      await SafetensorsFile.with(FILE(), async (f) => {
+        for (const name of f.names) tensors[name] = await f.read(name);
+      });
+      Object.assign(tensors, {
+        'model_ema.decay': Tensor.float32([], [0.9999]),
+        'model_ema.diffusion_modelinput_blocks00weight': Tensor.float32([32, 4, 3, 3]),
+        alphas_cumprod: Tensor.float32([1000]),
+        'first_stage_model.loss.logvar': Tensor.float32([]),
+        'first_stage_model.loss.discriminator.main.0.weight': Tensor.float32([64, 3, 4, 4]),
+        'cond_stage_model.transformer.text_model.embeddings.position_ids': Tensor.int64(
+          [1, 77],
+          Array.from({ length: 77 }, (_, i) => i),
+        ),
+      });
+      const file = join(dir, 'full.safetensors');
+      await writeSafetensors(file, tensors);
+      const [clean, full] = [await openSingleFile(FILE()), await openSingleFile(file)];
+      for (const role of ['unet', 'vae', 'text_encoder'])
+        assert.deepEqual(
+          [...full.components[role]!.weights.records.keys()].sort(),
+          [...clean.components[role]!.weights.records.keys()].sort(),
+          role,
+        );
+    });
+  },
+);

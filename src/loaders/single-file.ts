@@ -371,7 +371,8 @@ function clipKey(key: string): KeyLink | undefined {
  * Keys outside every prefix (EMA copies, noise-schedule buffers) are never read.
  */
 function isIgnored(key: string): boolean {
-  return /(^|\.)(position_ids|logit_scale|attn_mask)$/.test(key);
+  // `loss.*` under the VAE: the training loss's discriminator some checkpoints still carry.
+  return /(^|\.)(position_ids|logit_scale|attn_mask)$/.test(key) || key.startsWith('loss.');
 }
 
 /**
