@@ -4,6 +4,8 @@ import { join } from 'node:path';
 import test from 'node:test';
 import { toUint8 } from '../src/io/image.js';
 import { SafetensorsFile, writeSafetensors } from '../src/io/safetensors.js';
+import { folderToSingleFile } from '../src/loaders/convert-layout.js';
+import { openSingleFile } from '../src/loaders/single-file.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
@@ -132,5 +134,18 @@ test('a 9-channel inpainting UNet sees the mask and the masked image', needsGold
     assert.ok(differs > 0, 'the mask did not reach the UNet');
     await assert.rejects(pipe.generate({ prompt: 'x', steps: 2 }), /this is an inpainting model/);
     await pipe.release();
+    // The same model as an original-format single file: 9 input channels read from conv_in.
+    const file = join(dir, 'inpainting.safetensors');
+    await folderToSingleFile(dir, file);
+    assert.equal(
+      (await openSingleFile(file, { storedConfigs: false })).components.unet!.config.in_channels,
+      9,
+    );
+    const single = await StableDiffusionPipeline.fromPretrained(file, { cacheDir: false });
+    const c = toUint8(
+      (await single.generate({ prompt: 'a red circle', steps: 4, seed: 1, image, mask })).images,
+    );
+    assert.deepEqual(c.data, a.data);
+    await single.release();
   });
 });
