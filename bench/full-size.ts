@@ -1,7 +1,7 @@
-import { spawnSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { copyFile, mkdir, rename, rm, writeFile } from 'node:fs/promises';
-import { homedir } from 'node:os';
+import { cpus, homedir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Graph } from '../src/graph/ir.js';
@@ -14,6 +14,7 @@ import { ClipTextModel, clipTextConfig } from '../src/models/clip-text.js';
 import { UNet2DConditionModel, unetConfig } from '../src/models/unet-2d-condition.js';
 import type { Module } from '../src/nn/module.js';
 import { WeightSet } from '../src/nn/weights.js';
+import { UNet, type UNetCall } from '../src/pipelines/components.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { Session } from '../src/runtime/session.js';
 import { float32ArrayToFloat16 } from '../src/tensor/half.js';
@@ -367,6 +368,73 @@ export async function matmulPeak(runs: number, threads?: number): Promise<number
   return n ** 3 / Math.min(...times);
 }
 
+/**
+ * The processor's fp32 peak by measurement: bench/fma-peak.c (independent FMA chains on the
+ * widest vectors -march=native allows) built with the system C compiler, on `threads` threads, in
+ * multiply–accumulates/s. Undefined, with a note, where no compiler is found.
+ */
+export function fmaPeak(threads: number): number | undefined {
+  const source = fileURLToPath(new URL('../../bench/fma-peak.c', import.meta.url));
+  const binary = join(benchModelsDir(), 'fma-peak');
+  try {
+    if (!existsSync(binary)) {
+      const staging = `${binary}.tmp-${process.pid}`;
+      execFileSync('cc', ['-O3', '-march=native', source, '-o', staging, '-lpthread']);
+      execFileSync('mv', [staging, binary]);
+    }
+    const out = execFileSync(binary, [String(threads)], { encoding: 'utf8' });
+    return ((JSON.parse(out) as { gflops: number }).gflops * 1e9) / 2;
+  } catch (error) {
+    process.stderr.write(
+      `FMA peak not measured (a C compiler, cc, is needed): ${(error as Error).message.split('\n')[0]}\n`,
+    );
+    return undefined;
+  }
+}
+
+/** Debian's python3-torch lives with the system Python, not a pyenv one. */
+const PYTHON = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
+const TORCH_SCRIPT = fileURLToPath(new URL('../../bench/torch_diffusion_step.py', import.meta.url));
+
+/**
+ * The same UNet written in PyTorch and exported by torch.onnx.export (random weights), once, into
+ * the bench-models folder: what ONNX Runtime does with a clean PyTorch export, beside gesso's own
+ * graph. SD 1.x structure only (the PyTorch script has no linear projections or added
+ * embeddings); undefined, with a note, for others or where python3-torch is missing.
+ */
+async function torchExportedUnet(model: FullSizeModel, dir: string): Promise<string | undefined> {
+  const c = model.unet;
+  if (
+    c.addition_embed_type !== undefined ||
+    c.use_linear_projection === true ||
+    typeof c.attention_head_dim !== 'number'
+  ) {
+    process.stderr.write(`${model.name}: no PyTorch-export comparison (SD 1.x structure only)\n`);
+    return undefined;
+  }
+  const out = join(benchModelsDir(), `${model.name}-torch-onnx`);
+  if (existsSync(join(out, 'model.onnx'))) return out;
+  const staging = `${out}.tmp-${process.pid}`;
+  await rm(staging, { recursive: true, force: true });
+  try {
+    execFileSync(
+      PYTHON,
+      [TORCH_SCRIPT, '--export-onnx', staging, join(dir, 'unet', 'config.json')],
+      {
+        stdio: ['ignore', 'ignore', 'pipe'],
+      },
+    );
+    await rename(staging, out);
+    return out;
+  } catch (error) {
+    await rm(staging, { recursive: true, force: true });
+    process.stderr.write(
+      `${model.name}: no PyTorch-export comparison (${PYTHON} with torch is needed: apt-get install python3-torch): ${(error as Error).message.split('\n')[0]}\n`,
+    );
+    return undefined;
+  }
+}
+
 const rss = () => process.resourceUsage().maxRSS * 1024;
 
 /**
@@ -390,6 +458,18 @@ export async function fullSizeSuite(
   );
   const peak = options.peak ?? (await matmulPeak(5, options.threads));
   results.push(measurement('machine fp32 MatMul peak (2048³)', 'GFLOP/s', [(2 * peak) / 1e9]));
+  const fma = options.peak === undefined ? fmaPeak(options.threads ?? cpus().length) : undefined;
+  if (fma !== undefined)
+    results.push(measurement('machine fp32 FMA peak (all threads)', 'GFLOP/s', [(2 * fma) / 1e9]));
+  const rate = (macs: number, seconds: number) => {
+    const perSecond = macs / seconds;
+    return `${(macs / 1e9).toFixed(1)} GMAC, ${(perSecond / 1e9).toFixed(0)} GMAC/s = ${(
+      (100 * perSecond) /
+      peak
+    ).toFixed(
+      0,
+    )}% of MatMul peak${fma !== undefined ? `, ${((100 * perSecond) / fma).toFixed(0)}% of FMA peak` : ''}`;
+  };
   const cacheDir = join(benchModelsDir(), `${name}-graph-cache`);
   await rm(cacheDir, { recursive: true, force: true });
   const runtime = {
@@ -432,6 +512,7 @@ export async function fullSizeSuite(
     ),
   );
   const context = (await pipe.encodePrompts(['a red circle'], [''], 1, 0, true)).embeddings;
+  const unetCalls: { size: number; batch: number; call: UNetCall; macs: number }[] = [];
   for (const size of sizes) {
     const side = size / 8;
     for (const batch of [1, 2]) {
@@ -455,13 +536,13 @@ export async function fullSizeSuite(
           : {}),
       };
       const macs = await unetMacs(dir, model.unet, batch, side, context.shape[1]!, textWidth);
+      unetCalls.push({ size, batch, call, macs });
       results.push(
         measurement(
           `${name}: UNet ${size}×${size} batch ${batch}`,
           's',
           await timeRuns(runs, () => pipe.unet.predict(call)),
-          (m) =>
-            `${(macs / 1e9).toFixed(1)} GMAC, ${(macs / m / 1e9).toFixed(0)} GMAC/s = ${((100 * macs) / m / peak).toFixed(0)}% of peak`,
+          (m) => rate(macs, m),
         ),
       );
     }
@@ -473,6 +554,22 @@ export async function fullSizeSuite(
         await timeRuns(Math.min(runs, 3), () => pipe.vae.decode(latents)),
       ),
     );
+  }
+  // The same UNet exported from PyTorch, on the same ONNX Runtime with the same session options.
+  const exported = await torchExportedUnet(model, dir);
+  if (exported !== undefined) {
+    const unet = await UNet.load(exported, { ...runtime, cacheDir: false });
+    for (const { size, batch, call, macs } of unetCalls) {
+      results.push(
+        measurement(
+          `${name}: UNet ${size}×${size} batch ${batch}, ORT on a PyTorch export`,
+          's',
+          await timeRuns(runs, () => unet.predict(call)),
+          (m) => rate(macs, m),
+        ),
+      );
+    }
+    await unet.release();
   }
   let reference: Tensor<'float32'> | undefined;
   const image = (steps: number, guidance: number) => async () => {

@@ -1,24 +1,52 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { BENCH_USAGE } from '../src/cli/bench.js';
 import { foundationSuite } from './foundation.js';
 import { fullSizeSuite } from './full-size.js';
 import { formatTable, machine, type Measurement } from './harness.js';
 import { trainingSuite } from './training.js';
 
-const { values } = parseArgs({
-  options: {
-    suite: { type: 'string', default: 'foundation,training' },
-    runs: { type: 'string', default: '7' },
-    out: { type: 'string', default: 'bench-results' },
-    threads: { type: 'string' },
-    sizes: { type: 'string' },
-  },
-});
-const runs = Number(values.runs);
+/** A mistake in the arguments: the message and the usage, no stack trace. */
+function usageError(message: string): never {
+  process.stderr.write(`gesso bench: ${message}\n\n${BENCH_USAGE}\n`);
+  process.exit(2);
+}
+
+function parse() {
+  try {
+    return parseArgs({
+      options: {
+        suite: { type: 'string', default: 'foundation,training' },
+        runs: { type: 'string', default: '7' },
+        out: { type: 'string', default: 'bench-results' },
+        threads: { type: 'string' },
+        sizes: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    }).values;
+  } catch (error) {
+    return usageError((error as Error).message);
+  }
+}
+
+const values = parse();
+if (values.help === true) {
+  process.stdout.write(`${BENCH_USAGE}\n`);
+  process.exit(0);
+}
+const positive = (text: string, what: string) => {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 1)
+    usageError(`${what} must be a positive whole number, not '${text}'`);
+  return n;
+};
+const runs = positive(values.runs, '--runs');
 const fullSize = {
-  ...(values.threads !== undefined ? { threads: Number(values.threads) } : {}),
-  ...(values.sizes !== undefined ? { sizes: values.sizes.split(',').map(Number) } : {}),
+  ...(values.threads !== undefined ? { threads: positive(values.threads, '--threads') } : {}),
+  ...(values.sizes !== undefined
+    ? { sizes: values.sizes.split(',').map((s) => positive(s, 'each of --sizes')) }
+    : {}),
 };
 
 /**
@@ -34,12 +62,13 @@ const SUITES: Record<string, (runs: number) => Promise<Measurement[]>> = {
 };
 const info = machine();
 process.stdout.write(
-  `machine: ${info.cpu}, ${info.cores} cores, ${info.memoryGiB} GiB; node ${info.node}; onnxruntime ${info.onnxruntime}\n`,
+  `machine: ${info.cpu} (${info.cpuId}; ${info.cpuFeatures.join(' ')}), ${info.cores} cores, ${info.memoryGiB} GiB; node ${info.node}; onnxruntime ${info.onnxruntime}\n`,
 );
+const unknown = values.suite.split(',').filter((name) => SUITES[name] === undefined);
+if (unknown.length > 0)
+  usageError(`unknown suite '${unknown.join(',')}' (have: ${Object.keys(SUITES).join(', ')})`);
 for (const name of values.suite.split(',')) {
-  const suite = SUITES[name];
-  if (suite === undefined)
-    throw new Error(`unknown suite '${name}' (have: ${Object.keys(SUITES).join(', ')})`);
+  const suite = SUITES[name]!;
   process.stdout.write(`\n== ${name} (${runs} runs, medians) ==\n`);
   const results = await suite(runs);
   process.stdout.write(`${formatTable(results)}\n`);

@@ -11,6 +11,12 @@ AdamW and an EMA of the weights.
     /usr/bin/python3 bench/torch_diffusion_step.py --threads 2 --steps 20
     /usr/bin/python3 bench/torch_diffusion_step.py --check FIXTURE.safetensors MODEL_DIR
 
+--export-onnx writes the UNet alone (random weights, the given UNet config.json) with
+torch.onnx.export, dynamic batch and size, as diffusers' own ONNX conversion does: the "ONNX Runtime
+on a PyTorch export" line of the full-size benchmark runs it beside gesso's graph.
+
+    /usr/bin/python3 bench/torch_diffusion_step.py --export-onnx OUT_DIR UNET_CONFIG.json
+
 --check loads a gesso model folder's weights (strictly: every name and shape must match) and
 compares the UNet and text-encoder outputs with gesso's, saved by `npm run bench -- torch-fixture`.
 """
@@ -138,11 +144,13 @@ class Sampler(nn.Module):
 
 
 class DownBlock(nn.Module):
-    def __init__(self, cin, cout, temb, groups, cross, heads, context_dim, only_cross, downsample):
+    def __init__(self, cin, cout, temb, groups, cross, heads, context_dim, only_cross, downsample, layers):
         super().__init__()
-        self.resnets = nn.ModuleList([Resnet(cin, cout, temb, groups)])
+        self.resnets = nn.ModuleList([Resnet(cin if i == 0 else cout, cout, temb, groups) for i in range(layers)])
         if cross:
-            self.attentions = nn.ModuleList([Transformer2D(cout, heads, context_dim, groups, only_cross)])
+            self.attentions = nn.ModuleList(
+                [Transformer2D(cout, heads, context_dim, groups, only_cross) for _ in range(layers)]
+            )
         if downsample:
             self.downsamplers = nn.ModuleList([Sampler(cout, True)])
 
@@ -209,7 +217,10 @@ class UNet(nn.Module):
         prev = out[0]
         for i, kind in enumerate(c['down_block_types']):
             self.down_blocks.append(
-                DownBlock(prev, out[i], temb, groups, kind.startswith('CrossAttn'), heads, ctx, only[i], i < len(out) - 1)
+                DownBlock(
+                    prev, out[i], temb, groups, kind.startswith('CrossAttn'), heads, ctx, only[i], i < len(out) - 1,
+                    c['layers_per_block'],
+                )
             )
             prev = out[i]
         self.mid_block = Mid(out[-1], temb, groups, heads, ctx)
@@ -344,6 +355,28 @@ def bench(model_dir, batch, threads, steps, warmup):
     }))
 
 
+def export_onnx(out_dir, unet_config):
+    config = json.load(open(unet_config))
+    torch.manual_seed(0)
+    unet = UNet(config).eval()
+    os.makedirs(out_dir, exist_ok=True)
+    side = config.get('sample_size', 64)
+    inputs = (
+        torch.randn(1, config['in_channels'], side, side),
+        torch.tensor([500.0]),
+        torch.randn(1, 77, config['cross_attention_dim']),
+    )
+    path = os.path.join(out_dir, 'model.onnx')
+    with torch.no_grad():
+        torch.onnx.export(
+            unet, inputs, path, opset_version=17, do_constant_folding=True,
+            input_names=['sample', 'timestep', 'encoder_hidden_states'], output_names=['out_sample'],
+            dynamic_axes={'sample': {0: 'batch', 2: 'height', 3: 'width'}, 'timestep': {0: 'batch'},
+                          'encoder_hidden_states': {0: 'batch'}},
+        )
+    print(json.dumps({'onnx': path, 'parameters': sum(p.numel() for p in unet.parameters()), 'torch': torch.__version__}))
+
+
 if __name__ == '__main__':
     parser = argparse.ArgumentParser()
     parser.add_argument('--model', default='runs/shapes-diffusion/model', help='a gesso diffusion model folder (for its configs)')
@@ -352,8 +385,11 @@ if __name__ == '__main__':
     parser.add_argument('--steps', type=int, default=20)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--check', nargs=2, metavar=('FIXTURE', 'MODEL_DIR'))
+    parser.add_argument('--export-onnx', nargs=2, metavar=('OUT_DIR', 'UNET_CONFIG'))
     args = parser.parse_args()
-    if args.check:
+    if args.export_onnx:
+        export_onnx(*args.export_onnx)
+    elif args.check:
         check(*args.check)
     else:
         bench(args.model, args.batch, args.threads, args.steps, args.warmup)

@@ -1,6 +1,9 @@
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import test from 'node:test';
+import { fileURLToPath } from 'node:url';
 import { fullSizeSuite } from '../bench/full-size.js';
+import { machine } from '../bench/harness.js';
 import { withTempDir } from './helpers.js';
 
 test('the full-size benchmark suite runs end to end (on SD 1.x’s structure at a small width)', async () => {
@@ -22,12 +25,58 @@ test('the full-size benchmark suite runs end to end (on SD 1.x’s structure at 
       for (const r of results) assert.ok(r.median > 0 && Number.isFinite(r.median), r.name);
       assert.match(
         results.find((r) => r.name === 'sd15-mini: UNet 64×64 batch 2')!.note!,
-        /% of peak/,
+        /% of MatMul peak/,
       );
+      // Present where the machine has a C compiler and python3-torch (the suite notes when not).
+      const fma = results.find((r) => r.name === 'machine fp32 FMA peak (all threads)');
+      if (fma !== undefined)
+        assert.match(
+          results.find((r) => r.name === 'sd15-mini: UNet 64×64 batch 1')!.note!,
+          /% of FMA peak/,
+        );
+      const exported = results.find(
+        (r) => r.name === 'sd15-mini: UNet 64×64 batch 2, ORT on a PyTorch export',
+      );
+      if (exported !== undefined) assert.match(exported.note!, /GMAC\/s/);
       assert.match(results.find((r) => r.name.endsWith('batch 2, int8'))!.note!, /PSNR vs fp32 \d/);
     } finally {
       if (before === undefined) delete process.env.GESSO_BENCH_MODELS;
       else process.env.GESSO_BENCH_MODELS = before;
     }
   });
+});
+
+const BENCH = fileURLToPath(new URL('../bench/main.js', import.meta.url));
+const bench = (...args: string[]) =>
+  spawnSync(process.execPath, [BENCH, ...args], { encoding: 'utf8', timeout: 60_000 });
+
+test('npm run bench: a wrong argument is one message and the usage, exit status 2', () => {
+  for (const [args, message] of [
+    [['--runs', '0'], "gesso bench: --runs must be a positive whole number, not '0'"],
+    [['--sizes', '512,x'], "gesso bench: each of --sizes must be a positive whole number, not 'x'"],
+    [['--suite', 'sd15,nope'], "gesso bench: unknown suite 'nope' (have: foundation, training"],
+    [['--frobnicate'], "gesso bench: Unknown option '--frobnicate'"],
+  ] as const) {
+    const r = bench(...args);
+    assert.equal(r.status, 2, `${args.join(' ')}: ${r.stderr}`);
+    assert.ok(r.stderr.startsWith(message), `${args.join(' ')}: ${r.stderr}`);
+    assert.match(r.stderr, /usage: gesso bench/);
+    assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
+  }
+  const help = bench('--help');
+  assert.equal(help.status, 0);
+  assert.match(help.stdout, /^usage: gesso bench \[--suite/);
+});
+
+test('benchmark results name the processor by family, model and matrix features', () => {
+  const info = machine();
+  assert.match(info.cpuId, /^family \d+ model \d+$|^unknown$/);
+  for (const feature of info.cpuFeatures)
+    assert.ok(
+      ['avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16', 'amx_int8'].includes(
+        feature,
+      ),
+    );
+  if (process.arch === 'x64' && process.platform === 'linux')
+    assert.ok(info.cpuFeatures.includes('avx2'));
 });
