@@ -1,7 +1,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { copyFile, mkdir, rename, rm, writeFile } from 'node:fs/promises';
-import { cpus, homedir } from 'node:os';
+import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Graph } from '../src/graph/ir.js';
@@ -16,6 +16,7 @@ import type { Module } from '../src/nn/module.js';
 import { WeightSet } from '../src/nn/weights.js';
 import { UNet, type UNetCall } from '../src/pipelines/components.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
+import { defaultComputeThreads } from '../src/runtime/cpu.js';
 import { Session } from '../src/runtime/session.js';
 import { float32ArrayToFloat16 } from '../src/tensor/half.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
@@ -458,7 +459,8 @@ export async function fullSizeSuite(
   );
   const peak = options.peak ?? (await matmulPeak(5, options.threads));
   results.push(measurement('machine fp32 MatMul peak (2048³)', 'GFLOP/s', [(2 * peak) / 1e9]));
-  const fma = options.peak === undefined ? fmaPeak(options.threads ?? cpus().length) : undefined;
+  const fma =
+    options.peak === undefined ? fmaPeak(options.threads ?? defaultComputeThreads()) : undefined;
   if (fma !== undefined)
     results.push(measurement('machine fp32 FMA peak (all threads)', 'GFLOP/s', [(2 * fma) / 1e9]));
   const rate = (macs: number, seconds: number) => {

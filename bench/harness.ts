@@ -1,5 +1,5 @@
-import { readFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
+import { defaultComputeThreads, processorIdentity } from '../src/runtime/cpu.js';
 import { onnxRuntimeVersion } from '../src/runtime/session.js';
 
 /** A measured quantity: every run's value, with median and spread. */
@@ -50,42 +50,14 @@ export function measurement(
   };
 }
 
-/** The instruction-set features that decide matrix speed, as /proc/cpuinfo names them. */
-const MATRIX_FEATURES = [
-  'avx2',
-  'fma',
-  'avx512f',
-  'avx512_vnni',
-  'avx512_bf16',
-  'amx_bf16',
-  'amx_int8',
-];
-
-/**
- * Which processor this is, beyond its marketing name: cloud hosts report "AMD EPYC" for several
- * generations with different vector units, so results carry family/model and the features.
- */
-function processorIdentity(): { id: string; features: string[] } {
-  try {
-    const info = readFileSync('/proc/cpuinfo', 'utf8');
-    const field = (name: string) => new RegExp(`^${name}\\s*: (.*)$`, 'm').exec(info)?.[1] ?? '?';
-    const flags = new Set(field('flags').split(' '));
-    return {
-      id: `family ${field('cpu family')} model ${field('model')}`,
-      features: MATRIX_FEATURES.filter((f) => flags.has(f)),
-    };
-  } catch {
-    return { id: 'unknown', features: [] };
-  }
-}
-
 export function machine() {
   const processor = processorIdentity();
   return {
-    cpu: cpus()[0]?.model ?? 'unknown',
+    cpu: processor.name,
     cpuId: processor.id,
     cpuFeatures: processor.features,
     cores: cpus().length,
+    computeThreads: defaultComputeThreads(),
     memoryGiB: Math.round(totalmem() / 2 ** 30),
     node: process.version,
     onnxruntime: onnxRuntimeVersion,

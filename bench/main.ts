@@ -62,7 +62,7 @@ const SUITES: Record<string, (runs: number) => Promise<Measurement[]>> = {
 };
 const info = machine();
 process.stdout.write(
-  `machine: ${info.cpu} (${info.cpuId}; ${info.cpuFeatures.join(' ')}), ${info.cores} cores, ${info.memoryGiB} GiB; node ${info.node}; onnxruntime ${info.onnxruntime}\n`,
+  `machine: ${info.cpu} (${info.cpuId}; ${info.cpuFeatures.join(' ')}), ${info.cores} cores (${info.computeThreads} compute threads), ${info.memoryGiB} GiB; node ${info.node}; onnxruntime ${info.onnxruntime}\n`,
 );
 const unknown = values.suite.split(',').filter((name) => SUITES[name] === undefined);
 if (unknown.length > 0)

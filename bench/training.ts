@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { writeSafetensors } from '../src/io/safetensors.js';
 import { TextEncoder, UNet } from '../src/pipelines/components.js';
+import { defaultComputeThreads } from '../src/runtime/cpu.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
 import type { Tensor } from '../src/tensor/tensor.js';
 import { DEFAULT_DIFFUSION_RECIPE, DiffusionTask } from '../src/training/diffusion.js';
@@ -108,7 +109,7 @@ export async function trainingSuite(runs: number): Promise<Measurement[]> {
           '--batch',
           String(batch),
           '--threads',
-          '2',
+          String(defaultComputeThreads()),
           '--steps',
           String(steps),
         ],
@@ -122,7 +123,7 @@ export async function trainingSuite(runs: number): Promise<Measurement[]> {
     }
     if (torch !== undefined) {
       results.push({
-        name: `PyTorch training step, same architecture (batch ${batch}, 2 threads)`,
+        name: `PyTorch training step, same architecture (batch ${batch}, ${defaultComputeThreads()} threads)`,
         unit: 's',
         runs: torch.seconds,
         median: torch.median_seconds_per_step,

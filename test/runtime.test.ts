@@ -1,5 +1,7 @@
 import assert from 'node:assert/strict';
+import { existsSync, readFileSync } from 'node:fs';
 import { readdir, writeFile } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import test from 'node:test';
 import { isUserError } from '../src/errors.js';
@@ -8,6 +10,7 @@ import { emitOnnx } from '../src/graph/onnx.js';
 import * as op from '../src/graph/ops.js';
 import { writeSafetensors } from '../src/io/safetensors.js';
 import { Linear, WeightSet } from '../src/nn/index.js';
+import { defaultComputeThreads, processorIdentity } from '../src/runtime/cpu.js';
 import { runOnce, Session } from '../src/runtime/session.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { withTempDir } from './helpers.js';
@@ -54,6 +57,24 @@ test(
     }
   },
 );
+
+test('the default thread count is one per physical core the kernel lists', () => {
+  const threads = defaultComputeThreads();
+  assert.ok(threads >= 1 && threads <= availableParallelism(), `${threads}`);
+  if (!existsSync('/proc/cpuinfo')) return;
+  // Counted here independently: distinct (physical id, core id) pairs, hyper-threads once.
+  const cores = new Set<string>();
+  let packageId = '0';
+  for (const line of readFileSync('/proc/cpuinfo', 'utf8').split('\n')) {
+    const [key, value] = line.split(':').map((part) => part.trim());
+    if (key === 'physical id') packageId = value!;
+    if (key === 'core id') cores.add(`${packageId}/${value}`);
+  }
+  if (cores.size > 0) assert.equal(threads, Math.min(cores.size, availableParallelism()));
+  const identity = processorIdentity();
+  assert.ok(identity.name.length > 0);
+  if (process.arch === 'x64') assert.match(identity.id, /^family \d+ model \d+$/);
+});
 
 test('threads and optimization level are honoured options', async () => {
   for (const [threads, level] of [

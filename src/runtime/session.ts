@@ -1,12 +1,13 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { mkdir, readFile, rename, rm } from 'node:fs/promises';
-import { cpus, homedir } from 'node:os';
+import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import ort from 'onnxruntime-node';
 import { UserError } from '../errors.js';
 import { writeFileAtomically } from '../io/atomic.js';
+import { defaultComputeThreads, processorIdentity } from './cpu.js';
 import type { DType } from '../tensor/dtype.js';
 import { Tensor } from '../tensor/tensor.js';
 
@@ -21,7 +22,7 @@ export type GraphOptimization = 'disabled' | 'basic' | 'extended' | 'all';
 export interface RuntimeOptions {
   /** Where the graph runs. Default 'cpu'. */
   readonly executionProvider?: ExecutionProvider;
-  /** Threads inside one op (ORT's intra-op pool). Default: ONNX Runtime's choice (one per core). */
+  /** Threads inside one op (ORT's intra-op pool). Default: one per physical core (see cpu.ts). */
   readonly threads?: number;
   readonly interOpThreads?: number;
   readonly graphOptimization?: GraphOptimization;
@@ -129,7 +130,7 @@ function sessionOptions(options: RuntimeOptions): ort.InferenceSession.SessionOp
   return {
     executionProviders: providerList(ep),
     graphOptimizationLevel: options.graphOptimization ?? 'all',
-    ...(options.threads !== undefined ? { intraOpNumThreads: options.threads } : {}),
+    intraOpNumThreads: options.threads ?? defaultComputeThreads(),
     ...(options.interOpThreads !== undefined ? { interOpNumThreads: options.interOpThreads } : {}),
     ...(options.memoryArena !== undefined ? { enableCpuMemArena: options.memoryArena } : {}),
     logSeverityLevel: 3,
@@ -207,7 +208,7 @@ export class Session {
               JSON.stringify({
                 ep: base.executionProviders,
                 level: base.graphOptimizationLevel,
-                cpu: cpus()[0]?.model ?? '',
+                cpu: processorIdentity(),
                 arch: process.arch,
               }),
             )}`,

@@ -1,0 +1,61 @@
+import { readFileSync } from 'node:fs';
+import { availableParallelism, cpus } from 'node:os';
+
+/** What /proc/cpuinfo says, read once; empty where there is none (macOS, Windows). */
+let cpuinfo: string | undefined;
+function readCpuinfo(): string {
+  if (cpuinfo === undefined) {
+    try {
+      cpuinfo = readFileSync('/proc/cpuinfo', 'utf8');
+    } catch {
+      cpuinfo = '';
+    }
+  }
+  return cpuinfo;
+}
+
+/**
+ * Compute threads for ONNX Runtime when the user names none: one per physical core this process
+ * may run on. ORT's own default ran every op on one thread on a 2-core Zen 5 cloud VM, at half
+ * speed, so gesso counts the distinct (package, core) pairs the kernel lists instead; like ORT's
+ * intent, that leaves hyper-threaded siblings out.
+ */
+export function defaultComputeThreads(): number {
+  const allowed = availableParallelism();
+  const cores = new Set<string>();
+  for (const block of readCpuinfo().split(/\n\s*\n/)) {
+    const field = (name: string) => new RegExp(`^${name}\\s*: (.*)$`, 'm').exec(block)?.[1];
+    const core = field('core id');
+    if (core !== undefined) cores.add(`${field('physical id') ?? '0'}:${core}`);
+  }
+  return Math.max(1, Math.min(allowed, cores.size > 0 ? cores.size : allowed));
+}
+
+/** The instruction-set features that decide matrix speed, as /proc/cpuinfo names them. */
+const MATRIX_FEATURES = [
+  'avx2',
+  'fma',
+  'avx512f',
+  'avx512_vnni',
+  'avx512_bf16',
+  'amx_bf16',
+  'amx_int8',
+] as const;
+
+/**
+ * Which processor this is, beyond its marketing name: cloud hosts report "AMD EPYC" for several
+ * generations with different vector units, and ORT's optimized graphs (NCHWc blocking) and speed
+ * depend on those units.
+ */
+export function processorIdentity(): { name: string; id: string; features: string[] } {
+  const name = cpus()[0]?.model ?? 'unknown';
+  const info = readCpuinfo();
+  if (info === '') return { name, id: 'unknown', features: [] };
+  const field = (key: string) => new RegExp(`^${key}\\s*: (.*)$`, 'm').exec(info)?.[1] ?? '?';
+  const flags = new Set(field('flags').split(' '));
+  return {
+    name,
+    id: `family ${field('cpu family')} model ${field('model')}`,
+    features: MATRIX_FEATURES.filter((f) => flags.has(f)),
+  };
+}
