@@ -8,32 +8,13 @@ sides of 16, and interleaved rand/randn draws from one generator.
 """
 import json
 import os
-import struct
 
 import numpy as np
 import torch
 
+from fixtures_io import save
+
 OUT = os.path.join(os.path.dirname(__file__), '..', 'test', 'fixtures')
-
-
-def save(path, tensors, metadata=None):
-    header, blobs, offset = {}, [], 0
-    if metadata:
-        header['__metadata__'] = metadata
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        dt = {np.dtype('float32'): 'F32', np.dtype('uint16'): 'U16', np.dtype('uint32'): 'U32'}[a.dtype]
-        raw = a.tobytes()
-        header[name] = {'dtype': dt, 'shape': list(a.shape), 'data_offsets': [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b' ' * ((8 - len(text) % 8) % 8)
-    with open(path, 'wb') as f:
-        f.write(struct.pack('<Q', len(text)))
-        f.write(text)
-        for b in blobs:
-            f.write(b)
 
 
 # Each entry: a seed and a list of draws made in order from one generator.
