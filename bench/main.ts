@@ -1,6 +1,7 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
+import { parseNumber } from '../src/cli/args.js';
 import { BENCH_USAGE } from '../src/cli/bench.js';
 import { foundationSuite } from './foundation.js';
 import { fullSizeSuite } from './full-size.js';
@@ -35,17 +36,19 @@ if (values.help === true) {
   process.stdout.write(`${BENCH_USAGE}\n`);
   process.exit(0);
 }
-const positive = (text: string, what: string) => {
-  const n = Number(text);
-  if (!Number.isInteger(n) || n < 1)
-    usageError(`${what} must be a positive whole number, not '${text}'`);
-  return n;
+/** A whole number of at least 1, checked as the gesso commands check theirs. */
+const positive = (flag: string, text: string): number => {
+  try {
+    return parseNumber(flag, text, { integer: true, min: 1 })!;
+  } catch (error) {
+    return usageError((error as Error).message);
+  }
 };
-const runs = positive(values.runs, '--runs');
+const runs = positive('runs', values.runs);
 const fullSize = {
-  ...(values.threads !== undefined ? { threads: positive(values.threads, '--threads') } : {}),
+  ...(values.threads !== undefined ? { threads: positive('threads', values.threads) } : {}),
   ...(values.sizes !== undefined
-    ? { sizes: values.sizes.split(',').map((s) => positive(s, 'each of --sizes')) }
+    ? { sizes: values.sizes.split(',').map((s) => positive('sizes', s)) }
     : {}),
 };
 

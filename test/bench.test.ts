@@ -52,8 +52,8 @@ const bench = (...args: string[]) =>
 
 test('npm run bench: a wrong argument is one message and the usage, exit status 2', () => {
   for (const [args, message] of [
-    [['--runs', '0'], "gesso bench: --runs must be a positive whole number, not '0'"],
-    [['--sizes', '512,x'], "gesso bench: each of --sizes must be a positive whole number, not 'x'"],
+    [['--runs', '0'], 'gesso bench: --runs must be at least 1 (got 0)'],
+    [['--sizes', '512,x'], "gesso bench: --sizes must be an integer (got 'x')"],
     [['--suite', 'sd15,nope'], "gesso bench: unknown suite 'nope' (have: foundation, training"],
     [['--frobnicate'], "gesso bench: Unknown option '--frobnicate'"],
   ] as const) {

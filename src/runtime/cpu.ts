@@ -1,6 +1,11 @@
 import { readFileSync } from 'node:fs';
 import { availableParallelism, cpus } from 'node:os';
 
+/** A `key : value` line's value in a /proc/cpuinfo text (the first processor's, for the whole file). */
+function cpuinfoField(text: string, key: string): string | undefined {
+  return new RegExp(`^${key}\\s*: (.*)$`, 'm').exec(text)?.[1];
+}
+
 /** What /proc/cpuinfo says, read once; empty where there is none (macOS, Windows). */
 let cpuinfo: string | undefined;
 function readCpuinfo(): string {
@@ -24,9 +29,8 @@ export function defaultComputeThreads(): number {
   const allowed = availableParallelism();
   const cores = new Set<string>();
   for (const block of readCpuinfo().split(/\n\s*\n/)) {
-    const field = (name: string) => new RegExp(`^${name}\\s*: (.*)$`, 'm').exec(block)?.[1];
-    const core = field('core id');
-    if (core !== undefined) cores.add(`${field('physical id') ?? '0'}:${core}`);
+    const core = cpuinfoField(block, 'core id');
+    if (core !== undefined) cores.add(`${cpuinfoField(block, 'physical id') ?? '0'}:${core}`);
   }
   return Math.max(1, Math.min(allowed, cores.size > 0 ? cores.size : allowed));
 }
@@ -51,7 +55,7 @@ export function processorIdentity(): { name: string; id: string; features: strin
   const name = cpus()[0]?.model ?? 'unknown';
   const info = readCpuinfo();
   if (info === '') return { name, id: 'unknown', features: [] };
-  const field = (key: string) => new RegExp(`^${key}\\s*: (.*)$`, 'm').exec(info)?.[1] ?? '?';
+  const field = (key: string) => cpuinfoField(info, key) ?? '?';
   const flags = new Set(field('flags').split(' '));
   return {
     name,
