@@ -6,7 +6,12 @@ import test from 'node:test';
 import { decodePng } from '../src/io/png.js';
 import { parseInfotext } from '../src/io/infotext.js';
 import { SafetensorsFile, writeSafetensors } from '../src/io/safetensors.js';
-import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
+import { cachesOptimizedGraph } from '../src/pipelines/components.js';
+import {
+  AUTO_LOW_MEMORY_SHARE,
+  resolveLowMemory,
+  StableDiffusionPipeline,
+} from '../src/pipelines/stable-diffusion.js';
 import { createScheduler } from '../src/schedulers/index.js';
 import { chunk } from '../src/tensor/ops.js';
 import { Tensor } from '../src/tensor/tensor.js';
@@ -359,3 +364,58 @@ test(
     await low.release();
   },
 );
+
+test('low-memory by itself: on when the weights pass the share of memory, as asked otherwise', () => {
+  const memory = 16 * 2 ** 30;
+  const edge = AUTO_LOW_MEMORY_SHARE * memory;
+  assert.equal(AUTO_LOW_MEMORY_SHARE, 0.4);
+  assert.equal(resolveLowMemory(undefined, edge + 1, memory), true);
+  assert.equal(resolveLowMemory('auto', edge + 1, memory), true);
+  assert.equal(resolveLowMemory('auto', edge, memory), false);
+  // SDXL's fp32 weights (13.9 GB) on a 24 GiB machine; SD 1.5's (4.3 GB) there and on 8 GiB.
+  assert.equal(resolveLowMemory(undefined, 13.9e9, 24 * 2 ** 30), true);
+  assert.equal(resolveLowMemory(undefined, 4.3e9, 24 * 2 ** 30), false);
+  assert.equal(resolveLowMemory(undefined, 4.3e9, 8 * 2 ** 30), true);
+  assert.equal(resolveLowMemory(false, 1e12, memory), false);
+  assert.equal(resolveLowMemory(true, 1, memory), true);
+});
+
+test(
+  'a pipeline weighs its models as float32 in memory, from fp32 or fp16 files alike',
+  needsGolden(),
+  async () => {
+    const dir = golden('sd1-tiny', 'sd-tiny');
+    // Counted here from the files' headers: every tensor of the three models at 4 bytes.
+    let expected = 0;
+    for (const [part, file] of [
+      ['text_encoder', 'model.safetensors'],
+      ['unet', 'diffusion_pytorch_model.safetensors'],
+      ['vae', 'diffusion_pytorch_model.safetensors'],
+    ] as const) {
+      const header = await SafetensorsFile.with(join(dir, part, file), async (f) => [
+        ...f.tensors.values(),
+      ]);
+      for (const t of header) expected += 4 * t.shape.reduce((a, b) => a * b, 1);
+    }
+    for (const variant of [undefined, 'fp16']) {
+      const pipe = await StableDiffusionPipeline.fromPretrained(dir, {
+        cacheDir: false,
+        ...(variant !== undefined ? { variant } : {}),
+      });
+      const weighed = pipe.textEncoder.weightBytes + pipe.unet.weightBytes + pipe.vae.weightBytes;
+      assert.equal(weighed, expected, `variant ${variant ?? 'fp32'}`);
+      assert.equal(pipe.lowMemory, false, 'a tiny model stays resident by default');
+      await pipe.release();
+    }
+  },
+);
+
+test('large models keep ORT’s optimized graph, unless writing it would crowd the memory', () => {
+  const gib = 2 ** 30;
+  assert.equal(cachesOptimizedGraph(255 * 2 ** 20, 24 * gib), false, 'small: not worth a copy');
+  assert.equal(cachesOptimizedGraph(256 * 2 ** 20, 24 * gib), true);
+  assert.equal(cachesOptimizedGraph(3.44e9, 24 * gib), true, 'SD 1.5 UNet on 24 GiB');
+  assert.equal(cachesOptimizedGraph(3.44e9, 8 * gib), false, 'SD 1.5 UNet on 8 GiB');
+  assert.equal(cachesOptimizedGraph(10.3e9, 24 * gib), false, 'SDXL UNet on 24 GiB');
+  assert.equal(cachesOptimizedGraph(6 * gib, 24 * gib), true, 'a quarter exactly');
+});

@@ -59,7 +59,9 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
                           scaled by SCALE (default 1); repeatable
   --fast-decode           decode with the tiny autoencoder (TAESD): much faster, a little softer
   --tiny-vae MODEL        its folder or Hub id (default madebyollin/taesd, taesdxl for SDXL)
-  --low-memory            keep only the running model resident (text encoder, UNet, VAE in turn)
+  --low-memory            keep only the running model resident (text encoder, UNet, VAE in turn);
+                          on by itself when the model's weights exceed 40% of memory
+  --keep-loaded           keep every model resident even then
   --quantize int8         run the UNet's convolutions and matrix products in int8 (faster on
                           CPUs with VNNI/AMX; images change slightly)
   --variant fp16          load the fp16 weight files
@@ -225,6 +227,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       lora: { type: 'string', multiple: true },
       'fast-decode': { type: 'boolean', default: false },
       'low-memory': { type: 'boolean', default: false },
+      'keep-loaded': { type: 'boolean', default: false },
       quantize: { type: 'string' },
       'tiny-vae': { type: 'string' },
       threads: { type: 'string' },
@@ -306,6 +309,11 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   const threads = parseNumber('threads', values.threads, { integer: true, min: 1 });
   if (values.quantize !== undefined && values.quantize !== 'int8')
     throw new UserError('usage', `--quantize takes int8 (got '${values.quantize}')`);
+  if (values['low-memory'] && values['keep-loaded'])
+    throw new UserError(
+      'usage',
+      '--low-memory and --keep-loaded ask for opposite things; give one',
+    );
   const quantize = values.quantize === 'int8' ? ('int8' as const) : undefined;
 
   const modelName = values.model ?? from?.model;
@@ -345,7 +353,11 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   const pipe = await loadPipeline(modelPath, {
     ...(loras.length > 0 ? { loras } : {}),
     ...(values.variant !== undefined ? { variant: values.variant } : {}),
-    ...(values['low-memory'] ? { lowMemory: true } : {}),
+    ...(values['low-memory']
+      ? { lowMemory: true }
+      : values['keep-loaded']
+        ? { lowMemory: false }
+        : {}),
     ...(quantize !== undefined ? { quantize } : {}),
     ...(threads !== undefined ? { threads } : {}),
     ...(provider !== undefined ? { executionProvider: provider } : {}),

@@ -5,7 +5,7 @@ import { UserError } from '../errors.js';
 import type { ExternalData, Graph, Value } from '../graph/ir.js';
 import { cast } from '../graph/ops.js';
 import { SafetensorsFile, tensorDTypeOf, type TensorInfo } from '../io/safetensors.js';
-import type { DType } from '../tensor/dtype.js';
+import { bytesPerElement, isFloatingDType, type DType } from '../tensor/dtype.js';
 import { Tensor } from '../tensor/tensor.js';
 import type { Module, ParameterSource } from './module.js';
 import { quantizePerChannel, type Int8Source } from './quantize.js';
@@ -151,6 +151,19 @@ export class WeightSet {
   /** Identifies the weights for cache keys: file paths, sizes and modification times. */
   get fingerprint(): string {
     return this.fingerprintText;
+  }
+
+  /**
+   * Bytes the weights take once loaded for float32 compute: every floating-point weight at four
+   * bytes whatever its file stores, the rest at their own size.
+   */
+  get computeBytes(): number {
+    let bytes = 0;
+    for (const r of this.records.values()) {
+      const count = r.shape.reduce((a, b) => a * b, 1);
+      bytes += count * (isFloatingDType(r.dtype) ? 4 : bytesPerElement(r.dtype));
+    }
+    return bytes;
   }
 
   has(key: string): boolean {

@@ -15,6 +15,7 @@ import * as op from '../graph/ops.js';
 import type { Module, ParameterSource } from '../nn/module.js';
 import { WeightSet, type BoundWeights, type Int8Plan } from '../nn/weights.js';
 import { Session, type RuntimeOptions } from '../runtime/session.js';
+import { availableMemoryBytes } from '../runtime/cpu.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 
@@ -42,6 +43,20 @@ export interface ComponentOptions extends RuntimeOptions {
 
 type Build = (graph: Graph, params: ParameterSource) => void;
 
+/**
+ * Whether a model's sessions also cache ONNX Runtime's optimized graph (a float32 copy of the
+ * weights on disk, written once). For a big model, ORT optimizing the graph again takes tens of
+ * seconds on every load (SD 1.5's UNet: 38 s, against 5 s from the cache; BENCHMARKS.md). But
+ * writing the cache holds further copies of the weights for a while (SDXL's UNet, 10 GB: a 19.4
+ * GiB peak against 12.0), so only models up to a quarter of the memory get it.
+ */
+export function cachesOptimizedGraph(
+  weightBytes: number,
+  memoryBytes: number = availableMemoryBytes(),
+): boolean {
+  return weightBytes >= 256 * 2 ** 20 && weightBytes <= 0.25 * memoryBytes;
+}
+
 /** A module bound to weights, with a session per graph variant. */
 class Compiled<M extends Module> {
   readonly module: M;
@@ -55,6 +70,11 @@ class Compiled<M extends Module> {
     this.weights = weights;
     this.identity = identity;
     this.options = options;
+  }
+
+  /** Bytes its weights take in memory while a session is loaded. */
+  get weightBytes(): number {
+    return this.weights.weights.computeBytes;
   }
 
   /** The session for graph `variant`, built by `build` the first time. */
@@ -77,7 +97,12 @@ class Compiled<M extends Module> {
             return emitOnnx(graph, { docString: `gesso ${variant}` });
           },
         },
-        this.options,
+        {
+          ...this.options,
+          cacheOptimized:
+            this.options.cacheOptimized ??
+            (cachesOptimizedGraph(this.weightBytes) && int8?.observe === undefined),
+        },
       );
       session.catch(() => this.sessions.delete(variant));
       this.sessions.set(variant, session);
@@ -238,6 +263,14 @@ export class TextEncoder {
     );
     const r = await session.run({ input_ids: ids });
     return { hidden: r.hidden as Tensor<'float32'>, pooled: r.pooled as Tensor<'float32'> };
+  }
+
+  /**
+   * Bytes its weights take in memory while loaded (what unloading frees); 0 for an ONNX file,
+   * whose session stays open.
+   */
+  get weightBytes(): number {
+    return this.compiled?.weightBytes ?? 0;
   }
 
   /** Frees the ONNX Runtime sessions; the next use builds them again (ONNX files stay open). */
@@ -416,6 +449,14 @@ export class UNet {
     }
     await this.compiled!.releaseVariant(`${variant}:calibrate`);
     return new Map([...largest].map(([layer, max]) => [layer, (Math.max(max, 1e-6) * 1.2) / 127]));
+  }
+
+  /**
+   * Bytes its weights take in memory while loaded (what unloading frees); 0 for an ONNX file,
+   * whose session stays open.
+   */
+  get weightBytes(): number {
+    return this.compiled?.weightBytes ?? 0;
   }
 
   /** Frees the ONNX Runtime sessions; the next use builds them again (ONNX files stay open). */
@@ -684,6 +725,14 @@ export class Vae {
     });
     const r = await session.run({ sample: image });
     return { mean: r.mean as Tensor<'float32'>, std: r.std as Tensor<'float32'> };
+  }
+
+  /**
+   * Bytes its weights take in memory while loaded (what unloading frees); 0 for an ONNX file,
+   * whose session stays open.
+   */
+  get weightBytes(): number {
+    return this.compiled?.weightBytes ?? 0;
   }
 
   /** Frees the ONNX Runtime sessions; the next use builds them again (ONNX files stay open). */

@@ -5,6 +5,7 @@ import { readConfig } from '../loaders/component.js';
 import { readLora, type LoraSpec } from '../loaders/lora.js';
 import { openSingleFile } from '../loaders/single-file.js';
 import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedulers/index.js';
+import { availableMemoryBytes } from '../runtime/cpu.js';
 import { chunk, concat, map, zip } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -138,9 +139,30 @@ export interface PipelineOptions extends ComponentOptions {
   /**
    * Keep only the running model resident: the text encoders are released once the prompts are
    * encoded, the UNet after the last step, the VAE after decoding. Each generation then loads
-   * them again (from the graph cache), trading seconds for gigabytes.
+   * them again (from the graph cache), trading seconds for gigabytes. `'auto'` (the default) does
+   * so when the weights are more than {@link AUTO_LOW_MEMORY_SHARE} of the memory this process may
+   * use (SDXL in fp32 on a 24 GB machine; SD 1.5 on an 8 GB one), as ComfyUI unloads models
+   * to make room.
    */
-  readonly lowMemory?: boolean;
+  readonly lowMemory?: boolean | 'auto';
+}
+
+/**
+ * The share of memory the weights may take before `lowMemory: 'auto'` releases idle models. With
+ * every model resident, a generation peaks near 1.5× the weights (the VAE's activations at full
+ * size come on top), measured on SD 1.5 and SDXL (BENCHMARKS.md), so past this share a 24 GB
+ * machine would not hold SDXL.
+ */
+export const AUTO_LOW_MEMORY_SHARE = 0.4;
+
+/** Whether a pipeline whose models weigh `weightBytes` keeps only the running one resident. */
+export function resolveLowMemory(
+  setting: boolean | 'auto' | undefined,
+  weightBytes: number,
+  memoryBytes: number = availableMemoryBytes(),
+): boolean {
+  if (typeof setting === 'boolean') return setting;
+  return weightBytes > AUTO_LOW_MEMORY_SHARE * memoryBytes;
 }
 
 async function isFile(path: string): Promise<boolean> {
@@ -209,6 +231,8 @@ export class StableDiffusionPipeline {
   readonly textEncoder2: TextEncoder | undefined;
   /** SDXL: with no negative prompt, the negative conditioning is zeros rather than "". */
   readonly forceZerosForEmptyPrompt: boolean;
+  /** Whether only the running model stays resident (`options.lowMemory`, resolved). */
+  readonly lowMemory: boolean;
 
   private constructor(
     path: string,
@@ -227,6 +251,13 @@ export class StableDiffusionPipeline {
     this.tokenizer2 = parts.tokenizer2;
     this.textEncoder2 = parts.textEncoder2;
     this.forceZerosForEmptyPrompt = parts.forceZerosForEmptyPrompt;
+    this.lowMemory = resolveLowMemory(
+      options.lowMemory,
+      [parts.textEncoder, parts.textEncoder2, parts.unet, parts.vae].reduce(
+        (sum, part) => sum + (part?.weightBytes ?? 0),
+        0,
+      ),
+    );
   }
 
   /**
@@ -582,8 +613,7 @@ export class StableDiffusionPipeline {
       cfg,
       options.promptSyntax ?? 'plain',
     );
-    if (this.options.lowMemory === true)
-      await Promise.all([this.textEncoder.unload(), this.textEncoder2?.unload()]);
+    if (this.lowMemory) await Promise.all([this.textEncoder.unload(), this.textEncoder2?.unload()]);
     // SDXL's six time ids per image: original size, crop top-left, target size (all (h, w)).
     const timeIds =
       pooled !== undefined
@@ -739,7 +769,7 @@ export class StableDiffusionPipeline {
       await options.onProgress?.({ step: i + 1, steps: timesteps.length, timestep: t, latents });
     }
     signal?.throwIfAborted();
-    if (this.options.lowMemory === true) await this.unet.unload();
+    if (this.lowMemory) await this.unet.unload();
 
     if (options.latentsOnly === true) return { images: new Tensor('float32', [0]), latents, seeds };
     if (options.fastDecode === true && this.tiny === undefined)
@@ -751,8 +781,7 @@ export class StableDiffusionPipeline {
       fast: options.fastDecode === true,
       ...(options.tiledDecode !== undefined ? { tiled: options.tiledDecode } : {}),
     });
-    if (this.options.lowMemory === true)
-      await Promise.all([this.vae.unload(), this.tiny?.unload()]);
+    if (this.lowMemory) await Promise.all([this.vae.unload(), this.tiny?.unload()]);
     if (pixelMask !== undefined && imageInput !== undefined && options.keepUnmasked !== false) {
       // The kept pixels come back exactly as they were (NHWC, [0, 1]).
       const original = toModelPixels(imageInput);

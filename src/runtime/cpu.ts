@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs';
-import { availableParallelism, cpus } from 'node:os';
+import { availableParallelism, cpus, totalmem } from 'node:os';
 
 /** A `key : value` line's value in a /proc/cpuinfo text (the first processor's, for the whole file). */
 function cpuinfoField(text: string, key: string): string | undefined {
@@ -62,4 +62,10 @@ export function processorIdentity(): { name: string; id: string; features: strin
     id: `family ${field('cpu family')} model ${field('model')}`,
     features: MATRIX_FEATURES.filter((f) => flags.has(f)),
   };
+}
+
+/** The memory this process may use: the machine's, or less where a container limits it. */
+export function availableMemoryBytes(): number {
+  const limit = process.constrainedMemory();
+  return limit > 0 ? Math.min(limit, totalmem()) : totalmem();
 }

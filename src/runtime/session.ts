@@ -29,7 +29,11 @@ export interface RuntimeOptions {
   readonly memoryArena?: boolean;
   /** Folder for cached graphs; false turns the cache off. Default: see `defaultCacheDir`. */
   readonly cacheDir?: string | false;
-  /** Also cache ORT's optimized graph (a converted copy of the weights; big for big models). */
+  /**
+   * Also cache ORT's optimized graph (a converted copy of the weights; big for big models). Off
+   * unless asked; the pipelines' components ask for it for models from 256 MiB to a quarter of
+   * the memory.
+   */
   readonly cacheOptimized?: boolean;
 }
 
