@@ -9,7 +9,7 @@ import { Linear, Module, WeightSet } from '../src/nn/index.js';
 import { Session } from '../src/runtime/session.js';
 import { float16ArrayToFloat32, float32ArrayToFloat16 } from '../src/tensor/half.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
-import { measurement, timeRuns, type Measurement } from './harness.js';
+import { measurement, timeRuns, type Recorder } from './harness.js';
 
 class Stack extends Module {
   readonly layers: Linear[];
@@ -27,8 +27,7 @@ class Stack extends Module {
  * graph emission, and ONNX Runtime session start-up from weights referenced in place, with and
  * without the optimized-graph cache.
  */
-export async function foundationSuite(runs: number): Promise<Measurement[]> {
-  const results: Measurement[] = [];
+export async function foundationSuite(runs: number, results: Recorder): Promise<void> {
   const g = new TorchGenerator(0);
   results.push(
     measurement(
@@ -156,5 +155,4 @@ export async function foundationSuite(runs: number): Promise<Measurement[]> {
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
-  return results;
 }

@@ -21,7 +21,7 @@ import { Session } from '../src/runtime/session.js';
 import { float32ArrayToFloat16 } from '../src/tensor/half.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
-import { measurement, timeRuns, type Measurement } from './harness.js';
+import { measurement, timeRuns, type Recorder } from './harness.js';
 
 /**
  * Full-size Stable Diffusion with random weights: speed does not depend on the weights' values,
@@ -438,6 +438,10 @@ async function torchExportedUnet(model: FullSizeModel, dir: string): Promise<str
 
 const rss = () => process.resourceUsage().maxRSS * 1024;
 
+/** The slow parts of a full-size run, which `--skip` can leave out. */
+export const FULL_SIZE_PARTS = ['export', 'images', 'int8', 'memory'] as const;
+export type FullSizePart = (typeof FULL_SIZE_PARTS)[number];
+
 /**
  * One model's numbers: load (first, then from the graph cache), text encoder, UNet at batch 1 and
  * 2 (classifier-free guidance) at its native size and half of it, VAE decode, whole images at 1 and
@@ -446,12 +450,18 @@ const rss = () => process.resourceUsage().maxRSS * 1024;
 export async function fullSizeSuite(
   name: string,
   runs: number,
-  options: { threads?: number; sizes?: readonly number[]; peak?: number } = {},
-): Promise<Measurement[]> {
+  results: Recorder,
+  options: {
+    threads?: number;
+    sizes?: readonly number[];
+    peak?: number;
+    skip?: readonly FullSizePart[];
+  } = {},
+): Promise<void> {
+  const included = (part: FullSizePart) => !(options.skip ?? []).includes(part);
   const model = FULL_SIZE[name];
   if (model === undefined)
     throw new Error(`unknown model '${name}' (have: ${Object.keys(FULL_SIZE).join(', ')})`);
-  const results: Measurement[] = [];
   const created = Date.now();
   const dir = await ensureFullSizeModel(model);
   process.stderr.write(
@@ -483,37 +493,83 @@ export async function fullSizeSuite(
   const textWidth = (model.unet.cross_attention_dim as number) ?? 768;
   const g = new TorchGenerator(0);
 
-  // First load builds and optimizes every graph a 20-step generation needs; the second finds them cached.
-  const firstImage = async () => {
-    const start = process.hrtime.bigint();
-    const pipe = await StableDiffusionPipeline.fromPretrained(dir, runtime);
-    await pipe.generate({
-      prompt: 'a red circle',
-      steps: 1,
-      guidance: 7.5,
-      seed: 1,
-      width: sizes[0],
-      height: sizes[0],
-    });
-    const seconds = Number(process.hrtime.bigint() - start) / 1e9;
-    await pipe.release();
-    return seconds;
+  // Loads and memory come from fresh processes (bench/memory-probe.ts), each a user's first
+  // command: this process would count what it holds already, and the heap keeps what it frees.
+  const probeScript = fileURLToPath(new URL('./memory-probe.js', import.meta.url));
+  const probe = (steps: number, flags: readonly string[]) => {
+    const r = spawnSync(
+      process.execPath,
+      [
+        probeScript,
+        dir,
+        String(sizes[0]),
+        String(steps),
+        ...flags,
+        ...(options.threads !== undefined ? [`threads=${options.threads}`] : []),
+      ],
+      { encoding: 'utf8', env: { ...process.env, GESSO_CACHE_DIR: cacheDir } },
+    );
+    if (r.status !== 0) {
+      // Out of memory is a finding, not a reason to lose the rest of the run.
+      const how = r.signal !== null ? `killed by ${r.signal} (out of memory?)` : r.stderr.trim();
+      process.stderr.write(`${name}: ${sizes[0]}² image with [${flags.join(', ')}]: ${how}\n`);
+      return undefined;
+    }
+    return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as {
+      maxRssBytes: number;
+      seconds: number;
+      lowMemory: boolean;
+    };
   };
-  results.push(
-    measurement(`${name}: first load + 1-step image (graphs built)`, 's', [await firstImage()]),
-  );
-  results.push(measurement(`${name}: cached load + 1-step image`, 's', [await firstImage()]));
+  // The first builds and optimizes every graph a generation needs; the second finds them cached.
+  for (const label of ['first load + 1-step image (graphs built)', 'cached load + 1-step image']) {
+    const run = probe(1, []);
+    if (run !== undefined) results.push(measurement(`${name}: ${label}`, 's', [run.seconds]));
+  }
+  if (included('memory')) {
+    // Each weight format by default, and in the other mode: low-memory, or for a model large
+    // enough to be low-memory by itself, every model kept resident.
+    for (const format of [[], ['fp16']]) {
+      const byDefault = probe(2, format);
+      const other = byDefault?.lowMemory === true ? 'keep-loaded' : 'low-memory';
+      for (const [mode, run] of [
+        [byDefault?.lowMemory === true ? 'default: low-memory by itself' : 'default', byDefault],
+        [other, probe(2, [...format, other])],
+      ] as const) {
+        if (run === undefined) continue;
+        results.push(
+          measurement(
+            `${name}: peak resident memory, ${sizes[0]}² image (${format[0] ?? 'fp32'}, ${mode})`,
+            'GiB',
+            [run.maxRssBytes / 2 ** 30],
+          ),
+        );
+      }
+    }
+  }
 
+  // The pipeline as users get it. Where it keeps one model resident at a time (a large model), the
+  // component timings below release each model when done, as a generation does.
   const pipe = await StableDiffusionPipeline.fromPretrained(dir, runtime);
-  const ids = pipe.tokenize(['a red circle above a blue square']);
+  const releaseIfLowMemory = async (part: { unload(): Promise<void> } | undefined) => {
+    if (pipe.lowMemory) await part?.unload();
+  };
+  const prompt = ['a red circle above a blue square'];
+  const ids = pipe.tokenize(prompt);
+  const ids2 = pipe.tokenizer2 !== undefined ? pipe.tokenize(prompt, pipe.tokenizer2) : undefined;
   results.push(
     measurement(
-      `${name}: text encoder (batch 1)`,
+      `${name}: text encoder${pipe.textEncoder2 !== undefined ? 's (both)' : ''} (batch 1)`,
       's',
-      await timeRuns(runs, () => pipe.textEncoder.encode(ids)),
+      await timeRuns(runs, async () => {
+        await pipe.textEncoder.encode(ids);
+        if (ids2 !== undefined) await pipe.textEncoder2!.encode(ids2);
+      }),
     ),
   );
   const context = (await pipe.encodePrompts(['a red circle'], [''], 1, 0, true)).embeddings;
+  await releaseIfLowMemory(pipe.textEncoder);
+  await releaseIfLowMemory(pipe.textEncoder2);
   const unetCalls: { size: number; batch: number; call: UNetCall; macs: number }[] = [];
   for (const size of sizes) {
     const side = size / 8;
@@ -548,6 +604,7 @@ export async function fullSizeSuite(
         ),
       );
     }
+    await releaseIfLowMemory(pipe.unet);
     const latents = g.randn([1, 4, side, side]);
     results.push(
       measurement(
@@ -556,9 +613,10 @@ export async function fullSizeSuite(
         await timeRuns(Math.min(runs, 3), () => pipe.vae.decode(latents)),
       ),
     );
+    await releaseIfLowMemory(pipe.vae);
   }
   // The same UNet exported from PyTorch, on the same ONNX Runtime with the same session options.
-  const exported = await torchExportedUnet(model, dir);
+  const exported = included('export') ? await torchExportedUnet(model, dir) : undefined;
   if (exported !== undefined) {
     const unet = await UNet.load(exported, { ...runtime, cacheDir: false });
     for (const { size, batch, call, macs } of unetCalls) {
@@ -585,79 +643,70 @@ export async function fullSizeSuite(
     });
     if (steps === 20) reference = r.images;
   };
-  results.push(
-    measurement(
-      `${name}: image ${sizes[0]}² 1 step, guidance 0 (Turbo-style)`,
-      's',
-      await timeRuns(Math.min(runs, 3), image(1, 0)),
-    ),
-  );
-  results.push(
-    measurement(
-      `${name}: image ${sizes[0]}² 20 steps, guidance 7.5`,
-      's',
-      await timeRuns(Math.min(runs, 2), image(20, 7.5), 0),
-    ),
-  );
+  const reloads = pipe.lowMemory ? ' (low-memory by itself: models load for each image)' : '';
+  if (included('images')) {
+    results.push(
+      measurement(
+        `${name}: image ${sizes[0]}² 1 step, guidance 0 (Turbo-style)${reloads}`,
+        's',
+        await timeRuns(Math.min(runs, 3), image(1, 0)),
+      ),
+    );
+    results.push(
+      measurement(
+        `${name}: image ${sizes[0]}² 20 steps, guidance 7.5${reloads}`,
+        's',
+        await timeRuns(Math.min(runs, 2), image(20, 7.5), 0),
+      ),
+    );
+  } else if (included('int8')) await image(20, 7.5)(); // int8's reference
   results.push(
     measurement(`${name}: peak resident memory (this whole run)`, 'GiB', [rss() / 2 ** 30]),
   );
   await pipe.release();
 
   // int8: the UNet at batch 2 (calibrated on the first call), and the same 20-step image's PSNR.
-  const int8 = await StableDiffusionPipeline.fromPretrained(dir, { ...runtime, quantize: 'int8' });
-  const int8Image = await int8.generate({
-    prompt: 'a red circle',
-    steps: 20,
-    guidance: 7.5,
-    seed: 1,
-    width: sizes[0],
-    height: sizes[0],
-  });
-  let squared = 0;
-  for (let i = 0; i < int8Image.images.size; i++)
-    squared += (int8Image.images.data[i]! - reference!.data[i]!) ** 2;
-  const psnr = 10 * Math.log10(int8Image.images.size / squared);
-  const side = sizes[0]! / 8;
-  const call2 = {
-    sample: g.randn([2, 4, side, side]),
-    timestep: Tensor.float32([2], [500, 500]),
-    encoderHiddenStates: context,
-    ...(model.unet.addition_embed_type === 'text_time'
-      ? {
-          textEmbeds: g.randn([2, 1280]),
-          timeIds: Tensor.float32([2, 6], new Array<number>(12).fill(sizes[0]!)),
-        }
-      : {}),
-  };
-  const macs = await unetMacs(dir, model.unet, 2, side, context.shape[1]!, textWidth);
-  results.push(
-    measurement(
-      `${name}: UNet ${sizes[0]}×${sizes[0]} batch 2, int8`,
-      's',
-      await timeRuns(runs, () => int8.unet.predict(call2)),
-      (m) =>
-        `${(macs / m / 1e9).toFixed(0)} G(int8)MAC/s; 20-step image PSNR vs fp32 ${psnr.toFixed(1)} dB`,
-    ),
-  );
-  await int8.release();
-  // One 2-step generation per fresh process: the pipeline's own peak, as users see it.
-  const probe = fileURLToPath(new URL('./memory-probe.js', import.meta.url));
-  for (const flags of [[], ['low-memory'], ['fp16'], ['fp16', 'low-memory']]) {
-    const r = spawnSync(process.execPath, [probe, dir, String(sizes[0]), '2', ...flags], {
-      encoding: 'utf8',
-      env: { ...process.env, GESSO_CACHE_DIR: cacheDir },
+  const int8Suite = async () => {
+    const int8 = await StableDiffusionPipeline.fromPretrained(dir, {
+      ...runtime,
+      quantize: 'int8',
     });
-    if (r.status !== 0) throw new Error(`memory probe failed: ${r.stderr}`);
-    const { maxRssBytes } = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as {
-      maxRssBytes: number;
+    const int8Image = await int8.generate({
+      prompt: 'a red circle',
+      steps: 20,
+      guidance: 7.5,
+      seed: 1,
+      width: sizes[0],
+      height: sizes[0],
+    });
+    let squared = 0;
+    for (let i = 0; i < int8Image.images.size; i++)
+      squared += (int8Image.images.data[i]! - reference!.data[i]!) ** 2;
+    const psnr = 10 * Math.log10(int8Image.images.size / squared);
+    const side = sizes[0]! / 8;
+    const call2 = {
+      sample: g.randn([2, 4, side, side]),
+      timestep: Tensor.float32([2], [500, 500]),
+      encoderHiddenStates: context,
+      ...(model.unet.addition_embed_type === 'text_time'
+        ? {
+            textEmbeds: g.randn([2, 1280]),
+            timeIds: Tensor.float32([2, 6], new Array<number>(12).fill(sizes[0]!)),
+          }
+        : {}),
     };
-    const label = flags.length === 0 ? 'fp32' : flags.join(', ');
+    const macs = await unetMacs(dir, model.unet, 2, side, context.shape[1]!, textWidth);
     results.push(
-      measurement(`${name}: peak resident memory, ${sizes[0]}² image (${label})`, 'GiB', [
-        maxRssBytes / 2 ** 30,
-      ]),
+      measurement(
+        `${name}: UNet ${sizes[0]}×${sizes[0]} batch 2, int8`,
+        's',
+        await timeRuns(runs, () => int8.unet.predict(call2)),
+        (m) =>
+          `${(macs / m / 1e9).toFixed(0)} G(int8)MAC/s; 20-step image PSNR vs fp32 ${psnr.toFixed(1)} dB`,
+      ),
     );
-  }
-  return results;
+    await int8.release();
+  };
+
+  if (included('int8')) await int8Suite();
 }

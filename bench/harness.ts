@@ -14,6 +14,12 @@ export interface Measurement {
   readonly note?: string;
 }
 
+/**
+ * Where a suite puts its measurements. The bench prints and saves each one as it is taken, so a
+ * long run that is stopped part way keeps what it measured; a plain array serves in tests.
+ */
+export type Recorder = Pick<Measurement[], 'push'>;
+
 export function median(values: readonly number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = sorted.length >> 1;
@@ -65,11 +71,25 @@ export function machine() {
   };
 }
 
+/** `digits` significant digits, never in exponent form (1032 s, not 1.03e+3 s). */
+function significant(value: number, digits: number): string {
+  return String(Number(value.toPrecision(digits)));
+}
+
+/** One measurement on one line, as it is taken (the table at the end aligns them). */
+export function formatLine(r: Measurement): string {
+  const spread =
+    r.runs.length > 1
+      ? ` (${significant(r.min, 3)}–${significant(r.max, 3)}, ${r.runs.length} runs)`
+      : '';
+  return `${r.name}: ${significant(r.median, 4)} ${r.unit}${spread}${r.note !== undefined ? `; ${r.note}` : ''}`;
+}
+
 export function formatTable(results: readonly Measurement[]): string {
   const rows = results.map((r) => [
     r.name,
-    `${r.median.toPrecision(4)} ${r.unit}`,
-    `${r.min.toPrecision(3)}–${r.max.toPrecision(3)}`,
+    `${significant(r.median, 4)} ${r.unit}`,
+    `${significant(r.min, 3)}–${significant(r.max, 3)}`,
     String(r.runs.length),
     r.note ?? '',
   ]);

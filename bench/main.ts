@@ -1,11 +1,12 @@
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { parseNumber } from '../src/cli/args.js';
 import { BENCH_USAGE } from '../src/cli/bench.js';
+import { writeFileAtomically } from '../src/io/atomic.js';
 import { foundationSuite } from './foundation.js';
-import { fullSizeSuite } from './full-size.js';
-import { formatTable, machine, type Measurement } from './harness.js';
+import { FULL_SIZE_PARTS, fullSizeSuite, type FullSizePart } from './full-size.js';
+import { formatLine, formatTable, machine, type Measurement, type Recorder } from './harness.js';
 import { trainingSuite } from './training.js';
 
 /** A mistake in the arguments: the message and the usage, no stack trace. */
@@ -23,6 +24,7 @@ function parse() {
         out: { type: 'string', default: 'bench-results' },
         threads: { type: 'string' },
         sizes: { type: 'string' },
+        skip: { type: 'string' },
         help: { type: 'boolean', short: 'h' },
       },
     }).values;
@@ -45,23 +47,31 @@ const positive = (flag: string, text: string): number => {
   }
 };
 const runs = positive('runs', values.runs);
+function skipList(text: string): FullSizePart[] {
+  const parts = text.split(',');
+  const unknown = parts.filter((p) => !(FULL_SIZE_PARTS as readonly string[]).includes(p));
+  if (unknown.length > 0)
+    usageError(`--skip: unknown part '${unknown.join(',')}' (have: ${FULL_SIZE_PARTS.join(', ')})`);
+  return parts as FullSizePart[];
+}
 const fullSize = {
   ...(values.threads !== undefined ? { threads: positive('threads', values.threads) } : {}),
   ...(values.sizes !== undefined
     ? { sizes: values.sizes.split(',').map((s) => positive('sizes', s)) }
     : {}),
+  ...(values.skip !== undefined ? { skip: skipList(values.skip) } : {}),
 };
 
 /**
  * foundation and training are quick; sd15, sd21 and sdxl make full-size random-weight models once
  * (~4 GB, ~5 GB, ~14 GB with their fp16 variants) and take minutes each.
  */
-const SUITES: Record<string, (runs: number) => Promise<Measurement[]>> = {
+const SUITES: Record<string, (runs: number, results: Recorder) => Promise<void>> = {
   foundation: foundationSuite,
   training: trainingSuite,
-  sd15: (n) => fullSizeSuite('sd15', n, fullSize),
-  sd21: (n) => fullSizeSuite('sd21', n, fullSize),
-  sdxl: (n) => fullSizeSuite('sdxl', n, fullSize),
+  sd15: (n, results) => fullSizeSuite('sd15', n, results, fullSize),
+  sd21: (n, results) => fullSizeSuite('sd21', n, results, fullSize),
+  sdxl: (n, results) => fullSizeSuite('sdxl', n, results, fullSize),
 };
 const info = machine();
 process.stdout.write(
@@ -70,20 +80,32 @@ process.stdout.write(
 const unknown = values.suite.split(',').filter((name) => SUITES[name] === undefined);
 if (unknown.length > 0)
   usageError(`unknown suite '${unknown.join(',')}' (have: ${Object.keys(SUITES).join(', ')})`);
+await mkdir(values.out, { recursive: true });
 for (const name of values.suite.split(',')) {
   const suite = SUITES[name]!;
   process.stdout.write(`\n== ${name} (${runs} runs, medians) ==\n`);
-  const results = await suite(runs);
-  process.stdout.write(`${formatTable(results)}\n`);
-  await mkdir(values.out, { recursive: true });
   const file = join(values.out, `${name}.json`);
-  await writeFile(
-    file,
-    JSON.stringify(
-      { suite: name, date: new Date().toISOString(), machine: info, results },
-      null,
-      2,
-    ),
-  );
-  process.stdout.write(`wrote ${file}\n`);
+  const results: Measurement[] = [];
+  const save = (complete: boolean) =>
+    writeFileAtomically(
+      file,
+      JSON.stringify(
+        { suite: name, date: new Date().toISOString(), complete, machine: info, results },
+        null,
+        2,
+      ),
+    );
+  // Saved (whole or not at all) after every measurement.
+  let saved = Promise.resolve();
+  await suite(runs, {
+    push(...taken: Measurement[]) {
+      results.push(...taken);
+      for (const m of taken) process.stdout.write(`  ${formatLine(m)}\n`);
+      saved = saved.then(() => save(false));
+      return results.length;
+    },
+  });
+  await saved;
+  await save(true);
+  process.stdout.write(`\n${formatTable(results)}\nwrote ${file}\n`);
 }

@@ -10,7 +10,7 @@ import { TorchGenerator } from '../src/tensor/rng.js';
 import type { Tensor } from '../src/tensor/tensor.js';
 import { DEFAULT_DIFFUSION_RECIPE, DiffusionTask } from '../src/training/diffusion.js';
 import { DataRandom, Trainer } from '../src/training/trainer.js';
-import { measurement, type Measurement } from './harness.js';
+import { measurement, type Recorder } from './harness.js';
 
 /** Debian's python3-torch lives with the system Python, not a pyenv one. */
 const PYTHON = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
@@ -22,8 +22,7 @@ const SCRIPT = join(import.meta.dirname, '..', '..', 'bench', 'torch_diffusion_s
  * architecture (bench/torch_diffusion_step.py), which first proves it is the same architecture by
  * loading gesso's weights strictly and matching its outputs.
  */
-export async function trainingSuite(runs: number): Promise<Measurement[]> {
-  const results: Measurement[] = [];
+export async function trainingSuite(runs: number, results: Recorder): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'gesso-bench-train-'));
   try {
     const task = new DiffusionTask(DEFAULT_DIFFUSION_RECIPE);
@@ -135,5 +134,4 @@ export async function trainingSuite(runs: number): Promise<Measurement[]> {
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
-  return results;
 }
