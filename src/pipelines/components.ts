@@ -48,7 +48,8 @@ type Build = (graph: Graph, params: ParameterSource) => void;
  * weights on disk, written once). For a big model, ORT optimizing the graph again takes tens of
  * seconds on every load (SD 1.5's UNet: 38 s, against 5 s from the cache; BENCHMARKS.md). But
  * writing the cache holds further copies of the weights for a while (SDXL's UNet, 10 GB: a 19.4
- * GiB peak against 12.0), so only models up to a quarter of the memory get it.
+ * GiB peak against 12.0), so only models up to a quarter of the memory get it. Calibration graphs
+ * (used once) and models with LoRAs merged (a new copy for every LoRA and scale) do not either.
  */
 export function cachesOptimizedGraph(
   weightBytes: number,
@@ -101,7 +102,9 @@ class Compiled<M extends Module> {
           ...this.options,
           cacheOptimized:
             this.options.cacheOptimized ??
-            (cachesOptimizedGraph(this.weightBytes) && int8?.observe === undefined),
+            (cachesOptimizedGraph(this.weightBytes) &&
+              int8?.observe === undefined &&
+              (this.options.mergedLoras ?? []).length === 0),
         },
       );
       session.catch(() => this.sessions.delete(variant));
