@@ -531,9 +531,10 @@ export async function fullSizeSuite(
     // enough to be low-memory by itself, every model kept resident.
     for (const format of [[], ['fp16']]) {
       const byDefault = probe(2, format);
-      const other = byDefault?.lowMemory === true ? 'keep-loaded' : 'low-memory';
+      const auto = byDefault?.lowMemory === true;
+      const other = auto ? 'keep-loaded' : 'low-memory';
       for (const [mode, run] of [
-        [byDefault?.lowMemory === true ? 'default: low-memory by itself' : 'default', byDefault],
+        [auto ? 'default: low-memory by itself' : 'default', byDefault],
         [other, probe(2, [...format, other])],
       ] as const) {
         if (run === undefined) continue;
@@ -632,15 +633,17 @@ export async function fullSizeSuite(
     await unet.release();
   }
   let reference: Tensor<'float32'> | undefined;
+  // One request for the fp32 images and the int8 image compared with them.
+  const request = (steps: number, guidance: number) => ({
+    prompt: 'a red circle',
+    steps,
+    guidance,
+    seed: 1,
+    width: sizes[0],
+    height: sizes[0],
+  });
   const image = (steps: number, guidance: number) => async () => {
-    const r = await pipe.generate({
-      prompt: 'a red circle',
-      steps,
-      guidance,
-      seed: 1,
-      width: sizes[0],
-      height: sizes[0],
-    });
+    const r = await pipe.generate(request(steps, guidance));
     if (steps === 20) reference = r.images;
   };
   const reloads = pipe.lowMemory ? ' (low-memory by itself: models load for each image)' : '';
@@ -671,36 +674,18 @@ export async function fullSizeSuite(
       ...runtime,
       quantize: 'int8',
     });
-    const int8Image = await int8.generate({
-      prompt: 'a red circle',
-      steps: 20,
-      guidance: 7.5,
-      seed: 1,
-      width: sizes[0],
-      height: sizes[0],
-    });
+    const int8Image = await int8.generate(request(20, 7.5));
     let squared = 0;
     for (let i = 0; i < int8Image.images.size; i++)
       squared += (int8Image.images.data[i]! - reference!.data[i]!) ** 2;
     const psnr = 10 * Math.log10(int8Image.images.size / squared);
-    const side = sizes[0]! / 8;
-    const call2 = {
-      sample: g.randn([2, 4, side, side]),
-      timestep: Tensor.float32([2], [500, 500]),
-      encoderHiddenStates: context,
-      ...(model.unet.addition_embed_type === 'text_time'
-        ? {
-            textEmbeds: g.randn([2, 1280]),
-            timeIds: Tensor.float32([2, 6], new Array<number>(12).fill(sizes[0]!)),
-          }
-        : {}),
-    };
-    const macs = await unetMacs(dir, model.unet, 2, side, context.shape[1]!, textWidth);
+    // The fp32 timings' batch-2 call at the first size, and its MAC count.
+    const { call, macs } = unetCalls.find((c) => c.size === sizes[0] && c.batch === 2)!;
     results.push(
       measurement(
         `${name}: UNet ${sizes[0]}×${sizes[0]} batch 2, int8`,
         's',
-        await timeRuns(runs, () => int8.unet.predict(call2)),
+        await timeRuns(runs, () => int8.unet.predict(call)),
         (m) =>
           `${(macs / m / 1e9).toFixed(0)} G(int8)MAC/s; 20-step image PSNR vs fp32 ${psnr.toFixed(1)} dB`,
       ),
