@@ -51,7 +51,7 @@ export async function trainingSuite(runs: number, results: Recorder): Promise<vo
     const noise = new TorchGenerator(5);
     for (let i = 0; i < steps; i++) {
       const start = process.hrtime.bigint();
-      task.batch(i, random, noise);
+      await task.batch(i, random, noise);
       dataTimes.push(Number(process.hrtime.bigint() - start) / 1e9);
     }
     const batch = DEFAULT_DIFFUSION_RECIPE.batchSize;
@@ -68,7 +68,7 @@ export async function trainingSuite(runs: number, results: Recorder): Promise<vo
     // The same architecture in PyTorch: check it against gesso's outputs, then time it.
     const model = join(dir, 'model');
     await task.exportModel(model, trainer.weights('params'));
-    const b = task.batch(0, new DataRandom(9), new TorchGenerator(9));
+    const b = await task.batch(0, new DataRandom(9), new TorchGenerator(9));
     const text = await TextEncoder.load(join(model, 'text_encoder'), { cacheDir: false });
     const unet = await UNet.load(join(model, 'unet'), { cacheDir: false });
     const ids = b.input_ids as Tensor<'int64'>;

@@ -15,7 +15,8 @@ import {
   resolveTrainConfig,
   type TrainConfig,
 } from '../training/config.js';
-import { DiffusionTask, type DiffusionRecipe } from '../training/diffusion.js';
+import { AutoencoderTask, DecoderTask, reconstructionLoss } from '../training/autoencoder.js';
+import { DiffusionTask, LatentSpace, type DiffusionRecipe } from '../training/diffusion.js';
 import { GanTrainer, type GanRecipe } from '../training/gan.js';
 import { Trainer, type Schedule } from '../training/trainer.js';
 import { parseNumber } from './args.js';
@@ -29,7 +30,7 @@ samples/ (grids) and log.jsonl. Ctrl-C saves before stopping; --resume continues
 
 options (each overrides the config file's field of the same name):
   --config FILE        a JSON or YAML file of the fields below
-  --route R            diffusion, gan, or features
+  --route R            diffusion, gan, autoencoder, or features
   --out DIR            run folder
   --steps N            optimizer steps in all
   --batch-size N       images per step
@@ -112,6 +113,8 @@ function scheduleOf(config: TrainConfig): Schedule {
 interface Run {
   readonly step: number;
   readonly description: string;
+  /** Where a new run starts (default: from scratch). */
+  readonly startsFrom?: string;
   /** One step; the losses to report, by name. */
   runStep(): Promise<Record<string, number>>;
   /** Checkpoint and model folder. */
@@ -157,7 +160,15 @@ async function diffusionRun(
   checkpoint: string,
 ): Promise<Run> {
   const data = await dataSource(config);
-  const task = new DiffusionTask(recipeOf(config), data);
+  const runtime = config.threads !== null ? { threads: config.threads } : {};
+  if (config.vae_from !== '' && !existsSync(join(config.vae_from, 'config.json')))
+    throw new UserError(
+      'missing-autoencoder',
+      `vae_from names ${config.vae_from}, which holds no trained autoencoder (config.json); train one with --route autoencoder, or leave vae_from empty for pixel space`,
+    );
+  const latents =
+    config.vae_from !== '' ? await LatentSpace.load(config.vae_from, runtime) : undefined;
+  const task = new DiffusionTask(recipeOf(config), data, latents);
   const options = {
     seed: config.seed,
     schedule: scheduleOf(config),
@@ -169,7 +180,7 @@ async function diffusionRun(
       maxGradNorm: config.max_grad_norm,
       ema: true,
     },
-    runtime: config.threads !== null ? { threads: config.threads } : {},
+    runtime,
   };
   const trainer = resume
     ? await Trainer.resume(checkpoint, task, options)
@@ -191,7 +202,10 @@ async function diffusionRun(
       });
     },
     modelDir,
-    release: () => trainer.release(),
+    release: async () => {
+      await trainer.release();
+      await latents?.release();
+    },
   };
 }
 
@@ -231,6 +245,60 @@ async function ganRun(config: TrainConfig, resume: boolean, checkpoint: string):
     },
     modelDir,
     release: () => trainer.release(),
+  };
+}
+
+async function autoencoderRun(
+  config: TrainConfig,
+  resume: boolean,
+  checkpoint: string,
+): Promise<Run> {
+  const data = await dataSource(config);
+  const runtime = config.threads !== null ? { threads: config.threads } : {};
+  const base = config.autoencoder.finetune_decoder_of;
+  const loss = reconstructionLoss(config.autoencoder.loss);
+  if (base !== '' && !existsSync(join(base, 'diffusion_pytorch_model.safetensors')))
+    throw new UserError(
+      'missing-autoencoder',
+      `finetune_decoder_of names ${base}, which holds no trained autoencoder (diffusion_pytorch_model.safetensors)`,
+    );
+  const task =
+    base !== ''
+      ? await DecoderTask.load(base, config.batch_size, loss, data, runtime)
+      : new AutoencoderTask(
+          {
+            batchSize: config.batch_size,
+            vae: config.autoencoder.vae,
+            klWeight: config.autoencoder.kl_weight,
+            loss,
+          },
+          data,
+        );
+  const options = { seed: config.seed, schedule: scheduleOf(config), runtime };
+  const trainer = resume
+    ? await Trainer.resume(checkpoint, task, options)
+    : await Trainer.create(task, options);
+  const modelDir = join(config.out, 'model');
+  return {
+    get step() {
+      return trainer.step;
+    },
+    description:
+      task instanceof DecoderTask
+        ? `the decoder of ${base} (${task.trainedParameters.toLocaleString('en-US')} parameters; encoder frozen) on ${data.description}`
+        : `an autoencoder of ${task.model.parameterCount().toLocaleString('en-US')} parameters on ${data.description}`,
+    ...(task instanceof DecoderTask ? { startsFrom: 'from its trained weights' } : {}),
+    runStep: async () => ({ loss: (await trainer.runStep()).loss }),
+    save: async () => {
+      await trainer.save(checkpoint, { config: JSON.stringify(config) });
+      await task.exportModel(modelDir, trainer.weights('ema'), runtime);
+    },
+    // Not a text-to-image model: no sample grids.
+    modelDir: undefined,
+    release: async () => {
+      await trainer.release();
+      if (task instanceof DecoderTask) await task.release();
+    },
   };
 }
 
@@ -319,7 +387,12 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
   }
 
   const checkpoint = join(config.out, 'checkpoint', 'state.safetensors');
-  const make = { diffusion: diffusionRun, gan: ganRun, features: featuresRun }[config.route];
+  const make = {
+    diffusion: diffusionRun,
+    gan: ganRun,
+    features: featuresRun,
+    autoencoder: autoencoderRun,
+  }[config.route];
   const run = await make(config, values.resume === true, checkpoint);
   await mkdir(join(config.out, 'samples'), { recursive: true });
   await writeFileAtomically(
@@ -327,7 +400,7 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
     `${JSON.stringify(config, null, 2)}\n`,
   );
   process.stderr.write(
-    `training ${run.description}, ${values.resume ? `resuming at step ${run.step}` : 'from scratch'} → ${config.out}\n`,
+    `training ${run.description}, ${values.resume ? `resuming at step ${run.step}` : (run.startsFrom ?? 'from scratch')} → ${config.out}\n`,
   );
 
   let stopping = false;

@@ -2,6 +2,7 @@ import { extname } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { UserError } from '../errors.js';
 import { readUserFile } from '../io/atomic.js';
+import { DEFAULT_AUTOENCODER_RECIPE } from './autoencoder.js';
 import { DEFAULT_DIFFUSION_RECIPE } from './diffusion.js';
 
 /**
@@ -10,7 +11,7 @@ import { DEFAULT_DIFFUSION_RECIPE } from './diffusion.js';
  */
 
 export interface TrainConfig {
-  route: 'diffusion' | 'gan' | 'features';
+  route: 'diffusion' | 'gan' | 'features' | 'autoencoder';
   out: string;
   seed: number;
   steps: number;
@@ -32,6 +33,13 @@ export interface TrainConfig {
   shapes_colourless: number;
   threads: number | null;
   text_encoder_from: string;
+  vae_from: string;
+  autoencoder: {
+    vae: Record<string, unknown>;
+    kl_weight: number;
+    loss: 'mse' | 'l1';
+    finetune_decoder_of: string;
+  };
   gan: {
     z_dim: number;
     nf: number;
@@ -62,8 +70,8 @@ interface Field {
 export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
   route: {
     type: 'string',
-    choices: ['diffusion', 'gan', 'features'],
-    doc: 'what to train: diffusion or gan (text-to-image models), or features (the shapes network gesso eval measures realism with)',
+    choices: ['diffusion', 'gan', 'features', 'autoencoder'],
+    doc: 'what to train: diffusion or gan (text-to-image models), autoencoder (the latent space a diffusion model can work in: its vae_from), or features (the shapes network gesso eval measures realism with)',
   },
   out: {
     type: 'string',
@@ -135,6 +143,14 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
     type: 'string',
     doc: 'gan route: the model folder whose tokenizer/ and text_encoder/ the GAN uses, frozen (a trained diffusion model)',
   },
+  vae_from: {
+    type: 'string',
+    doc: 'diffusion route: a trained autoencoder (the model/ folder of an autoencoder run) whose latents the UNet denoises; empty: pixel space, as p×p patches (model.patch_size)',
+  },
+  autoencoder: {
+    type: 'object',
+    doc: 'autoencoder route: vae (a diffusers AutoencoderKL config; its latents are 64 / 2^(blocks − 1) on a side), kl_weight (weight of the mean KL term beside the mean pixel error), loss (the pixel error: mse or l1), finetune_decoder_of (a trained autoencoder folder: train only its decoder further, the encoder frozen, so its latents stay valid for a diffusion model trained on them; empty: train from scratch)',
+  },
   gan: {
     type: 'object',
     doc: 'gan route: z_dim, nf (base width), patch_size, attention_resolutions (grid sizes with word attention), generator_learning_rate, discriminator_learning_rate, gp_weight and gp_power (MA-GP)',
@@ -177,6 +193,13 @@ export const DEFAULT_TRAIN_CONFIG: TrainConfig = {
   shapes_colourless: 0,
   threads: null,
   text_encoder_from: 'models/shapes-diffusion',
+  vae_from: '',
+  autoencoder: {
+    vae: { ...DEFAULT_AUTOENCODER_RECIPE.vae },
+    kl_weight: DEFAULT_AUTOENCODER_RECIPE.klWeight,
+    loss: DEFAULT_AUTOENCODER_RECIPE.loss,
+    finetune_decoder_of: '',
+  },
   gan: {
     z_dim: 100,
     nf: 32,
@@ -265,8 +288,8 @@ export function resolveTrainConfig(...layers: readonly Record<string, unknown>[]
       if (value === undefined) continue;
       check(key, value);
       config[key] =
-        key === 'model'
-          ? { ...(config.model as Record<string, unknown>), ...(value as Record<string, unknown>) }
+        key === 'model' || key === 'autoencoder'
+          ? { ...(config[key] as Record<string, unknown>), ...(value as Record<string, unknown>) }
           : value;
     }
   }

@@ -1,15 +1,17 @@
-import { mkdir, writeFile } from 'node:fs/promises';
+import { cp, mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { UserError } from '../errors.js';
 import { shapesSource, type DataSource } from '../data/source.js';
 import type { Graph, Value } from '../graph/ir.js';
 import * as op from '../graph/ops.js';
-import { writeSafetensors } from '../io/safetensors.js';
+import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
 import { ClipTextModel, clipTextConfig } from '../models/clip-text.js';
 import { patchify } from '../models/patch-autoencoder.js';
 import { UNet2DConditionModel, unetConfig } from '../models/unet-2d-condition.js';
 import { Module, type ParameterSource } from '../nn/module.js';
+import { Vae } from '../pipelines/components.js';
 import type { GenerationDefaults } from '../pipelines/stable-diffusion.js';
+import type { RuntimeOptions } from '../runtime/session.js';
 import { alphasCumprodFor } from '../schedulers/scheduler.js';
 import type { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -18,9 +20,45 @@ import type { DataRandom, TrainingTask } from './trainer.js';
 
 /**
  * The diffusion route: a bidirectional text encoder trained jointly with a cross-attention UNet
- * that denoises shapes-world images in pixel space (as a grid of p×p patches), with caption
- * dropout so classifier-free guidance works. The trained model is an ordinary model folder.
+ * that denoises shapes-world images, in pixel space (as a grid of p×p patches) or in the latent
+ * space of a trained autoencoder, with caption dropout so classifier-free guidance works. The
+ * trained model is an ordinary model folder.
  */
+
+/** A trained autoencoder (an autoencoder run's model/ folder) the denoiser works in. */
+export class LatentSpace {
+  private constructor(
+    readonly dir: string,
+    private readonly vae: Vae,
+  ) {}
+
+  static async load(dir: string, runtime: RuntimeOptions = {}): Promise<LatentSpace> {
+    return new LatentSpace(dir, await Vae.load(dir, { ...runtime, cacheDir: false }));
+  }
+
+  get channels(): number {
+    return this.vae.latentChannels;
+  }
+
+  get side(): number {
+    return 64 / this.vae.scaleFactor;
+  }
+
+  /** NHWC uint8 images → latents as the pipeline samples them: (mean − shift) · scale. */
+  async encode(images: Tensor<'uint8'>): Promise<Tensor<'float32'>> {
+    const { mean } = await this.vae.encode(patchify(images, 1));
+    const { scalingFactor, shiftFactor } = this.vae;
+    return new Tensor(
+      'float32',
+      mean.shape,
+      mean.data.map((v) => (v - shiftFactor) * scalingFactor),
+    );
+  }
+
+  release(): Promise<void> {
+    return this.vae.release();
+  }
+}
 
 export interface DiffusionRecipe {
   readonly batchSize: number;
@@ -114,10 +152,14 @@ export class DiffusionTask implements TrainingTask {
   readonly shapes: ReadonlyMap<string, readonly number[]>;
   private readonly alphasCumprod: Float32Array;
   private readonly predictionType: 'epsilon' | 'v_prediction' | 'sample';
+  /** Latents per side of the grid the UNet denoises. */
+  private readonly side: number;
 
+  /** `latents`: the trained autoencoder to work in; without it, pixel space as p×p patches. */
   constructor(
     recipe: DiffusionRecipe = DEFAULT_DIFFUSION_RECIPE,
     data: DataSource = shapesSource(),
+    readonly latents?: LatentSpace,
   ) {
     this.recipe = recipe;
     this.data = data;
@@ -132,10 +174,24 @@ export class DiffusionTask implements TrainingTask {
         `noise.prediction_type ${JSON.stringify(prediction)} is not one of epsilon, v_prediction, sample`,
       );
     this.predictionType = prediction;
+    const channels = latents?.channels ?? 3 * recipe.patchSize ** 2;
+    if (
+      this.model.unet.config.inChannels !== channels ||
+      this.model.unet.config.outChannels !== channels
+    )
+      throw new UserError(
+        'bad-config',
+        `the UNet's in_channels and out_channels must be ${channels}, the channels of ${latents !== undefined ? `the latents of ${latents.dir}` : `${recipe.patchSize}×${recipe.patchSize} RGB patches`} (got ${this.model.unet.config.inChannels} and ${this.model.unet.config.outChannels})`,
+      );
+    this.side = latents?.side ?? 64 / recipe.patchSize;
   }
 
   get cacheKey(): string {
-    return JSON.stringify({ diffusion: this.recipe, vocabulary: this.tokenizer.vocab });
+    return JSON.stringify({
+      diffusion: this.recipe,
+      vocabulary: this.tokenizer.vocab,
+      side: this.side,
+    });
   }
 
   initialParameters(random: TorchGenerator): Map<string, Float32Array> {
@@ -143,9 +199,9 @@ export class DiffusionTask implements TrainingTask {
   }
 
   buildLoss(p: ParameterSource, g: Graph): Value {
-    const { batchSize: b, maxLength, patchSize } = this.recipe;
+    const { batchSize: b, maxLength } = this.recipe;
     const c = this.model.unet.config.inChannels;
-    const side = 64 / patchSize;
+    const side = this.side;
     const ids = g.input('input_ids', 'int64', [b, maxLength]);
     const noisy = g.input('noisy', 'float32', [b, c, side, side]);
     const timestep = g.input('timestep', 'float32', [b]);
@@ -161,7 +217,11 @@ export class DiffusionTask implements TrainingTask {
     return op.reduceMean(op.mul(op.mul(error, error), weight), [0, 1, 2, 3], false);
   }
 
-  batch(_step: number, random: DataRandom, noise: TorchGenerator): Record<string, Tensor> {
+  async batch(
+    _step: number,
+    random: DataRandom,
+    noise: TorchGenerator,
+  ): Promise<Record<string, Tensor>> {
     const { batchSize: b, captionDropout, patchSize, maxLength } = this.recipe;
     const { images, captions } = this.data.sample(random.uniform, b);
     const prompts = captions.map((caption) => (random.next() < captionDropout ? '' : caption));
@@ -169,7 +229,8 @@ export class DiffusionTask implements TrainingTask {
       [b, maxLength],
       prompts.flatMap((p) => this.tokenizer.encode(p)),
     );
-    const x0 = patchify(images, patchSize);
+    const x0 =
+      this.latents !== undefined ? await this.latents.encode(images) : patchify(images, patchSize);
     const eps = noise.randn(x0.shape);
     const total = this.alphasCumprod.length;
     const per = x0.size / b;
@@ -233,7 +294,10 @@ export class DiffusionTask implements TrainingTask {
         tokenizer: ['gesso', 'GessoWordTokenizer'],
         text_encoder: ['gesso', 'GessoTextModel'],
         unet: ['diffusers', 'UNet2DConditionModel'],
-        vae: ['gesso', 'GessoPatchAutoencoder'],
+        vae:
+          this.latents !== undefined
+            ? ['diffusers', 'AutoencoderKL']
+            : ['gesso', 'GessoPatchAutoencoder'],
         scheduler: ['diffusers', 'DPMSolverMultistepScheduler'],
       }),
     });
@@ -248,14 +312,30 @@ export class DiffusionTask implements TrainingTask {
     await write('unet', {
       'config.json': json({ _class_name: 'UNet2DConditionModel', ...this.recipe.unet }),
     });
-    await write('vae', {
-      'config.json': json({
-        _class_name: 'GessoPatchAutoencoder',
-        patch_size: this.recipe.patchSize,
-        in_channels: 3,
-        scaling_factor: 1,
-      }),
-    });
+    if (this.latents !== undefined) {
+      const vae = join(dir, 'vae');
+      await mkdir(vae, { recursive: true });
+      await cp(join(this.latents.dir, 'config.json'), join(vae, 'config.json'));
+      const file = 'diffusion_pytorch_model.safetensors';
+      if (options.fp16 === true) {
+        const tensors: Record<string, Tensor> = {};
+        await SafetensorsFile.with(join(this.latents.dir, file), async (f) => {
+          for (const name of f.names) tensors[name] = (await f.read(name)).to('float16');
+        });
+        await writeSafetensors(join(vae, file), tensors);
+      } else {
+        await cp(join(this.latents.dir, file), join(vae, file));
+      }
+    } else {
+      await write('vae', {
+        'config.json': json({
+          _class_name: 'GessoPatchAutoencoder',
+          patch_size: this.recipe.patchSize,
+          in_channels: 3,
+          scaling_factor: 1,
+        }),
+      });
+    }
     await write('scheduler', {
       'scheduler_config.json': json({
         _class_name: 'DPMSolverMultistepScheduler',

@@ -32,7 +32,11 @@ export interface TrainingTask {
   /** Emits the forward pass and returns the scalar loss; declares its own data inputs. */
   buildLoss(params: ParameterSource, graph: Graph): Value;
   /** The data inputs of step `step`, drawn from `random` (data) and `noise` (model noise). */
-  batch(step: number, random: DataRandom, noise: TorchGenerator): Record<string, Tensor>;
+  batch(
+    step: number,
+    random: DataRandom,
+    noise: TorchGenerator,
+  ): Record<string, Tensor> | Promise<Record<string, Tensor>>;
   /** Identifies the graph (architecture and batch shape) for the graph cache. */
   readonly cacheKey: string;
 }
@@ -308,7 +312,7 @@ export class Trainer {
     const step = this.step;
     const learningRate = learningRateAt(schedule, step);
     const r = await this.runner.run(
-      this.task.batch(step, this.dataRandom, this.noise),
+      await this.task.batch(step, this.dataRandom, this.noise),
       step,
       learningRate,
       emaDecayAt(schedule, step),

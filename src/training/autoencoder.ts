@@ -1,0 +1,301 @@
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { shapesSource, type DataSource } from '../data/source.js';
+import { UserError } from '../errors.js';
+import type { Graph, Value } from '../graph/ir.js';
+import * as op from '../graph/ops.js';
+import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
+import { AutoencoderKL, autoencoderKLConfig } from '../models/autoencoder-kl.js';
+import { patchify } from '../models/patch-autoencoder.js';
+import type { ParameterSource } from '../nn/module.js';
+import { Vae } from '../pipelines/components.js';
+import type { RuntimeOptions } from '../runtime/session.js';
+import type { TorchGenerator } from '../tensor/rng.js';
+import { Tensor } from '../tensor/tensor.js';
+import { DataRandom, type TrainingTask } from './trainer.js';
+
+/**
+ * The latent space of gesso's own models: a small diffusers `AutoencoderKL` trained on the
+ * training images (reconstruction error plus a light KL term, as latent diffusion's first stage),
+ * so the denoiser works on an 8×8 grid of latents instead of 64×64 pixels. The exported folder is
+ * an ordinary diffusers `vae/` folder whose `scaling_factor` and `shift_factor` bring the latents
+ * to zero mean and unit variance.
+ */
+
+export interface AutoencoderRecipe {
+  readonly batchSize: number;
+  /** diffusers `AutoencoderKL` config keys. */
+  readonly vae: Readonly<Record<string, unknown>>;
+  /** Weight of the mean KL divergence to N(0, 1) per latent, beside the mean pixel error. */
+  readonly klWeight: number;
+  /**
+   * The pixel error: `mse`, or `l1` (absolute error), whose optimum is a sharp edge where the
+   * squared error's is a blur between the two sides.
+   */
+  readonly loss: ReconstructionLoss;
+}
+
+export type ReconstructionLoss = 'mse' | 'l1';
+
+/** A config's `loss` field, checked. */
+export function reconstructionLoss(value: unknown): ReconstructionLoss {
+  if (value === 'mse' || value === 'l1') return value;
+  throw new UserError(
+    'bad-config',
+    `autoencoder.loss ${JSON.stringify(value)} is not one of mse, l1`,
+  );
+}
+
+/** Mean pixel error of a reconstruction, [B, C, H, W]. */
+function reconstructionError(
+  reconstruction: Value,
+  images: Value,
+  loss: ReconstructionLoss,
+): Value {
+  const error = op.sub(reconstruction, images);
+  return op.reduceMean(loss === 'l1' ? op.abs(error) : op.mul(error, error), [0, 1, 2, 3], false);
+}
+
+export const DEFAULT_AUTOENCODER_RECIPE: AutoencoderRecipe = {
+  batchSize: 32,
+  vae: {
+    in_channels: 3,
+    out_channels: 3,
+    down_block_types: Array<string>(4).fill('DownEncoderBlock2D'),
+    up_block_types: Array<string>(4).fill('UpDecoderBlock2D'),
+    block_out_channels: [16, 32, 64, 64],
+    layers_per_block: 1,
+    latent_channels: 8,
+    norm_num_groups: 8,
+    sample_size: 64,
+  },
+  klWeight: 1e-6,
+  loss: 'mse',
+};
+
+/** Images measured to set the exported latent scale and shift. */
+const SCALE_IMAGES = 512;
+const SCALE_SEED = 20261127;
+
+export class AutoencoderTask implements TrainingTask {
+  readonly recipe: AutoencoderRecipe;
+  readonly data: DataSource;
+  readonly model: AutoencoderKL;
+  readonly shapes: ReadonlyMap<string, readonly number[]>;
+  private readonly latentSide: number;
+
+  constructor(
+    recipe: AutoencoderRecipe = DEFAULT_AUTOENCODER_RECIPE,
+    data: DataSource = shapesSource(),
+  ) {
+    this.recipe = recipe;
+    this.data = data;
+    this.model = new AutoencoderKL(autoencoderKLConfig({ ...recipe.vae }), {
+      fusedAttention: false,
+    });
+    this.shapes = this.model.namedParameters();
+    this.latentSide = 64 / 2 ** (this.model.config.blockOutChannels.length - 1);
+  }
+
+  get cacheKey(): string {
+    return JSON.stringify({ autoencoder: this.recipe });
+  }
+
+  initialParameters(random: TorchGenerator): Map<string, Float32Array> {
+    return this.model.initialParameters(random);
+  }
+
+  buildLoss(p: ParameterSource, g: Graph): Value {
+    const b = this.recipe.batchSize;
+    const c = this.model.config.latentChannels;
+    const side = this.latentSide;
+    const images = g.input('images', 'float32', [b, 3, 64, 64]);
+    const eps = g.input('eps', 'float32', [b, c, side, side]);
+    const { mean, std } = this.model.encode(p, images);
+    const reconstruction = this.model.decode(p, op.add(mean, op.mul(std, eps)));
+    const error = reconstructionError(reconstruction, images, this.recipe.loss);
+    // KL(N(μ, σ²) ‖ N(0, 1)) = ½(μ² + σ² − 1 − log σ²), per latent.
+    const variance = op.mul(std, std);
+    const kl = op.mul(
+      op.reduceMean(
+        op.sub(op.sub(op.add(op.mul(mean, mean), variance), 1), op.log(variance)),
+        [0, 1, 2, 3],
+        false,
+      ),
+      0.5,
+    );
+    return op.add(error, op.mul(kl, this.recipe.klWeight));
+  }
+
+  batch(_step: number, random: DataRandom, noise: TorchGenerator): Record<string, Tensor> {
+    const b = this.recipe.batchSize;
+    const { images } = this.data.sample(random.uniform, b);
+    const side = this.latentSide;
+    return {
+      images: patchify(images, 1),
+      eps: noise.randn([b, this.model.config.latentChannels, side, side]),
+    };
+  }
+
+  /**
+   * Writes a diffusers `vae/` folder, then encodes a fixed sample of training images with it to
+   * set `shift_factor` and `scaling_factor` (the latents' mean and 1 / standard deviation).
+   */
+  async exportModel(
+    dir: string,
+    weights: Readonly<Record<string, Tensor>>,
+    runtime: RuntimeOptions = {},
+  ): Promise<{ scalingFactor: number; shiftFactor: number }> {
+    await mkdir(dir, { recursive: true });
+    const config = (scale: { scalingFactor: number; shiftFactor: number }) =>
+      `${JSON.stringify(
+        {
+          _class_name: 'AutoencoderKL',
+          ...this.recipe.vae,
+          scaling_factor: scale.scalingFactor,
+          shift_factor: scale.shiftFactor,
+        },
+        null,
+        2,
+      )}\n`;
+    await writeSafetensors(join(dir, 'diffusion_pytorch_model.safetensors'), weights);
+    await writeFile(join(dir, 'config.json'), config({ scalingFactor: 1, shiftFactor: 0 }));
+    const scale = await measureLatentScale(dir, this.data, runtime);
+    await writeFile(join(dir, 'config.json'), config(scale));
+    return scale;
+  }
+}
+
+/** The mean and 1 / standard deviation of a VAE's latent means over a fixed sample of `data`. */
+async function measureLatentScale(
+  dir: string,
+  data: DataSource,
+  runtime: RuntimeOptions,
+): Promise<{ scalingFactor: number; shiftFactor: number }> {
+  const vae = await Vae.load(dir, { ...runtime, cacheDir: false });
+  try {
+    const random = new DataRandom(SCALE_SEED);
+    let sum = 0;
+    let squares = 0;
+    let count = 0;
+    for (let done = 0; done < SCALE_IMAGES; done += 64) {
+      const { images } = data.sample(random.uniform, 64);
+      const { mean } = await vae.encode(patchify(images, 1));
+      for (const v of mean.data) {
+        sum += v;
+        squares += v * v;
+        count += 1;
+      }
+    }
+    const average = sum / count;
+    const deviation = Math.sqrt(Math.max(squares / count - average * average, 1e-12));
+    return { scalingFactor: 1 / deviation, shiftFactor: average };
+  } finally {
+    await vae.release();
+  }
+}
+
+/**
+ * Fine-tunes the decoder of a trained autoencoder with its encoder frozen: sharper images from
+ * the same latents, so a diffusion model already trained in that latent space keeps working (the
+ * folder keeps its encoder, scale and shift). The reconstruction loss alone, MSE or L1.
+ */
+export class DecoderTask implements TrainingTask {
+  readonly model: AutoencoderKL;
+  readonly shapes: ReadonlyMap<string, readonly number[]>;
+
+  private constructor(
+    readonly dir: string,
+    readonly batchSize: number,
+    readonly loss: ReconstructionLoss,
+    readonly data: DataSource,
+    private readonly config: Record<string, unknown>,
+    private readonly start: ReadonlyMap<string, Tensor<'float32'>>,
+    private readonly encoder: Vae,
+  ) {
+    this.model = new AutoencoderKL(autoencoderKLConfig(config), { fusedAttention: false });
+    this.shapes = new Map(
+      [...this.model.namedParameters()].filter(
+        ([key]) => !key.startsWith('encoder.') && !key.startsWith('quant_conv.'),
+      ),
+    );
+  }
+
+  static async load(
+    dir: string,
+    batchSize: number,
+    loss: ReconstructionLoss,
+    data: DataSource,
+    runtime: RuntimeOptions = {},
+  ): Promise<DecoderTask> {
+    const config = JSON.parse(await readFile(join(dir, 'config.json'), 'utf8')) as Record<
+      string,
+      unknown
+    >;
+    const start = new Map<string, Tensor<'float32'>>();
+    await SafetensorsFile.with(join(dir, 'diffusion_pytorch_model.safetensors'), async (file) => {
+      for (const name of file.names) start.set(name, (await file.read(name)).to('float32'));
+    });
+    const encoder = await Vae.load(dir, { ...runtime, cacheDir: false });
+    return new DecoderTask(dir, batchSize, loss, data, config, start, encoder);
+  }
+
+  get cacheKey(): string {
+    return JSON.stringify({ decoder: this.config, batch: this.batchSize, loss: this.loss });
+  }
+
+  get trainedParameters(): number {
+    let n = 0;
+    for (const shape of this.shapes.values()) n += shape.reduce((a, d) => a * d, 1);
+    return n;
+  }
+
+  /** The trained decoder's weights, not fresh ones: fine-tuning continues from them. */
+  initialParameters(): Map<string, Float32Array> {
+    return new Map([...this.shapes.keys()].map((key) => [key, this.start.get(key)!.data]));
+  }
+
+  buildLoss(p: ParameterSource, g: Graph): Value {
+    const b = this.batchSize;
+    const side = 64 / 2 ** (this.model.config.blockOutChannels.length - 1);
+    const latents = g.input('latents', 'float32', [
+      b,
+      this.model.config.latentChannels,
+      side,
+      side,
+    ]);
+    const images = g.input('images', 'float32', [b, 3, 64, 64]);
+    return reconstructionError(this.model.decode(p, latents), images, this.loss);
+  }
+
+  /** Images and draws from their (frozen) latent distributions. */
+  async batch(
+    _step: number,
+    random: DataRandom,
+    noise: TorchGenerator,
+  ): Promise<Record<string, Tensor>> {
+    const { images } = this.data.sample(random.uniform, this.batchSize);
+    const pixels = patchify(images, 1);
+    const { mean, std } = await this.encoder.encode(pixels);
+    const eps = noise.randn(mean.shape);
+    const latents = new Tensor(
+      'float32',
+      mean.shape,
+      mean.data.map((m, i) => m + std.data[i]! * eps.data[i]!),
+    );
+    return { latents, images: pixels };
+  }
+
+  /** The autoencoder folder again: the frozen encoder's weights, the new decoder's, the same config. */
+  async exportModel(dir: string, weights: Readonly<Record<string, Tensor>>): Promise<void> {
+    await mkdir(dir, { recursive: true });
+    const all: Record<string, Tensor> = Object.fromEntries(this.start);
+    Object.assign(all, weights);
+    await writeSafetensors(join(dir, 'diffusion_pytorch_model.safetensors'), all);
+    await writeFile(join(dir, 'config.json'), `${JSON.stringify(this.config, null, 2)}\n`);
+  }
+
+  release(): Promise<void> {
+    return this.encoder.release();
+  }
+}
