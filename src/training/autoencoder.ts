@@ -73,6 +73,11 @@ export const DEFAULT_AUTOENCODER_RECIPE: AutoencoderRecipe = {
   loss: 'mse',
 };
 
+/** Latents per side for a 64×64 image: each block but the last halves the resolution. */
+function latentSide(model: AutoencoderKL): number {
+  return 64 / 2 ** (model.config.blockOutChannels.length - 1);
+}
+
 /** Images measured to set the exported latent scale and shift. */
 const SCALE_IMAGES = 512;
 const SCALE_SEED = 20261127;
@@ -94,7 +99,7 @@ export class AutoencoderTask implements TrainingTask {
       fusedAttention: false,
     });
     this.shapes = this.model.namedParameters();
-    this.latentSide = 64 / 2 ** (this.model.config.blockOutChannels.length - 1);
+    this.latentSide = latentSide(this.model);
   }
 
   get cacheKey(): string {
@@ -257,7 +262,7 @@ export class DecoderTask implements TrainingTask {
 
   buildLoss(p: ParameterSource, g: Graph): Value {
     const b = this.batchSize;
-    const side = 64 / 2 ** (this.model.config.blockOutChannels.length - 1);
+    const side = latentSide(this.model);
     const latents = g.input('latents', 'float32', [
       b,
       this.model.config.latentChannels,
