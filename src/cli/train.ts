@@ -18,7 +18,13 @@ import {
 import { AutoencoderTask, DecoderTask, reconstructionLoss } from '../training/autoencoder.js';
 import { DiffusionTask, LatentSpace, type DiffusionRecipe } from '../training/diffusion.js';
 import { GanTrainer, type GanRecipe } from '../training/gan.js';
-import { Trainer, type Schedule } from '../training/trainer.js';
+import {
+  Trainer,
+  type Schedule,
+  type TrainerOptions,
+  type TrainingTask,
+} from '../training/trainer.js';
+import type { RuntimeOptions } from '../runtime/session.js';
 import { parseNumber } from './args.js';
 import { formatDuration } from './format.js';
 
@@ -109,6 +115,21 @@ function scheduleOf(config: TrainConfig): Schedule {
   };
 }
 
+/** The thread count the config asks for, as runtime options. */
+function runtimeOf(config: TrainConfig): RuntimeOptions {
+  return config.threads !== null ? { threads: config.threads } : {};
+}
+
+/** A new trainer for `task`, or the one saved at `checkpoint` when resuming. */
+function startTrainer(
+  task: TrainingTask,
+  options: TrainerOptions,
+  resume: boolean,
+  checkpoint: string,
+): Promise<Trainer> {
+  return resume ? Trainer.resume(checkpoint, task, options) : Trainer.create(task, options);
+}
+
 /** A training run as the loop sees it, whatever the route. */
 interface Run {
   readonly step: number;
@@ -126,7 +147,7 @@ interface Run {
 async function writeSampleGrid(path: string, modelDir: string, config: TrainConfig): Promise<void> {
   const pipe = await loadPipeline(modelDir, {
     cacheDir: false,
-    ...(config.threads !== null ? { threads: config.threads } : {}),
+    ...runtimeOf(config),
   });
   try {
     const prompts = config.sample_prompts;
@@ -160,7 +181,7 @@ async function diffusionRun(
   checkpoint: string,
 ): Promise<Run> {
   const data = await dataSource(config);
-  const runtime = config.threads !== null ? { threads: config.threads } : {};
+  const runtime = runtimeOf(config);
   if (config.vae_from !== '' && !existsSync(join(config.vae_from, 'config.json')))
     throw new UserError(
       'missing-autoencoder',
@@ -182,9 +203,7 @@ async function diffusionRun(
     },
     runtime,
   };
-  const trainer = resume
-    ? await Trainer.resume(checkpoint, task, options)
-    : await Trainer.create(task, options);
+  const trainer = await startTrainer(task, options, resume, checkpoint);
   const modelDir = join(config.out, 'model');
   return {
     get step() {
@@ -224,7 +243,7 @@ async function ganRun(config: TrainConfig, resume: boolean, checkpoint: string):
   const options = {
     seed: config.seed,
     schedule: scheduleOf(config),
-    runtime: config.threads !== null ? { threads: config.threads } : {},
+    runtime: runtimeOf(config),
   };
   const trainer = resume
     ? await GanTrainer.resume(checkpoint, recipe, data, options)
@@ -254,7 +273,7 @@ async function autoencoderRun(
   checkpoint: string,
 ): Promise<Run> {
   const data = await dataSource(config);
-  const runtime = config.threads !== null ? { threads: config.threads } : {};
+  const runtime = runtimeOf(config);
   const base = config.autoencoder.finetune_decoder_of;
   const loss = reconstructionLoss(config.autoencoder.loss);
   if (base !== '' && !existsSync(join(base, 'diffusion_pytorch_model.safetensors')))
@@ -275,9 +294,7 @@ async function autoencoderRun(
           data,
         );
   const options = { seed: config.seed, schedule: scheduleOf(config), runtime };
-  const trainer = resume
-    ? await Trainer.resume(checkpoint, task, options)
-    : await Trainer.create(task, options);
+  const trainer = await startTrainer(task, options, resume, checkpoint);
   const modelDir = join(config.out, 'model');
   return {
     get step() {
@@ -307,11 +324,9 @@ async function featuresRun(config: TrainConfig, resume: boolean, checkpoint: str
   const options = {
     seed: config.seed,
     schedule: scheduleOf(config),
-    runtime: config.threads !== null ? { threads: config.threads } : {},
+    runtime: runtimeOf(config),
   };
-  const trainer = resume
-    ? await Trainer.resume(checkpoint, task, options)
-    : await Trainer.create(task, options);
+  const trainer = await startTrainer(task, options, resume, checkpoint);
   return {
     get step() {
       return trainer.step;
