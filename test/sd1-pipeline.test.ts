@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { decodePng } from '../src/io/png.js';
 import { parseInfotext } from '../src/io/infotext.js';
 import { SafetensorsFile, writeSafetensors } from '../src/io/safetensors.js';
-import { cachesOptimizedGraph } from '../src/pipelines/components.js';
+import { cachesOptimizedGraph, widensHalfWeights } from '../src/pipelines/components.js';
 import {
   AUTO_LOW_MEMORY_SHARE,
   resolveLowMemory,
@@ -409,6 +409,95 @@ test(
     }
   },
 );
+
+test(
+  'fp16 weight files can be read through a cached float32 copy: the same image, the copy made once',
+  needsGolden(),
+  async () => {
+    const dir = golden('sd1-tiny', 'sd-tiny');
+    const imageWith = async (options: { cacheDir: string | false; widenHalfWeights: boolean }) => {
+      const pipe = await StableDiffusionPipeline.fromPretrained(dir, {
+        variant: 'fp16',
+        ...options,
+      });
+      try {
+        const { images } = await pipe.generate({ prompt: 'a red circle', steps: 2, seed: 3 });
+        return images;
+      } finally {
+        await pipe.release();
+      }
+    };
+    const cast = await imageWith({ cacheDir: false, widenHalfWeights: false });
+    await withTempDir(async (cacheDir) => {
+      const widened = await imageWith({ cacheDir, widenHalfWeights: true });
+      // fp16 → fp32 is exact, so the graphs compute with the same float32 values.
+      assert.deepEqual(widened.data, cast.data);
+      const folder = join(cacheDir, 'weights');
+      const files = readdirSync(folder).filter((f) => f.endsWith('.safetensors'));
+      assert.equal(files.length, 3, 'one copy per model: text encoder, UNet, VAE');
+      let halfTensors = 0;
+      for (const part of ['text_encoder', 'unet', 'vae']) {
+        const name = part === 'text_encoder' ? 'model' : 'diffusion_pytorch_model';
+        halfTensors += await SafetensorsFile.with(
+          join(dir, part, `${name}.fp16.safetensors`),
+          async (f) => [...f.tensors.values()].filter((t) => t.dtype === 'F16').length,
+        );
+      }
+      let copied = 0;
+      for (const file of files) {
+        const dtypes = await SafetensorsFile.with(join(folder, file), async (f) =>
+          [...f.tensors.values()].map((t) => t.dtype),
+        );
+        assert.ok(dtypes.every((d) => d === 'F32'));
+        copied += dtypes.length;
+      }
+      assert.equal(copied, halfTensors, 'every fp16 tensor copied, nothing else');
+
+      const written = files.map((f) => statSync(join(folder, f)).mtimeMs);
+      // A copy cut short (a crash mid-write cannot leave one under its name, a damaged disk can)
+      // is written again; the others are reused as they are.
+      truncateSync(join(folder, files[0]!), 100);
+      const again = await imageWith({ cacheDir, widenHalfWeights: true });
+      assert.deepEqual(again.data, cast.data);
+      assert.ok(statSync(join(folder, files[0]!)).size > 100, 'the damaged copy was rewritten');
+      for (let i = 1; i < files.length; i++)
+        assert.equal(statSync(join(folder, files[i]!)).mtimeMs, written[i], `${files[i]} reused`);
+    });
+  },
+);
+
+test(
+  'a float32 copy that cannot be written is one clear error naming the place and the remedy',
+  needsGolden(),
+  async () => {
+    await withTempDir(async (cacheDir) => {
+      writeFileSync(join(cacheDir, 'weights'), 'a file where the copies’ folder should be');
+      await assert.rejects(
+        StableDiffusionPipeline.fromPretrained(golden('sd1-tiny', 'sd-tiny'), {
+          variant: 'fp16',
+          cacheDir,
+          widenHalfWeights: true,
+        }),
+        (error: Error & { code?: string }) =>
+          error.code === 'weight-copy-failed' &&
+          error.message.includes(join(cacheDir, 'weights')) &&
+          error.message.includes('GESSO_CACHE_DIR'),
+      );
+    });
+  },
+);
+
+test('half-precision weights are widened on disk exactly when the optimized-graph cache is off for size', () => {
+  const gib = 2 ** 30;
+  assert.equal(widensHalfWeights(3.44e9, 24 * gib), false, 'SD 1.5 UNet on 24 GiB');
+  assert.equal(widensHalfWeights(3.44e9, 8 * gib), true, 'SD 1.5 UNet on 8 GiB');
+  assert.equal(widensHalfWeights(10.3e9, 24 * gib), true, 'SDXL UNet on 24 GiB');
+  for (const bytes of [1e9, 5e9, 6 * gib, 6.5 * gib, 12e9])
+    assert.equal(
+      widensHalfWeights(bytes, 24 * gib),
+      bytes >= 256 * 2 ** 20 && !cachesOptimizedGraph(bytes, 24 * gib),
+    );
+});
 
 test('large models keep ORT’s optimized graph, unless writing it would crowd the memory', () => {
   const gib = 2 ** 30;

@@ -4,7 +4,13 @@ import { resolve } from 'node:path';
 import { UserError } from '../errors.js';
 import type { ExternalData, Graph, Value } from '../graph/ir.js';
 import { cast } from '../graph/ops.js';
-import { SafetensorsFile, tensorDTypeOf, type TensorInfo } from '../io/safetensors.js';
+import {
+  SafetensorsFile,
+  tensorDTypeOf,
+  writeSafetensors,
+  type LazyTensor,
+  type TensorInfo,
+} from '../io/safetensors.js';
 import { bytesPerElement, isFloatingDType, type DType } from '../tensor/dtype.js';
 import { Tensor } from '../tensor/tensor.js';
 import type { Module, ParameterSource } from './module.js';
@@ -180,6 +186,73 @@ export class WeightSet {
     for (const [key, t] of Object.entries(tensors))
       out.set(key, { key, dtype: t.dtype, shape: t.shape, data: t });
     return new WeightSet(out, this.origin, `${this.fingerprintText}|${tag}`);
+  }
+
+  /**
+   * The same weights with every half-precision tensor of a weight file read from a float32 copy at
+   * `path` instead, written there once (atomically) and reused while it still holds them all.
+   * ORT's CPU kernels compute in float32, so a graph over fp16 files casts every weight; ORT folds
+   * those casts into float32 copies when it loads the graph, and holds the fp16 tensors and the
+   * copies at once (SDXL's fp16 UNet: 18.8 GiB against 12.0 from float32 files, BENCHMARKS.md).
+   */
+  async widened(path: string): Promise<WeightSet> {
+    const half = [...this.records.values()].filter(
+      (r) => !(r.data instanceof Tensor) && (r.dtype === 'float16' || r.dtype === 'bfloat16'),
+    );
+    if (half.length === 0) return this;
+    const find = async (): Promise<Map<string, TensorInfo> | undefined> => {
+      try {
+        return await SafetensorsFile.with(path, async (file) => {
+          const found = new Map<string, TensorInfo>();
+          for (const r of half) {
+            const info = file.has(r.key) ? file.info(r.key) : undefined;
+            if (
+              info?.dtype !== 'F32' ||
+              info.shape.length !== r.shape.length ||
+              info.shape.some((d, i) => d !== r.shape[i])
+            )
+              return undefined;
+            found.set(r.key, info);
+          }
+          return found;
+        });
+      } catch {
+        return undefined; // absent or damaged: written again below
+      }
+    };
+    let copies = await find();
+    if (copies === undefined) {
+      const entries: Record<string, LazyTensor> = {};
+      for (const r of half) {
+        entries[r.key] = {
+          dtype: 'float32',
+          shape: r.shape,
+          bytes: () => new Tensor('float32', r.shape, readFloat32(r)).bytes(),
+        };
+      }
+      try {
+        await writeSafetensors(path, entries);
+      } catch (error) {
+        const bytes = half.reduce((n, r) => n + 4 * r.shape.reduce((a, b) => a * b, 1), 0);
+        throw new UserError(
+          'weight-copy-failed',
+          `could not write the float32 copy of ${this.origin}'s half-precision weights (${(bytes / 1e9).toFixed(2)} GB) to ${path}: ${(error as Error).message}; free that space, point GESSO_CACHE_DIR at a disk with room, or use float32 weight files`,
+          { cause: error },
+        );
+      }
+      copies = await find();
+      if (copies === undefined) throw new Error(`${path} does not hold the weights just written`);
+    }
+    const out = new Map(this.records);
+    for (const r of half) {
+      const info = copies.get(r.key)!;
+      out.set(r.key, {
+        ...r,
+        dtype: 'float32',
+        data: { path, offset: info.byteOffset, length: info.byteLength },
+      });
+    }
+    return new WeightSet(out, this.origin, `${this.fingerprintText}|float32`);
   }
 
   /** The same weights under new names; keys mapped to undefined are dropped. */

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
 import { readdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { UserError } from '../errors.js';
 import { Graph, type Value } from '../graph/ir.js';
 import { emitOnnx } from '../graph/onnx.js';
@@ -14,7 +15,7 @@ import { UNet2DConditionModel, unetConfig, type UNetConfig } from '../models/une
 import * as op from '../graph/ops.js';
 import type { Module, ParameterSource } from '../nn/module.js';
 import { WeightSet, type BoundWeights, type Int8Plan } from '../nn/weights.js';
-import { Session, type RuntimeOptions } from '../runtime/session.js';
+import { defaultCacheDir, Session, type RuntimeOptions } from '../runtime/session.js';
 import { availableMemoryBytes } from '../runtime/cpu.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -39,6 +40,12 @@ export interface ComponentOptions extends RuntimeOptions {
    * first call. Faster on CPUs with VNNI or AMX; the images differ slightly (see BENCHMARKS.md).
    */
   readonly quantize?: 'int8';
+  /**
+   * Read half-precision weight files through a float32 copy in the cache folder (WeightSet.widened).
+   * Default: for models too big for the optimized-graph cache, whose float32 copy would otherwise
+   * be made in memory beside the fp16 weights at every load.
+   */
+  readonly widenHalfWeights?: boolean;
 }
 
 type Build = (graph: Graph, params: ParameterSource) => void;
@@ -56,6 +63,14 @@ export function cachesOptimizedGraph(
   memoryBytes: number = availableMemoryBytes(),
 ): boolean {
   return weightBytes >= 256 * 2 ** 20 && weightBytes <= 0.25 * memoryBytes;
+}
+
+/** Whether half-precision weights are widened into a cached float32 file (see ComponentOptions). */
+export function widensHalfWeights(
+  weightBytes: number,
+  memoryBytes: number = availableMemoryBytes(),
+): boolean {
+  return weightBytes > 0.25 * memoryBytes;
 }
 
 /** A module bound to weights, with a session per graph variant. */
@@ -141,6 +156,15 @@ async function bindComponent<M extends Module>(
   } = typeof source === 'string' ? await loadComponent(source, base, options.variant) : source;
   const module = make(config);
   let weights = stored;
+  if (
+    options.cacheDir !== false &&
+    (options.widenHalfWeights ?? widensHalfWeights(stored.computeBytes))
+  ) {
+    const file = createHash('sha256').update(stored.fingerprint).digest('hex').slice(0, 32);
+    weights = await stored.widened(
+      join(options.cacheDir ?? defaultCacheDir(), 'weights', `${file}.safetensors`),
+    );
+  }
   if (options.mergedLoras !== undefined && /^(unet|text_encoder(_2)?)$/.test(role))
     weights = await mergeLoras(weights, role as LoraComponent, options.mergedLoras);
   const bound = weights.bind(module, ignore === undefined ? {} : { ignoreUnexpected: ignore });
