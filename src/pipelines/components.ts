@@ -155,6 +155,9 @@ async function bindComponent<M extends Module>(
     weights: stored,
   } = typeof source === 'string' ? await loadComponent(source, base, options.variant) : source;
   const module = make(config);
+  const bindOptions = ignore === undefined ? {} : { ignoreUnexpected: ignore };
+  // Checked before anything is copied: a wrong folder is an error now, not after a 10 GB write.
+  stored.bind(module, bindOptions);
   let weights = stored;
   if (
     options.cacheDir !== false &&
@@ -167,7 +170,7 @@ async function bindComponent<M extends Module>(
   }
   if (options.mergedLoras !== undefined && /^(unet|text_encoder(_2)?)$/.test(role))
     weights = await mergeLoras(weights, role as LoraComponent, options.mergedLoras);
-  const bound = weights.bind(module, ignore === undefined ? {} : { ignoreUnexpected: ignore });
+  const bound = weights.bind(module, bindOptions);
   return new Compiled(module, bound, JSON.stringify({ dir: name, config }), options);
 }
 
