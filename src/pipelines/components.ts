@@ -1,6 +1,5 @@
 import { createHash } from 'node:crypto';
 import { readdirSync } from 'node:fs';
-import { join } from 'node:path';
 import { UserError } from '../errors.js';
 import { Graph, type Value } from '../graph/ir.js';
 import { emitOnnx } from '../graph/onnx.js';
@@ -15,7 +14,7 @@ import { UNet2DConditionModel, unetConfig, type UNetConfig } from '../models/une
 import * as op from '../graph/ops.js';
 import type { Module, ParameterSource } from '../nn/module.js';
 import { WeightSet, type BoundWeights, type Int8Plan } from '../nn/weights.js';
-import { defaultCacheDir, Session, type RuntimeOptions } from '../runtime/session.js';
+import { cacheEntry, Session, type RuntimeOptions } from '../runtime/session.js';
 import { availableMemoryBytes } from '../runtime/cpu.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -50,6 +49,9 @@ export interface ComponentOptions extends RuntimeOptions {
 
 type Build = (graph: Graph, params: ParameterSource) => void;
 
+/** The share of the memory past which a model is too big to hold a second copy of at load. */
+const LARGE_MODEL_SHARE = 0.25;
+
 /**
  * Whether a model's sessions also cache ONNX Runtime's optimized graph (a float32 copy of the
  * weights on disk, written once). For a big model, ORT optimizing the graph again takes tens of
@@ -62,7 +64,7 @@ export function cachesOptimizedGraph(
   weightBytes: number,
   memoryBytes: number = availableMemoryBytes(),
 ): boolean {
-  return weightBytes >= 256 * 2 ** 20 && weightBytes <= 0.25 * memoryBytes;
+  return weightBytes >= 256 * 2 ** 20 && weightBytes <= LARGE_MODEL_SHARE * memoryBytes;
 }
 
 /** Whether half-precision weights are widened into a cached float32 file (see ComponentOptions). */
@@ -70,7 +72,7 @@ export function widensHalfWeights(
   weightBytes: number,
   memoryBytes: number = availableMemoryBytes(),
 ): boolean {
-  return weightBytes > 0.25 * memoryBytes;
+  return weightBytes > LARGE_MODEL_SHARE * memoryBytes;
 }
 
 /** A module bound to weights, with a session per graph variant. */
@@ -163,9 +165,8 @@ async function bindComponent<M extends Module>(
     options.cacheDir !== false &&
     (options.widenHalfWeights ?? widensHalfWeights(stored.computeBytes))
   ) {
-    const file = createHash('sha256').update(stored.fingerprint).digest('hex').slice(0, 32);
     weights = await stored.widened(
-      join(options.cacheDir ?? defaultCacheDir(), 'weights', `${file}.safetensors`),
+      cacheEntry(options.cacheDir, 'weights', stored.fingerprint, '.safetensors'),
     );
   }
   if (options.mergedLoras !== undefined && /^(unet|text_encoder(_2)?)$/.test(role))

@@ -145,6 +145,16 @@ function hash(text: string): string {
   return createHash('sha256').update(text).digest('hex').slice(0, 32);
 }
 
+/** Where the cache keeps what `key` names: `<root>/<folder>/<hash of key><suffix>`. */
+export function cacheEntry(
+  root: string | undefined,
+  folder: string,
+  key: string,
+  suffix = '',
+): string {
+  return join(root ?? defaultCacheDir(), folder, `${hash(key)}${suffix}`);
+}
+
 /** A loaded graph, ready to run. */
 export class Session {
   private constructor(
@@ -190,17 +200,15 @@ export class Session {
       options.cacheDir === false ? undefined : (options.cacheDir ?? defaultCacheDir());
     const entry =
       cacheRoot !== undefined && source.key !== undefined
-        ? join(
+        ? cacheEntry(
             cacheRoot,
             'graphs',
-            hash(
-              JSON.stringify({
-                key: source.key,
-                format: GRAPH_FORMAT,
-                code: codeFingerprint(),
-                ort: ort.env.versions.common,
-              }),
-            ),
+            JSON.stringify({
+              key: source.key,
+              format: GRAPH_FORMAT,
+              code: codeFingerprint(),
+              ort: ort.env.versions.common,
+            }),
           )
         : undefined;
 
