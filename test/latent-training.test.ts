@@ -11,6 +11,7 @@ import { TorchGenerator } from '../src/tensor/rng.js';
 import {
   AutoencoderTask,
   DecoderTask,
+  edgeWeights,
   type AutoencoderRecipe,
 } from '../src/training/autoencoder.js';
 import { shapesSource } from '../src/data/source.js';
@@ -19,6 +20,7 @@ import { resolveTrainConfig } from '../src/training/config.js';
 import { DiffusionTask, LatentSpace } from '../src/training/diffusion.js';
 import { DataRandom, Trainer } from '../src/training/trainer.js';
 import { GESSO_BIN as BIN, options, TINY, withTempDir } from './helpers.js';
+import { Tensor } from '../src/tensor/tensor.js';
 
 const TINY_AUTOENCODER: AutoencoderRecipe = {
   batchSize: 4,
@@ -33,6 +35,7 @@ const TINY_AUTOENCODER: AutoencoderRecipe = {
   },
   klWeight: 1e-6,
   loss: 'mse',
+  edgeWeight: 0,
 };
 
 const mean = (xs: ArrayLike<number>) => Array.from(xs).reduce((a, b) => a + b, 0) / xs.length;
@@ -107,7 +110,12 @@ test('latent training: an autoencoder learns, exports a diffusers VAE that norma
     assert.equal(copied.dtype, 'F16');
 
     // Fine-tuning the decoder keeps the encoder and the latent scale: the same latents as before.
-    const decoder = await DecoderTask.load(vaeDir, 4, 'l1', shapesSource());
+    const decoder = await DecoderTask.load(
+      vaeDir,
+      4,
+      { loss: 'l1', edgeWeight: 4 },
+      shapesSource(),
+    );
     assert.ok(decoder.trainedParameters > 0);
     assert.ok(
       [...decoder.shapes.keys()].every(
@@ -151,6 +159,36 @@ test('latent training: an autoencoder learns, exports a diffusers VAE that norma
     assert.deepEqual(drawn.shape, [1, 64, 64, 3]);
     assert.ok(drawn.data.every((v) => v >= 0 && v <= 1));
   });
+});
+
+test('edge weights: the pixels on either side of a colour edge weigh 1 + w, the rest 1, scaled to average 1', () => {
+  // Image 0: flat gray. Image 1: gray with a 2×2 red square at (3, 3); 8×8 each.
+  const side = 8;
+  const images = new Tensor('uint8', [2, side, side, 3]);
+  images.data.fill(128);
+  for (const [y, x] of [
+    [3, 3],
+    [3, 4],
+    [4, 3],
+    [4, 4],
+  ] as const)
+    images.data.set([220, 38, 38], ((side + y) * side + x) * 3);
+  // A faint change (below the contrast threshold) is not an edge.
+  images.data.set([140, 140, 140], (0 * side + 1) * 3);
+  const w = edgeWeights(images, 3);
+  assert.deepEqual(w.shape, [2, 1, side, side]);
+  // Edge pixels: the 4×4 block from (2, 2) to (5, 5) in image 1 (the square and its neighbours).
+  const edges = 16;
+  const total = 2 * side * side;
+  const scale = total / (total + 3 * edges);
+  for (let n = 0; n < 2; n++)
+    for (let y = 0; y < side; y++)
+      for (let x = 0; x < side; x++) {
+        const edge = n === 1 && y >= 2 && y <= 5 && x >= 2 && x <= 5;
+        const got = w.data[(n * side + y) * side + x]!;
+        assert.ok(Math.abs(got - (edge ? 4 : 1) * scale) < 1e-6, `image ${n} (${y}, ${x}): ${got}`);
+      }
+  assert.ok(Math.abs(w.data.reduce((a, b) => a + b, 0) / total - 1) < 1e-6);
 });
 
 test('training config: the autoencoder route and vae_from', () => {
@@ -201,11 +239,26 @@ test('gesso train: autoencoder, its decoder fine-tuned, a diffusion model in its
     assert.equal(r.status, 2);
     assert.match(r.stderr, /autoencoder.loss "l3" is not one of mse, l1/);
     r = train(
+      yaml('bad-edges', {
+        ...common,
+        route: 'autoencoder',
+        out: join(dir, 'bad-edges'),
+        autoencoder: { edge_weight: -1 },
+      }),
+    );
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /autoencoder.edge_weight must be a number of 0 or more \(got -1\)/);
+    r = train(
       yaml('decoder', {
         ...common,
         route: 'autoencoder',
         out: join(dir, 'decoder'),
-        autoencoder: { ...autoencoder, loss: 'l1', finetune_decoder_of: join(dir, 'ae', 'model') },
+        autoencoder: {
+          ...autoencoder,
+          loss: 'l1',
+          edge_weight: 8,
+          finetune_decoder_of: join(dir, 'ae', 'model'),
+        },
       }),
     );
     assert.equal(r.status, 0, r.stderr);

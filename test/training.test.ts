@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { detect } from '../src/data/detect.js';
@@ -262,18 +262,21 @@ test('gesso train: Ctrl-C saves, --resume finishes, and the result equals an uni
     const stoppedAt = Number(/saved at step (\d+)/.exec(stderr)![1]);
     assert.ok(stoppedAt >= 3 && stoppedAt < 12, `stopped at ${stoppedAt}`);
 
+    // A run folder that was moved resumes where it now is.
+    renameSync(join(dir, 'b'), join(dir, 'moved'));
     const resumed = spawnSync(
       process.execPath,
-      [BIN, 'train', '--resume', '--out', join(dir, 'b')],
+      [BIN, 'train', '--resume', '--out', join(dir, 'moved')],
       { encoding: 'utf8' },
     );
     assert.equal(resumed.status, 0, resumed.stderr);
+    assert.ok(!existsSync(join(dir, 'b')), 'the resumed run wrote to the folder it was moved from');
     for (const file of [
       'text_encoder/model.safetensors',
       'unet/diffusion_pytorch_model.safetensors',
     ]) {
       assert.deepEqual(
-        readFileSync(join(dir, 'b', 'model', file)),
+        readFileSync(join(dir, 'moved', 'model', file)),
         readFileSync(join(dir, 'a', 'model', file)),
         `${file} differs from the uninterrupted run`,
       );
@@ -306,5 +309,61 @@ test('the trained text encoder is bidirectional: an early token sees a later one
       change = Math.max(change, Math.abs(a.data[i]! - b.data[i]!));
     assert.ok(change > 1e-4, `position 1 did not change (${change}): the encoder is causal`);
     await encoder.release();
+  });
+});
+
+test('gesso_position_embedding: one learned embedding per latent cell, trained, resized for other sizes, nothing when zero', async () => {
+  await withTempDir(async (dir) => {
+    const withEmbedding = new DiffusionTask({
+      ...TINY,
+      unet: { ...TINY.unet, gesso_position_embedding: true },
+    });
+    assert.deepEqual(withEmbedding.shapes.get('unet.position_embedding'), [1, 16, 8, 8]);
+    const trainer = await Trainer.create(withEmbedding, options(3));
+    for (let i = 0; i < 3; i++) await trainer.runStep();
+    const trained = trainer.weights('params');
+    await trainer.release();
+    const embedding = trained['unet.position_embedding']!;
+    assert.ok(
+      embedding.data.some((v) => v !== 0),
+      'the embedding (zero at the start) got no gradient',
+    );
+
+    // The same weights three ways: as trained; the embedding zeroed; no embedding at all.
+    await withEmbedding.exportModel(join(dir, 'trained'), trained);
+    await withEmbedding.exportModel(join(dir, 'zeroed'), {
+      ...trained,
+      'unet.position_embedding': new Tensor('float32', embedding.shape),
+    });
+    const rest = Object.fromEntries(
+      Object.entries(trained).filter(([key]) => key !== 'unet.position_embedding'),
+    );
+    await new DiffusionTask(TINY).exportModel(join(dir, 'none'), rest);
+    const draw = async (model: string, size: number) => {
+      const pipe = await StableDiffusionPipeline.fromPretrained(join(dir, model), {
+        cacheDir: false,
+      });
+      const { images } = await pipe.generate({
+        prompt: 'a red circle in the top left corner',
+        steps: 2,
+        seed: 4,
+        width: size,
+        height: size,
+      });
+      await pipe.release();
+      return images;
+    };
+    const [trained64, zeroed64, none64] = await Promise.all(
+      ['trained', 'zeroed', 'none'].map((m) => draw(m, 64)),
+    );
+    assert.deepEqual(zeroed64!.data, none64!.data);
+    assert.ok(
+      trained64!.data.some((v, i) => Math.abs(v - zeroed64!.data[i]!) > 1e-4),
+      'the trained embedding changed nothing',
+    );
+    // At twice the size each cell's embedding covers 2×2 latents.
+    const trained128 = await draw('trained', 128);
+    assert.deepEqual(trained128.shape, [1, 128, 128, 3]);
+    assert.ok(trained128.data.every((v) => Number.isFinite(v) && v >= 0 && v <= 1));
   });
 });

@@ -276,6 +276,12 @@ async function autoencoderRun(
   const runtime = runtimeOf(config);
   const base = config.autoencoder.finetune_decoder_of;
   const loss = reconstructionLoss(config.autoencoder.loss);
+  const edgeWeight = config.autoencoder.edge_weight;
+  if (typeof edgeWeight !== 'number' || !Number.isFinite(edgeWeight) || edgeWeight < 0)
+    throw new UserError(
+      'bad-config',
+      `autoencoder.edge_weight must be a number of 0 or more (got ${JSON.stringify(edgeWeight)})`,
+    );
   if (base !== '' && !existsSync(join(base, 'diffusion_pytorch_model.safetensors')))
     throw new UserError(
       'missing-autoencoder',
@@ -283,13 +289,14 @@ async function autoencoderRun(
     );
   const task =
     base !== ''
-      ? await DecoderTask.load(base, config.batch_size, loss, data, runtime)
+      ? await DecoderTask.load(base, config.batch_size, { loss, edgeWeight }, data, runtime)
       : new AutoencoderTask(
           {
             batchSize: config.batch_size,
             vae: config.autoencoder.vae,
             klWeight: config.autoencoder.kl_weight,
             loss,
+            edgeWeight,
           },
           data,
         );
@@ -386,9 +393,10 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
       );
     }
     const { steps, threads } = flags;
+    // The folder named here, not the one saved: a run folder may have been moved or renamed.
     config = resolveTrainConfig(
       JSON.parse(await readFile(saved, 'utf8')) as Record<string, unknown>,
-      { steps, threads },
+      { steps, threads, out: runDir },
     );
   } else {
     const file = values.config === undefined ? {} : await readTrainConfigFile(values.config);

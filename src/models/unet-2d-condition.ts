@@ -46,6 +46,13 @@ export interface UNetConfig {
   readonly additionTimeEmbedDim: number | null;
   readonly projectionClassEmbeddingsInputDim: number | null;
   readonly sampleSize: number | null;
+  /**
+   * gesso's own models only (`gesso_position_embedding`): a learned embedding of each latent
+   * cell, sample_size × sample_size, added after conv_in. Attention has no sense of place and
+   * zero padding gives little on pure noise, so without it a small UNet barely learns where
+   * "in the top left corner" is.
+   */
+  readonly positionEmbedding: boolean;
 }
 
 type Json = Record<string, unknown>;
@@ -167,6 +174,7 @@ export function unetConfig(c: Json): UNetConfig {
     additionTimeEmbedDim: optNum('addition_time_embed_dim'),
     projectionClassEmbeddingsInputDim: optNum('projection_class_embeddings_input_dim'),
     sampleSize: optNum('sample_size'),
+    positionEmbedding: c.gesso_position_embedding === true,
   };
 }
 
@@ -214,6 +222,14 @@ export class UNet2DConditionModel extends Module {
       'conv_in',
       new Conv2d(c.inChannels, first, c.convInKernel, { padding: (c.convInKernel - 1) / 2 }),
     );
+    if (c.positionEmbedding) {
+      if (c.sampleSize === null)
+        throw new UserError(
+          'bad-config',
+          'unet config: gesso_position_embedding needs sample_size (latents per side)',
+        );
+      this.addParameter('position_embedding', [1, first, c.sampleSize, c.sampleSize]);
+    }
     this.timeEmbedding = this.addModule(
       'time_embedding',
       new TimestepEmbedding(first, timeEmbedDim, {
@@ -322,6 +338,15 @@ export class UNet2DConditionModel extends Module {
     );
   }
 
+  /** The position embedding at the size of `sample` (nearest-resized when that is not sample_size). */
+  private positionAt(p: ParameterSource, sample: Value): Value {
+    const embedding = this.param(p, 'position_embedding');
+    const size = this.config.sampleSize;
+    return sample.shape[2] === size && sample.shape[3] === size
+      ? embedding
+      : op.resizeNearestLike(embedding, sample);
+  }
+
   forward(p: ParameterSource, inputs: UNetInputs): Value {
     const c = this.config;
     let sample = inputs.sample;
@@ -356,6 +381,7 @@ export class UNet2DConditionModel extends Module {
 
     const context = inputs.encoderHiddenStates;
     sample = this.convIn.forward(p, sample);
+    if (c.positionEmbedding) sample = op.add(sample, this.positionAt(p, sample));
     const skips: Value[] = [sample];
     for (const block of this.downBlocks) {
       const result = block.forward(p, sample, emb, context);

@@ -38,6 +38,7 @@ export interface TrainConfig {
     vae: Record<string, unknown>;
     kl_weight: number;
     loss: 'mse' | 'l1';
+    edge_weight: number;
     finetune_decoder_of: string;
   };
   gan: {
@@ -149,7 +150,7 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
   },
   autoencoder: {
     type: 'object',
-    doc: 'autoencoder route: vae (a diffusers AutoencoderKL config; its latents are 64 / 2^(blocks − 1) on a side), kl_weight (weight of the mean KL term beside the mean pixel error), loss (the pixel error: mse or l1), finetune_decoder_of (a trained autoencoder folder: train only its decoder further, the encoder frozen, so its latents stay valid for a diffusion model trained on them; empty: train from scratch)',
+    doc: 'autoencoder route: vae (a diffusers AutoencoderKL config; its latents are 64 / 2^(blocks − 1) on a side), kl_weight (weight of the mean KL term beside the mean pixel error), loss (the pixel error: mse or l1), edge_weight (extra weight on pixels at colour edges of the image, where shapes differ; 0: every pixel alike), finetune_decoder_of (a trained autoencoder folder: train only its decoder further, the encoder frozen, so its latents stay valid for a diffusion model trained on them; empty: train from scratch)',
   },
   gan: {
     type: 'object',
@@ -157,7 +158,7 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
   },
   model: {
     type: 'object',
-    doc: 'architecture: patch_size (pixels per side of a patch), max_length (tokens), text_encoder (a CLIP text config; causal false), unet (a diffusers UNet2DConditionModel config), noise (diffusers DDPM scheduler keys: beta_schedule, prediction_type epsilon|v_prediction|sample, ...), snr_weight_cap (loss weight min(1 + SNR, cap) on the clean-image error for sample prediction; 0 for plain MSE)',
+    doc: 'architecture: patch_size (pixels per side of a patch), max_length (tokens), text_encoder (a CLIP text config; causal false), unet (a diffusers UNet2DConditionModel config; gesso_position_embedding: true adds a learned embedding of each latent cell after conv_in, which diffusers itself does not read), noise (diffusers DDPM scheduler keys: beta_schedule, prediction_type epsilon|v_prediction|sample, ...), snr_weight_cap (loss weight min(1 + SNR, cap) on the clean-image error for sample prediction; 0 for plain MSE)',
   },
 };
 
@@ -198,6 +199,7 @@ export const DEFAULT_TRAIN_CONFIG: TrainConfig = {
     vae: { ...DEFAULT_AUTOENCODER_RECIPE.vae },
     kl_weight: DEFAULT_AUTOENCODER_RECIPE.klWeight,
     loss: DEFAULT_AUTOENCODER_RECIPE.loss,
+    edge_weight: DEFAULT_AUTOENCODER_RECIPE.edgeWeight,
     finetune_decoder_of: '',
   },
   gan: {
