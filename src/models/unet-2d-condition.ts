@@ -49,8 +49,8 @@ export interface UNetConfig {
   /**
    * gesso's own models only (`gesso_position_embedding`): a learned embedding of each latent
    * cell, sample_size × sample_size, added after conv_in. Attention has no sense of place and
-   * zero padding gives little on pure noise, so without it a small UNet barely learns where
-   * "in the top left corner" is.
+   * zero padding gives little on pure noise; this states each cell's place outright. (On its own
+   * it has not yet made the shapes models follow position words.)
    */
   readonly positionEmbedding: boolean;
 }
