@@ -15,7 +15,7 @@ import {
   resolveTrainConfig,
   type TrainConfig,
 } from '../training/config.js';
-import { AutoencoderTask, DecoderTask, reconstructionLoss } from '../training/autoencoder.js';
+import { AutoencoderTask, DecoderTask, reconstructionObjective } from '../training/autoencoder.js';
 import { DiffusionTask, LatentSpace, type DiffusionRecipe } from '../training/diffusion.js';
 import { GanTrainer, type GanRecipe } from '../training/gan.js';
 import {
@@ -275,13 +275,7 @@ async function autoencoderRun(
   const data = await dataSource(config);
   const runtime = runtimeOf(config);
   const base = config.autoencoder.finetune_decoder_of;
-  const loss = reconstructionLoss(config.autoencoder.loss);
-  const edgeWeight = config.autoencoder.edge_weight;
-  if (typeof edgeWeight !== 'number' || !Number.isFinite(edgeWeight) || edgeWeight < 0)
-    throw new UserError(
-      'bad-config',
-      `autoencoder.edge_weight must be a number of 0 or more (got ${JSON.stringify(edgeWeight)})`,
-    );
+  const objective = reconstructionObjective(config.autoencoder);
   if (base !== '' && !existsSync(join(base, 'diffusion_pytorch_model.safetensors')))
     throw new UserError(
       'missing-autoencoder',
@@ -289,14 +283,13 @@ async function autoencoderRun(
     );
   const task =
     base !== ''
-      ? await DecoderTask.load(base, config.batch_size, { loss, edgeWeight }, data, runtime)
+      ? await DecoderTask.load(base, config.batch_size, objective, data, runtime)
       : new AutoencoderTask(
           {
             batchSize: config.batch_size,
             vae: config.autoencoder.vae,
             klWeight: config.autoencoder.kl_weight,
-            loss,
-            edgeWeight,
+            ...objective,
           },
           data,
         );

@@ -22,12 +22,10 @@ import { DataRandom, type TrainingTask } from './trainer.js';
  * to zero mean and unit variance.
  */
 
-export interface AutoencoderRecipe {
-  readonly batchSize: number;
-  /** diffusers `AutoencoderKL` config keys. */
-  readonly vae: Readonly<Record<string, unknown>>;
-  /** Weight of the mean KL divergence to N(0, 1) per latent, beside the mean pixel error. */
-  readonly klWeight: number;
+export type ReconstructionLoss = 'mse' | 'l1';
+
+/** How a reconstruction is scored. */
+export interface ReconstructionObjective {
   /**
    * The pixel error: `mse`, or `l1` (absolute error), whose optimum is a sharp edge where the
    * squared error's is a blur between the two sides.
@@ -41,21 +39,31 @@ export interface AutoencoderRecipe {
   readonly edgeWeight: number;
 }
 
-export type ReconstructionLoss = 'mse' | 'l1';
-
-/** How a reconstruction is scored: the pixel error and the extra weight of edge pixels. */
-export interface ReconstructionObjective {
-  readonly loss: ReconstructionLoss;
-  readonly edgeWeight: number;
+export interface AutoencoderRecipe extends ReconstructionObjective {
+  readonly batchSize: number;
+  /** diffusers `AutoencoderKL` config keys. */
+  readonly vae: Readonly<Record<string, unknown>>;
+  /** Weight of the mean KL divergence to N(0, 1) per latent, beside the mean pixel error. */
+  readonly klWeight: number;
 }
 
-/** A config's `loss` field, checked. */
-export function reconstructionLoss(value: unknown): ReconstructionLoss {
-  if (value === 'mse' || value === 'l1') return value;
-  throw new UserError(
-    'bad-config',
-    `autoencoder.loss ${JSON.stringify(value)} is not one of mse, l1`,
-  );
+/** A config's `autoencoder.loss` and `autoencoder.edge_weight`, checked. */
+export function reconstructionObjective(fields: {
+  readonly loss: unknown;
+  readonly edge_weight: unknown;
+}): ReconstructionObjective {
+  const { loss, edge_weight: edgeWeight } = fields;
+  if (loss !== 'mse' && loss !== 'l1')
+    throw new UserError(
+      'bad-config',
+      `autoencoder.loss ${JSON.stringify(loss)} is not one of mse, l1`,
+    );
+  if (typeof edgeWeight !== 'number' || !Number.isFinite(edgeWeight) || edgeWeight < 0)
+    throw new UserError(
+      'bad-config',
+      `autoencoder.edge_weight must be a number of 0 or more (got ${JSON.stringify(edgeWeight)})`,
+    );
+  return { loss, edgeWeight };
 }
 
 /** Mean pixel error of a reconstruction, [B, C, H, W], weighted per pixel by `weights` [B, 1, H, W]. */
@@ -120,7 +128,7 @@ export function edgeWeights(images: Tensor<'uint8'>, edgeWeight: number): Tensor
 function reconstructionTargets(
   images: Tensor<'uint8'>,
   edgeWeight: number,
-): Record<string, Tensor> {
+): { images: Tensor<'float32'>; pixel_weights?: Tensor<'float32'> } {
   return {
     images: patchify(images, 1),
     ...(edgeWeight > 0 ? { pixel_weights: edgeWeights(images, edgeWeight) } : {}),
@@ -370,7 +378,7 @@ export class DecoderTask implements TrainingTask {
   ): Promise<Record<string, Tensor>> {
     const { images } = this.data.sample(random.uniform, this.batchSize);
     const targets = reconstructionTargets(images, this.objective.edgeWeight);
-    const { mean, std } = await this.encoder.encode(targets.images as Tensor<'float32'>);
+    const { mean, std } = await this.encoder.encode(targets.images);
     const eps = noise.randn(mean.shape);
     const latents = new Tensor(
       'float32',
