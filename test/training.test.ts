@@ -12,6 +12,7 @@ import { PatchAutoencoder, patchify } from '../src/models/patch-autoencoder.js';
 import { TextEncoder } from '../src/pipelines/components.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { runOnce } from '../src/runtime/session.js';
+import { TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { WordTokenizer } from '../src/tokenizers/word.js';
 import { resolveTrainConfig } from '../src/training/config.js';
@@ -312,58 +313,151 @@ test('the trained text encoder is bidirectional: an early token sees a later one
   });
 });
 
-test('gesso_position_embedding: one learned embedding per latent cell, trained, resized for other sizes, nothing when zero', async () => {
+/** Draws one image with the model in `dir`: 2 steps, seed 4, at size × size. */
+async function drawWith(
+  dir: string,
+  size: number,
+  prompt = 'a red circle in the top left corner',
+  guidance?: number,
+) {
+  const pipe = await StableDiffusionPipeline.fromPretrained(dir, { cacheDir: false });
+  const { images } = await pipe.generate({
+    prompt,
+    steps: 2,
+    seed: 4,
+    width: size,
+    height: size,
+    ...(guidance === undefined ? {} : { guidance }),
+  });
+  await pipe.release();
+  return images;
+}
+
+for (const { key, parameters, shapes } of [
+  {
+    key: 'gesso_position_embedding',
+    parameters: ['unet.position_embedding'],
+    shapes: [[1, 16, 8, 8]],
+  },
+  {
+    key: 'gesso_text_layout',
+    parameters: ['unet.text_layout.weight', 'unet.text_layout.bias'],
+    shapes: [[16 * 8 * 8, 16], [16 * 8 * 8]],
+  },
+]) {
+  test(`${key}: zero at the start, trained, resized for other sizes, nothing when zero`, async () => {
+    await withTempDir(async (dir) => {
+      const extended = new DiffusionTask({ ...TINY, unet: { ...TINY.unet, [key]: true } });
+      assert.deepEqual(
+        parameters.map((name) => extended.shapes.get(name)),
+        shapes,
+      );
+      const trainer = await Trainer.create(extended, options(3));
+      for (let i = 0; i < 3; i++) await trainer.runStep();
+      const trained = trainer.weights('params');
+      await trainer.release();
+      for (const name of parameters)
+        assert.ok(
+          trained[name]!.data.some((v) => v !== 0),
+          `${name} (zero at the start) got no gradient`,
+        );
+
+      // The same weights three ways: as trained; the addition zeroed; without it at all.
+      await extended.exportModel(join(dir, 'trained'), trained);
+      const zeros = Object.fromEntries(
+        parameters.map((name) => [name, new Tensor('float32', trained[name]!.shape)]),
+      );
+      await extended.exportModel(join(dir, 'zeroed'), { ...trained, ...zeros });
+      const rest = Object.fromEntries(
+        Object.entries(trained).filter(([name]) => !parameters.includes(name)),
+      );
+      await new DiffusionTask(TINY).exportModel(join(dir, 'none'), rest);
+      const [trained64, zeroed64, none64] = await Promise.all(
+        ['trained', 'zeroed', 'none'].map((m) => drawWith(join(dir, m), 64)),
+      );
+      assert.deepEqual(zeroed64!.data, none64!.data);
+      assert.ok(
+        trained64!.data.some((v, i) => Math.abs(v - zeroed64!.data[i]!) > 1e-4),
+        `the trained ${key} changed nothing`,
+      );
+      // At twice the size each cell's value covers 2×2 latents.
+      const trained128 = await drawWith(join(dir, 'trained'), 128);
+      assert.deepEqual(trained128.shape, [1, 128, 128, 3]);
+      assert.ok(trained128.data.every((v) => Number.isFinite(v) && v >= 0 && v <= 1));
+    });
+  });
+}
+
+test('gesso_text_layout: its bias is a position embedding, its weight reads the caption', async () => {
   await withTempDir(async (dir) => {
-    const withEmbedding = new DiffusionTask({
+    const layout = new DiffusionTask({ ...TINY, unet: { ...TINY.unet, gesso_text_layout: true } });
+    const embedded = new DiffusionTask({
       ...TINY,
       unet: { ...TINY.unet, gesso_position_embedding: true },
     });
-    assert.deepEqual(withEmbedding.shapes.get('unet.position_embedding'), [1, 16, 8, 8]);
-    const trainer = await Trainer.create(withEmbedding, options(3));
-    for (let i = 0; i < 3; i++) await trainer.runStep();
-    const trained = trainer.weights('params');
+    const trainer = await Trainer.create(layout, options(1));
+    const weights = trainer.weights('params');
     await trainer.release();
-    const embedding = trained['unet.position_embedding']!;
-    assert.ok(
-      embedding.data.some((v) => v !== 0),
-      'the embedding (zero at the start) got no gradient',
-    );
-
-    // The same weights three ways: as trained; the embedding zeroed; no embedding at all.
-    await withEmbedding.exportModel(join(dir, 'trained'), trained);
-    await withEmbedding.exportModel(join(dir, 'zeroed'), {
-      ...trained,
-      'unet.position_embedding': new Tensor('float32', embedding.shape),
-    });
     const rest = Object.fromEntries(
-      Object.entries(trained).filter(([key]) => key !== 'unet.position_embedding'),
+      Object.entries(weights).filter(([name]) => !name.startsWith('unet.text_layout.')),
     );
-    await new DiffusionTask(TINY).exportModel(join(dir, 'none'), rest);
-    const draw = async (model: string, size: number) => {
-      const pipe = await StableDiffusionPipeline.fromPretrained(join(dir, model), {
-        cacheDir: false,
-      });
-      const { images } = await pipe.generate({
-        prompt: 'a red circle in the top left corner',
-        steps: 2,
-        seed: 4,
-        width: size,
-        height: size,
-      });
-      await pipe.release();
-      return images;
-    };
-    const [trained64, zeroed64, none64] = await Promise.all(
-      ['trained', 'zeroed', 'none'].map((m) => draw(m, 64)),
-    );
-    assert.deepEqual(zeroed64!.data, none64!.data);
+    const random = new TorchGenerator(9);
+    const cells = random.randn([16 * 8 * 8]);
+    const weight = random.randn([16 * 8 * 8, 16]);
+    // The layout's bias laid out [C, H, W] per cell equals that position embedding.
+    await layout.exportModel(join(dir, 'bias'), {
+      ...rest,
+      'unet.text_layout.weight': new Tensor('float32', [16 * 8 * 8, 16]),
+      'unet.text_layout.bias': cells,
+    });
+    await embedded.exportModel(join(dir, 'embedding'), {
+      ...rest,
+      'unet.position_embedding': cells.reshape([1, 16, 8, 8]),
+    });
+    const [bias, embedding] = await Promise.all([
+      drawWith(join(dir, 'bias'), 64),
+      drawWith(join(dir, 'embedding'), 64),
+    ]);
     assert.ok(
-      trained64!.data.some((v, i) => Math.abs(v - zeroed64!.data[i]!) > 1e-4),
-      'the trained embedding changed nothing',
+      bias.data.every((v, i) => Math.abs(v - embedding.data[i]!) < 1e-5),
+      'a layout with zero weight differs from the position embedding its bias spells',
     );
-    // At twice the size each cell's embedding covers 2×2 latents.
-    const trained128 = await draw('trained', 128);
-    assert.deepEqual(trained128.shape, [1, 128, 128, 3]);
-    assert.ok(trained128.data.every((v) => Number.isFinite(v) && v >= 0 && v <= 1));
+    // With a weight, the layout is W · (the mean of the caption's text states) + b: spelled out
+    // by hand as a position embedding, it draws the same image (without guidance, whose empty
+    // caption would get a layout of its own).
+    const prompt = 'a red circle at the bottom';
+    await layout.exportModel(join(dir, 'weight'), {
+      ...rest,
+      'unet.text_layout.weight': weight,
+      'unet.text_layout.bias': cells,
+    });
+    const encoder = await TextEncoder.load(join(dir, 'weight', 'text_encoder'), {
+      cacheDir: false,
+    });
+    const states = (
+      await encoder.encode(Tensor.int64([1, TINY.maxLength], layout.tokenizer.encode(prompt)))
+    ).hidden;
+    await encoder.release();
+    const [, length, width] = states.shape as [number, number, number];
+    const byHand = cells.clone();
+    for (let r = 0; r < 16 * 8 * 8; r++)
+      for (let t = 0; t < length; t++)
+        for (let k = 0; k < width; k++)
+          byHand.data[r]! += (weight.data[r * width + k]! * states.data[t * width + k]!) / length;
+    await embedded.exportModel(join(dir, 'by-hand'), {
+      ...rest,
+      'unet.position_embedding': byHand.reshape([1, 16, 8, 8]),
+    });
+    const [fromWeight, fromHand, fromBias] = await Promise.all(
+      ['weight', 'by-hand', 'bias'].map((m) => drawWith(join(dir, m), 64, prompt, 1)),
+    );
+    assert.ok(
+      fromWeight!.data.every((v, i) => Math.abs(v - fromHand!.data[i]!) < 1e-4),
+      'the layout is not W · mean(text states) + b',
+    );
+    assert.ok(
+      fromWeight!.data.some((v, i) => Math.abs(v - fromBias!.data[i]!) > 1e-3),
+      'the layout weight changed nothing',
+    );
   });
 });
