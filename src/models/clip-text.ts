@@ -32,6 +32,14 @@ export interface ClipTextConfig {
    * `causal: false`).
    */
   readonly causal: boolean;
+  /**
+   * The spread of the word embeddings when training from scratch (gesso key
+   * `gesso_token_embedding_std`; CLIP's 0.02 by default). At 0.02 the words are a small part of
+   * what the layers put out, and a shapes encoder trained jointly with its UNet kept only colour
+   * words apart; at 1, in 1000 steps on single-object captions, it kept place words apart and 29
+   * of 72 objects landed in the named ninth of the image (6 of 72 at 0.02).
+   */
+  readonly tokenEmbeddingStd: number;
 }
 
 function num(config: Record<string, unknown>, key: string, fallback?: number): number {
@@ -39,6 +47,12 @@ function num(config: Record<string, unknown>, key: string, fallback?: number): n
   if (typeof v === 'number') return v;
   if (fallback !== undefined) return fallback;
   throw new UserError('bad-config', `text encoder config.json has no numeric '${key}'`);
+}
+
+function positive(config: Record<string, unknown>, key: string, fallback: number): number {
+  const v = num(config, key, fallback);
+  if (!(v > 0)) throw new UserError('bad-config', `text encoder config: '${key}' must be above 0 (got ${v})`);
+  return v;
 }
 
 /** Reads a transformers `config.json` of a CLIP text model. */
@@ -59,6 +73,7 @@ export function clipTextConfig(config: Record<string, unknown>): ClipTextConfig 
     eosTokenId: num(config, 'eos_token_id', 2),
     projectionDim: withProjection ? num(config, 'projection_dim') : undefined,
     causal: config.causal !== false,
+    tokenEmbeddingStd: positive(config, 'gesso_token_embedding_std', 0.02),
   };
 }
 
@@ -138,7 +153,10 @@ class ClipEmbeddings extends Module {
 
   constructor(c: ClipTextConfig) {
     super();
-    this.token = this.addModule('token_embedding', new Embedding(c.vocabSize, c.hiddenSize));
+    this.token = this.addModule(
+      'token_embedding',
+      new Embedding(c.vocabSize, c.hiddenSize, c.tokenEmbeddingStd),
+    );
     this.position = this.addModule(
       'position_embedding',
       new Embedding(c.maxPositionEmbeddings, c.hiddenSize),

@@ -63,7 +63,8 @@ export interface UNetConfig {
    * words: on captions that differed only in the place, 400 steps placed 70 of 72 objects in the
    * named ninth of the image with this map and 10 of 72 (chance) without it. On the whole
    * shapes world it has not helped yet: there the jointly trained text encoder's mean state (most
-   * of its positions are padding) hardly varies with the place words, so the map has little to read.
+   * of its positions are padding) hardly varies with the place words, so the map has little to read (unless the word embeddings
+   * start wider: ClipTextConfig.tokenEmbeddingStd).
    */
   readonly textLayout: boolean;
 }

@@ -7,12 +7,12 @@ export class Embedding extends Module {
   readonly count: number;
   readonly dim: number;
 
-  constructor(count: number, dim: number) {
+  constructor(count: number, dim: number, std = 0.02) {
     super();
     this.count = count;
     this.dim = dim;
     // transformers' CLIP initializes embeddings with std 0.02 (PyTorch's own default is 1).
-    this.addParameter('weight', [count, dim], { kind: 'normal', std: 0.02 });
+    this.addParameter('weight', [count, dim], { kind: 'normal', std });
   }
 
   forward(params: ParameterSource, ids: Value): Value {

@@ -158,7 +158,7 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
   },
   model: {
     type: 'object',
-    doc: 'architecture: patch_size (pixels per side of a patch), max_length (tokens), text_encoder (a CLIP text config; causal false), unet (a diffusers UNet2DConditionModel config; gesso_position_embedding: true adds a learned embedding of each latent cell after conv_in; gesso_text_layout: true adds a learned linear map from the mean text state to a feature map of the latent grid after conv_in, a direct route from place words to places; diffusers itself reads neither), noise (diffusers DDPM scheduler keys: beta_schedule, prediction_type epsilon|v_prediction|sample, ...), snr_weight_cap (loss weight min(1 + SNR, cap) on the clean-image error for sample prediction; 0 for plain MSE)',
+    doc: 'architecture: patch_size (pixels per side of a patch), max_length (tokens), text_encoder (a CLIP text config; causal false; gesso_token_embedding_std: the spread of the word embeddings at the start, 0.02 as in CLIP by default), unet (a diffusers UNet2DConditionModel config; gesso_position_embedding: true adds a learned embedding of each latent cell after conv_in; gesso_text_layout: true adds a learned linear map from the mean text state to a feature map of the latent grid after conv_in, a direct route from place words to places; diffusers itself reads neither), noise (diffusers DDPM scheduler keys: beta_schedule, prediction_type epsilon|v_prediction|sample, ...), snr_weight_cap (loss weight min(1 + SNR, cap) on the clean-image error for sample prediction; 0 for plain MSE)',
   },
 };
 
