@@ -51,7 +51,8 @@ function num(config: Record<string, unknown>, key: string, fallback?: number): n
 
 function positive(config: Record<string, unknown>, key: string, fallback: number): number {
   const v = num(config, key, fallback);
-  if (!(v > 0)) throw new UserError('bad-config', `text encoder config: '${key}' must be above 0 (got ${v})`);
+  if (!(v > 0))
+    throw new UserError('bad-config', `text encoder config: '${key}' must be above 0 (got ${v})`);
   return v;
 }
 

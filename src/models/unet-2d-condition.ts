@@ -61,10 +61,10 @@ export interface UNetConfig {
    * caption's words reach a place in the image through one learned product instead of through
    * cross-attention's query–key match, which a model trained from scratch did not learn for place
    * words: on captions that differed only in the place, 400 steps placed 70 of 72 objects in the
-   * named ninth of the image with this map and 10 of 72 (chance) without it. On the whole
-   * shapes world it has not helped yet: there the jointly trained text encoder's mean state (most
-   * of its positions are padding) hardly varies with the place words, so the map has little to read (unless the word embeddings
-   * start wider: ClipTextConfig.tokenEmbeddingStd).
+   * named ninth of the image with this map and 10 of 72 (chance) without it. On the whole shapes
+   * world it has not helped yet: there the jointly trained text encoder's mean state (most of its
+   * positions are padding) hardly varies with the place words, so the map has little to read
+   * (unless the word embeddings start wider: ClipTextConfig.tokenEmbeddingStd).
    */
   readonly textLayout: boolean;
 }
@@ -248,11 +248,17 @@ export class UNet2DConditionModel extends Module {
     }
     if (c.textLayout) {
       if (c.sampleSize === null)
-        throw new UserError('bad-config', 'unet config: gesso_text_layout needs sample_size (latents per side)');
+        throw new UserError(
+          'bad-config',
+          'unet config: gesso_text_layout needs sample_size (latents per side)',
+        );
       const zero = { kind: 'constant', value: 0 } as const;
       this.textLayout = this.addModule(
         'text_layout',
-        new Linear(c.crossAttentionDim[0]!, first * c.sampleSize ** 2, true, { weight: zero, bias: zero }),
+        new Linear(c.crossAttentionDim[0]!, first * c.sampleSize ** 2, true, {
+          weight: zero,
+          bias: zero,
+        }),
       );
     }
     this.timeEmbedding = this.addModule(
