@@ -348,6 +348,11 @@ for (const { key, parameters, shapes } of [
   test(`${key}: zero at the start, trained, resized for other sizes, nothing when zero`, async () => {
     await withTempDir(async (dir) => {
       const extended = new DiffusionTask({ ...TINY, unet: { ...TINY.unet, [key]: true } });
+      assert.throws(
+        () =>
+          new DiffusionTask({ ...TINY, unet: { ...TINY.unet, [key]: true, sample_size: null } }),
+        new RegExp(`unet config: ${key} needs sample_size`),
+      );
       assert.deepEqual(
         parameters.map((name) => extended.shapes.get(name)),
         shapes,

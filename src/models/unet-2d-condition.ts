@@ -238,24 +238,22 @@ export class UNet2DConditionModel extends Module {
       'conv_in',
       new Conv2d(c.inChannels, first, c.convInKernel, { padding: (c.convInKernel - 1) / 2 }),
     );
-    if (c.positionEmbedding) {
+    // Both per-cell additions are made at sample_size latents per side.
+    const cellsPerSide = (key: string): number => {
       if (c.sampleSize === null)
-        throw new UserError(
-          'bad-config',
-          'unet config: gesso_position_embedding needs sample_size (latents per side)',
-        );
-      this.addParameter('position_embedding', [1, first, c.sampleSize, c.sampleSize]);
+        throw new UserError('bad-config', `unet config: ${key} needs sample_size (latents per side)`);
+      return c.sampleSize;
+    };
+    if (c.positionEmbedding) {
+      const side = cellsPerSide('gesso_position_embedding');
+      this.addParameter('position_embedding', [1, first, side, side]);
     }
     if (c.textLayout) {
-      if (c.sampleSize === null)
-        throw new UserError(
-          'bad-config',
-          'unet config: gesso_text_layout needs sample_size (latents per side)',
-        );
+      const side = cellsPerSide('gesso_text_layout');
       const zero = { kind: 'constant', value: 0 } as const;
       this.textLayout = this.addModule(
         'text_layout',
-        new Linear(c.crossAttentionDim[0]!, first * c.sampleSize ** 2, true, {
+        new Linear(c.crossAttentionDim[0]!, first * side ** 2, true, {
           weight: zero,
           bias: zero,
         }),
