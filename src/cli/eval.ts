@@ -8,8 +8,9 @@ export const EVAL_USAGE = `usage: gesso eval [--model DIR] [options]
 
 Measures a model on the shapes world: prompt fidelity per category (a pixel detector checks
 colour, shape, size, position, count and relations), diversity, realism (a Fréchet distance in the
-feature space of gesso's shapes network), speed and peak memory. Prints a table; with --out,
-writes report.json and a contact sheet per category.
+feature space of gesso's shapes network), speed and peak memory. For a latent model, also its
+autoencoder's ceiling: real images of the same prompts scored after a round trip through its VAE.
+Prints a table; with --out, writes report.json and a contact sheet per category.
 
   --model DIR|NAME        a model folder, bundled name or Hub id (default: shapes-diffusion)
   --prompts N             prompts per category (default 16)

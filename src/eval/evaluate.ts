@@ -5,9 +5,10 @@ import { writeFileAtomically } from '../io/atomic.js';
 import { contactSheet, toUint8 } from '../io/image.js';
 import { encodePng } from '../io/png.js';
 import { summarizeSafetensors } from '../loaders/describe.js';
-import { loadPipeline } from '../pipelines/index.js';
+import { patchify } from '../models/patch-autoencoder.js';
+import { loadPipeline, StableDiffusionPipeline } from '../pipelines/index.js';
 import type { RuntimeOptions } from '../runtime/session.js';
-import { concat } from '../tensor/ops.js';
+import { concat, map } from '../tensor/ops.js';
 import { Tensor } from '../tensor/tensor.js';
 import { FEATURE_DIM, FeatureExtractor } from './features.js';
 import {
@@ -57,9 +58,39 @@ export interface EvalReport {
     readonly images: number;
     readonly featureDim: number;
   };
+  /**
+   * Latent models only: the real images of the same prompts scored after a round trip through the
+   * model's own autoencoder (encoder mean, then decoder). No denoiser can draw more than its
+   * latent space holds, so this is the most the model can score.
+   */
+  readonly autoencoder?: {
+    readonly perCategory: Record<Category, number>;
+    readonly overall: number;
+    readonly overallSeen: number;
+  };
   readonly speed: { readonly imagesPerSecond: number; readonly secondsPerImage: number };
   readonly memory: { readonly peakResidentBytes: number };
   readonly size: { readonly parameters: number; readonly bytes: number };
+}
+
+/** NHWC uint8 images → encoder mean → decoder → NHWC uint8, in batches of `batch`. */
+async function roundTrip(
+  pipe: StableDiffusionPipeline,
+  images: Tensor<'uint8'>,
+  batch: number,
+): Promise<Tensor<'uint8'>> {
+  const [count, h, w, c] = images.shape as [number, number, number, number];
+  const per = h * w * c;
+  const { scalingFactor, shiftFactor } = pipe.vae;
+  const parts: Tensor<'uint8'>[] = [];
+  for (let i = 0; i < count; i += batch) {
+    const n = Math.min(batch, count - i);
+    const part = new Tensor('uint8', [n, h, w, c], images.data.subarray(i * per, (i + n) * per));
+    const { mean } = await pipe.vae.encode(patchify(part, 1));
+    const latents = map(mean, (v) => (v - shiftFactor) * scalingFactor);
+    parts.push(toUint8(await pipe.decode(latents)));
+  }
+  return concat(parts);
 }
 
 async function folderBytes(dir: string): Promise<number> {
@@ -109,6 +140,13 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
     const generatedFeatures = await extractor.embed(generated);
     const realFeatures = await extractor.embed(real);
     const frechet = frechetDistance(generatedFeatures, realFeatures);
+    const ceiling =
+      pipe instanceof StableDiffusionPipeline
+        ? scoreFidelity(
+            jobs.map((j) => j.prompt),
+            await roundTrip(pipe, real, batch),
+          )
+        : undefined;
 
     // Diversity: the colour category leaves position, size and background free.
     const groups = new Map<FidelityPrompt, number[]>();
@@ -160,6 +198,15 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
         ratio: diversityGenerated / diversityReal,
       },
       realism: { frechetDistance: frechet, images: jobs.length, featureDim: FEATURE_DIM },
+      ...(ceiling !== undefined
+        ? {
+            autoencoder: {
+              perCategory: { ...ceiling.perCategory },
+              overall: ceiling.overall,
+              overallSeen: ceiling.overallSeen,
+            },
+          }
+        : {}),
       speed: { imagesPerSecond: jobs.length / seconds, secondsPerImage: seconds / jobs.length },
       memory: { peakResidentBytes: process.resourceUsage().maxRSS * 1024 },
       size: { parameters, bytes: await folderBytes(options.model) },
@@ -213,6 +260,10 @@ export function formatReport(r: EvalReport): string {
   lines.push(
     `realism: Fréchet distance ${r.realism.frechetDistance.toFixed(3)} (${r.realism.images} images, ${r.realism.featureDim}-d shapes features)`,
   );
+  if (r.autoencoder !== undefined)
+    lines.push(
+      `autoencoder ceiling: ${r.autoencoder.overall.toFixed(3)} overall (real images of the same prompts through the model's VAE)`,
+    );
   lines.push(
     `speed: ${r.speed.imagesPerSecond.toFixed(2)} images/s; peak memory ${(r.memory.peakResidentBytes / 2 ** 20).toFixed(0)} MiB`,
   );
