@@ -18,6 +18,7 @@ import {
   scoreFidelity,
   type Category,
   type FidelityPrompt,
+  type FidelityResult,
 } from './fidelity.js';
 import { frechetDistance, meanPairwiseDistance } from './statistics.js';
 
@@ -43,14 +44,25 @@ export interface EvalOptions {
   readonly onProgress?: (done: number, total: number) => void;
 }
 
+/** Category scores and their means, without the per-image results. */
+export interface FidelityScores {
+  readonly perCategory: Record<Category, number>;
+  readonly overall: number;
+  readonly overallSeen: number;
+}
+
+function scoresOf(result: FidelityResult): FidelityScores {
+  return {
+    perCategory: { ...result.perCategory },
+    overall: result.overall,
+    overallSeen: result.overallSeen,
+  };
+}
+
 export interface EvalReport {
   readonly model: string;
   readonly settings: Record<string, unknown>;
-  readonly fidelity: {
-    readonly perCategory: Record<Category, number>;
-    readonly overall: number;
-    readonly overallSeen: number;
-  };
+  readonly fidelity: FidelityScores;
   /** Mean pairwise feature distance of one prompt's images, generated and real, and their ratio. */
   readonly diversity: { readonly generated: number; readonly real: number; readonly ratio: number };
   readonly realism: {
@@ -63,11 +75,7 @@ export interface EvalReport {
    * model's own autoencoder (encoder mean, then decoder). No denoiser can draw more than its
    * latent space holds, so this is the most the model can score.
    */
-  readonly autoencoder?: {
-    readonly perCategory: Record<Category, number>;
-    readonly overall: number;
-    readonly overallSeen: number;
-  };
+  readonly autoencoder?: FidelityScores;
   readonly speed: { readonly imagesPerSecond: number; readonly secondsPerImage: number };
   readonly memory: { readonly peakResidentBytes: number };
   readonly size: { readonly parameters: number; readonly bytes: number };
@@ -187,26 +195,14 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
         scheduler: options.scheduler ?? 'model default',
         images: jobs.length,
       },
-      fidelity: {
-        perCategory: { ...fidelity.perCategory },
-        overall: fidelity.overall,
-        overallSeen: fidelity.overallSeen,
-      },
+      fidelity: scoresOf(fidelity),
       diversity: {
         generated: diversityGenerated,
         real: diversityReal,
         ratio: diversityGenerated / diversityReal,
       },
       realism: { frechetDistance: frechet, images: jobs.length, featureDim: FEATURE_DIM },
-      ...(ceiling !== undefined
-        ? {
-            autoencoder: {
-              perCategory: { ...ceiling.perCategory },
-              overall: ceiling.overall,
-              overallSeen: ceiling.overallSeen,
-            },
-          }
-        : {}),
+      ...(ceiling !== undefined ? { autoencoder: scoresOf(ceiling) } : {}),
       speed: { imagesPerSecond: jobs.length / seconds, secondsPerImage: seconds / jobs.length },
       memory: { peakResidentBytes: process.resourceUsage().maxRSS * 1024 },
       size: { parameters, bytes: await folderBytes(options.model) },
