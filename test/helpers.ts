@@ -1,11 +1,12 @@
 import { spawnSync } from 'node:child_process';
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { Tensor } from '../src/tensor/tensor.js';
+import { createScheduler, type SchedulerConfig } from '../src/schedulers/index.js';
+import { Tensor } from '../src/tensor/tensor.js';
 import { DiffusionTask, type DiffusionRecipe } from '../src/training/diffusion.js';
 import { Trainer, type TrainerOptions } from '../src/training/trainer.js';
 
@@ -164,4 +165,30 @@ export async function tinyModel(dir: string): Promise<string> {
   await task.exportModel(dir, trainer.weights('ema'), { defaults: { steps: 3, guidance: 2 } });
   await trainer.release();
   return dir;
+}
+
+/**
+ * Whether a model folder's scheduler, switched to DDIM, clamps a predicted x₀ of ±3 to ±1: one
+ * step from the same state, compared with DDIM told explicitly to clip and not to.
+ */
+export function ddimClipsSample(modelDir: string): boolean {
+  const config = JSON.parse(
+    readFileSync(join(modelDir, 'scheduler', 'scheduler_config.json'), 'utf8'),
+  ) as SchedulerConfig;
+  const step = (c: SchedulerConfig): Float32Array => {
+    const ddim = createScheduler(c, 'ddim');
+    ddim.setTimesteps(4);
+    const x = Tensor.float32([1, 1, 1, 2], [0.5, -0.5]);
+    const x0 = Tensor.float32([1, 1, 1, 2], [3, -3]);
+    return ddim.step(x0, ddim.timesteps[0]!, x).data;
+  };
+  const asIs = step(config);
+  const clipped = step({ ...config, clip_sample: true });
+  const unclipped = step({ ...config, clip_sample: false });
+  assert.notDeepEqual(clipped, unclipped);
+  assert.ok(
+    [clipped, unclipped].some((s) => s.every((v, i) => v === asIs[i])),
+    'DDIM from this config matches neither clip_sample setting',
+  );
+  return asIs.every((v, i) => v === clipped[i]);
 }

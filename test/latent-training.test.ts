@@ -19,7 +19,7 @@ import { SafetensorsFile } from '../src/io/safetensors.js';
 import { resolveTrainConfig } from '../src/training/config.js';
 import { DiffusionTask, LatentSpace } from '../src/training/diffusion.js';
 import { DataRandom, Trainer } from '../src/training/trainer.js';
-import { GESSO_BIN as BIN, options, TINY, withTempDir } from './helpers.js';
+import { GESSO_BIN as BIN, ddimClipsSample, options, TINY, withTempDir } from './helpers.js';
 import { Tensor } from '../src/tensor/tensor.js';
 
 const TINY_AUTOENCODER: AutoencoderRecipe = {
@@ -99,6 +99,8 @@ test('latent training: an autoencoder learns, exports a diffusers VAE that norma
       unknown
     >;
     assert.deepEqual(index.vae, ['diffusers', 'AutoencoderKL']);
+    // Latents are not bounded as pixels are: a switch to DDIM or DDPM must not clamp x₀ to ±1.
+    assert.equal(ddimClipsSample(modelDir), false);
     assert.deepEqual(
       readFileSync(join(modelDir, 'vae', 'config.json')),
       readFileSync(join(vaeDir, 'config.json')),

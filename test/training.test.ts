@@ -18,7 +18,7 @@ import { WordTokenizer } from '../src/tokenizers/word.js';
 import { resolveTrainConfig } from '../src/training/config.js';
 import { DiffusionTask } from '../src/training/diffusion.js';
 import { Trainer } from '../src/training/trainer.js';
-import { options, repoRoot, TINY, withTempDir } from './helpers.js';
+import { ddimClipsSample, options, repoRoot, TINY, withTempDir } from './helpers.js';
 
 test('the shapes world: every caption form, held-out pairs never in training data, clean renders detected exactly', () => {
   const random = seededRandom(3);
@@ -177,6 +177,8 @@ test('a trained model folder loads and generates through the ordinary pipeline',
     const trainer = await Trainer.create(task, options(3));
     for (let i = 0; i < 3; i++) await trainer.runStep();
     await task.exportModel(join(dir, 'model'), trainer.weights('ema'), { fp16: true });
+    // Pixel patches live in [-1, 1], so DDIM and DDPM may clamp x₀ there, as diffusers does.
+    assert.equal(ddimClipsSample(join(dir, 'model')), true);
     const pipe = await StableDiffusionPipeline.fromPretrained(join(dir, 'model'), {
       cacheDir: false,
     });
