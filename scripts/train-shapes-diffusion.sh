@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The bundled default model, models/shapes-diffusion, from nothing: the autoencoder whose latents
-# it works in, then the diffusion model, then fp16 weights into models/. About 2 h 20 min on 2 CPU
+# it works in, then the diffusion model, then fp16 weights into models/. About 2 h 45 min on 2 CPU
 # cores. A stage whose run folder already holds a checkpoint continues it with --resume (a finished
 # stage then does nothing).
 set -euo pipefail
