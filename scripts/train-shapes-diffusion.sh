@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The bundled default model, models/shapes-diffusion, from nothing: the autoencoder whose latents
-# it works in, then the diffusion model, then fp16 weights into models/. About 2 h 45 min on 2 CPU
+# it works in, then the diffusion model, then fp16 weights into models/. About 3 h 15 min on 2 CPU
 # cores. A stage whose run folder already holds a checkpoint continues it with --resume (a finished
 # stage then does nothing).
 set -euo pipefail
@@ -17,6 +17,9 @@ stage() {
 npm run build --silent
 stage configs/shapes-autoencoder.yaml runs/shapes-autoencoder
 stage configs/shapes-diffusion.yaml runs/shapes-diffusion
+# Then 3000 steps more: the cosine schedule, stretched to 12000, restarts at 2.3e-4 and decays
+# to 1e-4 again. Measured: 0.266 → 0.430 overall (gesso eval --prompts 8 --images 2).
+gesso train --resume --out runs/shapes-diffusion --steps 12000
 # Replace the bundled model only once the new one is complete.
 rm -rf models/shapes-diffusion.new
 gesso convert runs/shapes-diffusion/model models/shapes-diffusion.new --dtype fp16
