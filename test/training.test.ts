@@ -195,6 +195,48 @@ test('a trained model folder loads and generates through the ordinary pipeline',
   });
 });
 
+test("init_from: training starts from a model folder's weights (fp16 widened); a different architecture or vocabulary is refused by name", async () => {
+  await withTempDir(async (dir) => {
+    const task = new DiffusionTask(TINY);
+    const trainer = await Trainer.create(task, options(3));
+    for (let i = 0; i < 3; i++) await trainer.runStep();
+    const trained = trainer.weights('ema');
+    await task.exportModel(join(dir, 'model'), trained, { fp16: true });
+    await trainer.release();
+
+    const tuned = new DiffusionTask(TINY);
+    await tuned.startFrom(join(dir, 'model'));
+    const start = tuned.initialParameters(new TorchGenerator(99));
+    const fresh = new DiffusionTask(TINY).initialParameters(new TorchGenerator(99));
+    assert.equal(start.size, Object.keys(trained).length);
+    for (const [key, values] of start) {
+      const want = trained[key]!.to('float16').to('float32').data;
+      assert.deepEqual(values, want, `${key} is not the folder's weight`);
+    }
+    assert.notDeepEqual(start.get('unet.conv_in.weight'), fresh.get('unet.conv_in.weight'));
+    // Fine-tuning runs: the first step starts from those weights.
+    const next = await Trainer.create(tuned, options(2));
+    assert.ok(Number.isFinite((await next.runStep()).loss));
+    await next.release();
+
+    const wider = new DiffusionTask({
+      ...TINY,
+      unet: { ...TINY.unet, block_out_channels: [16, 48] },
+    });
+    await assert.rejects(wider.startFrom(join(dir, 'model')), (e: Error) =>
+      /init_from: .* has unet\.\S+ of \d+ values where this run's model has/.test(e.message),
+    );
+    const vocab = JSON.parse(readFileSync(join(dir, 'model', 'tokenizer', 'vocab.json'), 'utf8'));
+    writeFileSync(
+      join(dir, 'model', 'tokenizer', 'vocab.json'),
+      JSON.stringify([...(vocab as string[]), 'zebra']),
+    );
+    await assert.rejects(new DiffusionTask(TINY).startFrom(join(dir, 'model')), (e: Error) =>
+      /init_from: .* has a tokenizer of \d+ words that differs/.test(e.message),
+    );
+  });
+});
+
 test('training config: defaults, file fields and flags, with clear errors', () => {
   const c = resolveTrainConfig({ steps: 10, model: { patch_size: 8 } }, { batch_size: 2 });
   assert.equal(c.steps, 10);

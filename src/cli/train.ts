@@ -41,6 +41,9 @@ options (each overrides the config file's field of the same name):
   --steps N            optimizer steps in all
   --batch-size N       images per step
   --learning-rate X    peak learning rate
+  --final-learning-rate X  learning rate at the last step
+  --warmup-steps N     steps of linear warm-up to the peak
+  --init-from DIR      diffusion route: fine-tune the model in DIR instead of starting fresh
   --seed N             seed for everything random
   --data shapes|DIR    training data
   --save-every N       checkpoint interval
@@ -57,6 +60,8 @@ function fromFlags(values: Record<string, string | boolean | undefined>): Record
     ['steps', 'steps', true],
     ['batch-size', 'batch_size', true],
     ['learning-rate', 'learning_rate', false],
+    ['final-learning-rate', 'final_learning_rate', false],
+    ['warmup-steps', 'warmup_steps', true],
     ['seed', 'seed', true],
     ['save-every', 'save_every', true],
     ['sample-every', 'sample_every', true],
@@ -68,6 +73,7 @@ function fromFlags(values: Record<string, string | boolean | undefined>): Record
   }
   for (const key of ['out', 'data', 'route'] as const)
     if (typeof values[key] === 'string') out[key] = values[key];
+  if (typeof values['init-from'] === 'string') out.init_from = values['init-from'];
   return out;
 }
 
@@ -190,6 +196,20 @@ async function diffusionRun(
   const latents =
     config.vae_from !== '' ? await LatentSpace.load(config.vae_from, runtime) : undefined;
   const task = new DiffusionTask(recipeOf(config), data, latents);
+  const init = config.init_from;
+  if (init !== '' && !resume) {
+    for (const file of [
+      'tokenizer/vocab.json',
+      'text_encoder/model.safetensors',
+      'unet/diffusion_pytorch_model.safetensors',
+    ])
+      if (!existsSync(join(init, file)))
+        throw new UserError(
+          'missing-model',
+          `init_from names ${init}, which has no ${file}; name a diffusion model folder that gesso train wrote (a run's model/)`,
+        );
+    await task.startFrom(init);
+  }
   const options = {
     seed: config.seed,
     schedule: scheduleOf(config),
@@ -210,6 +230,7 @@ async function diffusionRun(
       return trainer.step;
     },
     description: `a diffusion model of ${task.model.parameterCount().toLocaleString('en-US')} parameters on ${data.description}`,
+    ...(init !== '' ? { startsFrom: `from the weights of ${init}` } : {}),
     runStep: async () => {
       const r = await trainer.runStep();
       return { loss: r.loss, grad_norm: r.gradNorm, lr: r.learningRate };
@@ -352,6 +373,9 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
       steps: { type: 'string' },
       'batch-size': { type: 'string' },
       'learning-rate': { type: 'string' },
+      'final-learning-rate': { type: 'string' },
+      'warmup-steps': { type: 'string' },
+      'init-from': { type: 'string' },
       seed: { type: 'string' },
       data: { type: 'string' },
       'save-every': { type: 'string' },

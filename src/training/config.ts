@@ -34,6 +34,7 @@ export interface TrainConfig {
   threads: number | null;
   text_encoder_from: string;
   vae_from: string;
+  init_from: string;
   autoencoder: {
     vae: Record<string, unknown>;
     kl_weight: number;
@@ -148,6 +149,10 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
     type: 'string',
     doc: 'diffusion route: a trained autoencoder (the model/ folder of an autoencoder run) whose latents the UNet denoises; empty: pixel space, as p×p patches (model.patch_size)',
   },
+  init_from: {
+    type: 'string',
+    doc: "diffusion route: a trained diffusion model folder (gesso's own, the same architecture and tokenizer) whose text encoder and UNet weights training starts from instead of fresh ones: fine-tuning, with a fresh optimizer and learning-rate schedule; empty: from scratch",
+  },
   autoencoder: {
     type: 'object',
     doc: 'autoencoder route: vae (a diffusers AutoencoderKL config; its latents are 64 / 2^(blocks − 1) on a side), kl_weight (weight of the mean KL term beside the mean pixel error), loss (the pixel error: mse or l1), edge_weight (extra weight on pixels at colour edges of the image, where shapes differ; 0: every pixel alike), finetune_decoder_of (a trained autoencoder folder: train only its decoder further, the encoder frozen, so its latents stay valid for a diffusion model trained on them; empty: train from scratch)',
@@ -195,6 +200,7 @@ export const DEFAULT_TRAIN_CONFIG: TrainConfig = {
   threads: null,
   text_encoder_from: 'models/shapes-diffusion',
   vae_from: '',
+  init_from: '',
   autoencoder: {
     vae: { ...DEFAULT_AUTOENCODER_RECIPE.vae },
     kl_weight: DEFAULT_AUTOENCODER_RECIPE.klWeight,

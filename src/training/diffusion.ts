@@ -154,6 +154,8 @@ export class DiffusionTask implements TrainingTask {
   private readonly predictionType: 'epsilon' | 'v_prediction' | 'sample';
   /** Latents per side of the grid the UNet denoises. */
   private readonly side: number;
+  /** Trained weights to start from (`startFrom`); fresh ones when absent. */
+  private start: Map<string, Float32Array> | undefined;
 
   /** `latents`: the trained autoencoder to work in; without it, pixel space as p×p patches. */
   constructor(
@@ -195,7 +197,42 @@ export class DiffusionTask implements TrainingTask {
   }
 
   initialParameters(random: TorchGenerator): Map<string, Float32Array> {
-    return this.model.initialParameters(random);
+    return this.start ?? this.model.initialParameters(random);
+  }
+
+  /**
+   * Starts training from the text encoder and UNet of a trained model folder (fine-tuning) rather
+   * than from fresh weights. The folder must be this architecture with this tokenizer: every
+   * weight present with its shape, and the same words in the same order (a word's id picks its
+   * embedding row). fp16 weights are widened to fp32.
+   */
+  async startFrom(dir: string): Promise<void> {
+    const words = (await WordTokenizer.fromFolder(join(dir, 'tokenizer'))).vocab;
+    const ours = this.tokenizer.vocab;
+    if (words.length !== ours.length || words.some((w, i) => w !== ours[i]))
+      throw new UserError(
+        'bad-init',
+        `init_from: ${dir} has a tokenizer of ${words.length} words that differs from this run's ${ours.length} (the data's vocabulary); fine-tune on the data the model was trained on, or train from scratch`,
+      );
+    const weights = new Map<string, Float32Array>();
+    const read = async (prefix: string, file: string) => {
+      await SafetensorsFile.with(join(dir, prefix, file), async (f) => {
+        for (const name of f.names)
+          weights.set(`${prefix}.${name}`, (await f.read(name)).to('float32').data);
+      });
+    };
+    await read('text_encoder', 'model.safetensors');
+    await read('unet', 'diffusion_pytorch_model.safetensors');
+    for (const [key, shape] of this.shapes) {
+      const w = weights.get(key);
+      const size = shape.reduce((a, d) => a * d, 1);
+      if (w === undefined || w.length !== size)
+        throw new UserError(
+          'bad-init',
+          `init_from: ${dir} ${w === undefined ? `has no weight ${key}` : `has ${key} of ${w.length} values where this run's model has ${size} [${shape.join(', ')}]`}; the model config (model.unet, model.text_encoder) must be the one ${dir} was trained with`,
+        );
+    }
+    this.start = new Map([...this.shapes.keys()].map((key) => [key, weights.get(key)!]));
   }
 
   buildLoss(p: ParameterSource, g: Graph): Value {
