@@ -224,7 +224,9 @@ test("init_from: training starts from a model folder's weights (fp16 widened); a
       unet: { ...TINY.unet, block_out_channels: [16, 48] },
     });
     await assert.rejects(wider.startFrom(join(dir, 'model')), (e: Error) =>
-      /init_from: .* has unet\.\S+ of \d+ values where this run's model has/.test(e.message),
+      /init_from: .* has unet\.\S+ of shape \[[\d, ]+\] where this run's model has \[[\d, ]+\]/.test(
+        e.message,
+      ),
     );
     const vocab = JSON.parse(readFileSync(join(dir, 'model', 'tokenizer', 'vocab.json'), 'utf8'));
     writeFileSync(

@@ -214,25 +214,27 @@ export class DiffusionTask implements TrainingTask {
         'bad-init',
         `init_from: ${dir} has a tokenizer of ${words.length} words that differs from this run's ${ours.length} (the data's vocabulary); fine-tune on the data the model was trained on, or train from scratch`,
       );
-    const weights = new Map<string, Float32Array>();
+    // Only this model's weights are read, each checked for its exact shape before its bytes.
+    const start = new Map<string, Float32Array>();
     const read = async (prefix: string, file: string) => {
       await SafetensorsFile.with(join(dir, prefix, file), async (f) => {
-        for (const name of f.names)
-          weights.set(`${prefix}.${name}`, (await f.read(name)).to('float32').data);
+        const names = new Set(f.names);
+        for (const [key, shape] of this.shapes) {
+          if (!key.startsWith(`${prefix}.`)) continue;
+          const name = key.slice(prefix.length + 1);
+          const found = names.has(name) ? f.info(name).shape : undefined;
+          if (found === undefined || found.join() !== shape.join())
+            throw new UserError(
+              'bad-init',
+              `init_from: ${dir} ${found === undefined ? `has no weight ${key}` : `has ${key} of shape [${found.join(', ')}] where this run's model has [${shape.join(', ')}]`}; the model config (model.unet, model.text_encoder) must be the one ${dir} was trained with`,
+            );
+          start.set(key, (await f.read(name)).to('float32').data);
+        }
       });
     };
     await read('text_encoder', 'model.safetensors');
     await read('unet', 'diffusion_pytorch_model.safetensors');
-    for (const [key, shape] of this.shapes) {
-      const w = weights.get(key);
-      const size = shape.reduce((a, d) => a * d, 1);
-      if (w === undefined || w.length !== size)
-        throw new UserError(
-          'bad-init',
-          `init_from: ${dir} ${w === undefined ? `has no weight ${key}` : `has ${key} of ${w.length} values where this run's model has ${size} [${shape.join(', ')}]`}; the model config (model.unet, model.text_encoder) must be the one ${dir} was trained with`,
-        );
-    }
-    this.start = new Map([...this.shapes.keys()].map((key) => [key, weights.get(key)!]));
+    this.start = start;
   }
 
   buildLoss(p: ParameterSource, g: Graph): Value {
