@@ -217,6 +217,8 @@ const tinyGan = (textEncoderFrom: string): GanRecipe => ({
     imageSize: 64,
     patchSize: 8,
     attentionResolutions: [8],
+    latentChannels: 0,
+    blocksPerResolution: 1,
   },
   generatorLearningRate: 1e-3,
   discriminatorLearningRate: 2e-3,

@@ -5,7 +5,10 @@ import { join } from 'node:path';
 import test from 'node:test';
 import { sampleBatch, seededRandom } from '../src/data/shapes.js';
 import { patchify } from '../src/models/patch-autoencoder.js';
+import { evaluate } from '../src/eval/evaluate.js';
+import { fromModelPixels } from '../src/io/image.js';
 import { Vae } from '../src/pipelines/components.js';
+import { loadPipeline } from '../src/pipelines/index.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
 import {
@@ -19,7 +22,14 @@ import { SafetensorsFile } from '../src/io/safetensors.js';
 import { resolveTrainConfig } from '../src/training/config.js';
 import { DiffusionTask, LatentSpace } from '../src/training/diffusion.js';
 import { DataRandom, Trainer } from '../src/training/trainer.js';
-import { GESSO_BIN as BIN, ddimClipsSample, options, TINY, withTempDir } from './helpers.js';
+import {
+  GESSO_BIN as BIN,
+  ddimClipsSample,
+  options,
+  repoRoot,
+  TINY,
+  withTempDir,
+} from './helpers.js';
 import { Tensor } from '../src/tensor/tensor.js';
 
 const TINY_AUTOENCODER: AutoencoderRecipe = {
@@ -193,7 +203,7 @@ test('edge weights: the pixels on either side of a colour edge weigh 1 + w, the 
   assert.ok(Math.abs(w.data.reduce((a, b) => a + b, 0) / total - 1) < 1e-6);
 });
 
-test('training config: the autoencoder route and vae_from', () => {
+test('training config: the autoencoder route, vae_from, and partial gan blocks', () => {
   const c = resolveTrainConfig({
     route: 'autoencoder',
     autoencoder: { kl_weight: 1e-4 },
@@ -204,9 +214,14 @@ test('training config: the autoencoder route and vae_from', () => {
   assert.deepEqual(c.autoencoder.vae.block_out_channels, [16, 32, 64, 64]);
   assert.equal(c.vae_from, 'runs/vae/model');
   assert.throws(() => resolveTrainConfig({ vae_from: 3 }), /'vae_from' must be a string/);
+  // A partial gan block keeps the defaults of the fields it leaves out.
+  const gan = resolveTrainConfig({ route: 'gan', gan: { nf: 8 } }).gan;
+  assert.equal(gan.nf, 8);
+  assert.equal(gan.gp_weight, 2);
+  assert.equal(gan.discriminator_learning_rate, 4e-4);
 });
 
-test('gesso train: autoencoder, its decoder fine-tuned, a diffusion model in its latents, then gesso generate', async () => {
+test('gesso train: autoencoder, its decoder fine-tuned, a diffusion model in its latents, then gesso generate; a GAN in the same latents', async () => {
   await withTempDir(async (dir) => {
     const yaml = (name: string, fields: Record<string, unknown>) => {
       const path = join(dir, `${name}.yaml`);
@@ -314,5 +329,86 @@ test('gesso train: autoencoder, its decoder fine-tuned, a diffusion model in its
     );
     assert.equal(r.status, 0, r.stderr);
     assert.ok(existsSync(out));
+
+    // A GAN in the same latent space: it draws latents, and its folder carries the autoencoder
+    // that turns them into pixels.
+    r = train(
+      yaml('gan', {
+        ...common,
+        route: 'gan',
+        out: join(dir, 'gan'),
+        text_encoder_from: join(dir, 'latent', 'model'),
+        vae_from: join(dir, 'decoder', 'model'),
+        gan: { z_dim: 8, nf: 4, attention_resolutions: [8], blocks_per_resolution: 2 },
+      }),
+    );
+    assert.equal(r.status, 0, r.stderr);
+    r = train(
+      yaml('bad-gan', {
+        ...common,
+        route: 'gan',
+        out: join(dir, 'bad-gan'),
+        text_encoder_from: join(dir, 'latent', 'model'),
+        gan: { blocks_per_resolution: 0 },
+      }),
+    );
+    assert.equal(r.status, 2);
+    assert.match(
+      r.stderr,
+      /gan.blocks_per_resolution must be a whole number of 1 or more \(got 0\)/,
+    );
+    const ganDir = join(dir, 'gan', 'model');
+    const index = JSON.parse(readFileSync(join(ganDir, 'model_index.json'), 'utf8')) as Record<
+      string,
+      unknown
+    >;
+    assert.deepEqual(index.vae, ['diffusers', 'AutoencoderKL']);
+    const generatorConfig = JSON.parse(
+      readFileSync(join(ganDir, 'generator', 'config.json'), 'utf8'),
+    ) as Record<string, unknown>;
+    assert.equal(generatorConfig.latent_channels, 4);
+    assert.equal(generatorConfig.image_size, 16);
+    assert.equal(generatorConfig.blocks_per_resolution, 2);
+    // 4×4 → 16×16 in two doublings, each followed by one block that keeps the grid.
+    const blockShapes = await SafetensorsFile.with(
+      join(ganDir, 'generator', 'model.safetensors'),
+      async (f) => [0, 1, 2, 3, 4].map((i) => f.names.includes(`blocks.${i}.c1.weight`)),
+    );
+    assert.deepEqual(blockShapes, [true, true, true, true, false]);
+    assert.deepEqual(
+      readFileSync(join(ganDir, 'vae', 'diffusion_pytorch_model.safetensors')),
+      readFileSync(join(dir, 'decoder', 'model', 'diffusion_pytorch_model.safetensors')),
+    );
+    r = spawnSync(
+      process.execPath,
+      [BIN, 'generate', 'a red circle', '--model', ganDir, '--out', join(dir, 'gan.png')],
+      { encoding: 'utf8' },
+    );
+    assert.equal(r.status, 0, r.stderr);
+    assert.ok(existsSync(join(dir, 'gan.png')));
+    const gan = await loadPipeline(ganDir, { cacheDir: false });
+    const drawnByGan = await gan.generate({ prompt: 'a red circle', seed: 5 });
+    await gan.release();
+    assert.deepEqual(drawnByGan.images.shape, [1, 64, 64, 3]);
+    assert.deepEqual(drawnByGan.latents.shape, [1, 4, 16, 16]);
+    // The images are the generator's latents through the autoencoder, as diffusion decodes them.
+    const vae = await Vae.load(join(ganDir, 'vae'), { cacheDir: false });
+    const byHand = fromModelPixels(await vae.decodeScaled(drawnByGan.latents));
+    await vae.release();
+    assert.deepEqual(drawnByGan.images.toArray(), byHand.toArray());
+    assert.ok(byHand.data.some((v) => v > 0.05 && v < 0.95));
+
+    // gesso eval reads a latent GAN's autoencoder for the ceiling, as for latent diffusion.
+    const report = await evaluate({
+      model: ganDir,
+      features: join(repoRoot, 'models', 'shapes-features'),
+      seed: 1,
+      promptsPerCategory: 1,
+      imagesPerPrompt: 1,
+      out: join(dir, 'gan-eval'),
+      runtime: { cacheDir: false },
+    });
+    assert.ok(report.autoencoder !== undefined);
+    assert.ok(report.autoencoder.overall >= 0 && report.autoencoder.overall <= 1);
   });
 });

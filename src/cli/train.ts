@@ -90,17 +90,29 @@ export function recipeOf(config: TrainConfig): DiffusionRecipe {
   };
 }
 
-export function ganRecipeOf(config: TrainConfig, textDim: number): GanRecipe {
+/** `latents`: the autoencoder of a latent GAN (vae_from); the GAN then draws its latents. */
+export function ganRecipeOf(
+  config: TrainConfig,
+  textDim: number,
+  latents?: { channels: number; side: number },
+): GanRecipe {
   const g = config.gan;
+  if (!Number.isInteger(g.blocks_per_resolution) || g.blocks_per_resolution < 1)
+    throw new UserError(
+      'bad-config',
+      `gan.blocks_per_resolution must be a whole number of 1 or more (got ${JSON.stringify(g.blocks_per_resolution)})`,
+    );
   return {
     batchSize: config.batch_size,
     generator: {
       zDim: g.z_dim,
       textDim,
       nf: g.nf,
-      imageSize: 64,
-      patchSize: g.patch_size,
+      imageSize: latents?.side ?? 64,
+      patchSize: latents !== undefined ? 1 : g.patch_size,
       attentionResolutions: g.attention_resolutions,
+      latentChannels: latents?.channels ?? 0,
+      blocksPerResolution: g.blocks_per_resolution,
     },
     generatorLearningRate: g.generator_learning_rate,
     discriminatorLearningRate: g.discriminator_learning_rate,
@@ -181,6 +193,20 @@ async function dataSource(config: TrainConfig): Promise<DataSource> {
     : folderSource(config.data, 64);
 }
 
+/** The autoencoder vae_from names, loaded; undefined for pixel space. */
+async function latentSpaceOf(
+  config: TrainConfig,
+  runtime: RuntimeOptions,
+): Promise<LatentSpace | undefined> {
+  if (config.vae_from === '') return undefined;
+  if (!existsSync(join(config.vae_from, 'config.json')))
+    throw new UserError(
+      'missing-autoencoder',
+      `vae_from names ${config.vae_from}, which holds no trained autoencoder (config.json); train one with --route autoencoder, or leave vae_from empty for pixel space`,
+    );
+  return LatentSpace.load(config.vae_from, runtime);
+}
+
 async function diffusionRun(
   config: TrainConfig,
   resume: boolean,
@@ -188,13 +214,7 @@ async function diffusionRun(
 ): Promise<Run> {
   const data = await dataSource(config);
   const runtime = runtimeOf(config);
-  if (config.vae_from !== '' && !existsSync(join(config.vae_from, 'config.json')))
-    throw new UserError(
-      'missing-autoencoder',
-      `vae_from names ${config.vae_from}, which holds no trained autoencoder (config.json); train one with --route autoencoder, or leave vae_from empty for pixel space`,
-    );
-  const latents =
-    config.vae_from !== '' ? await LatentSpace.load(config.vae_from, runtime) : undefined;
+  const latents = await latentSpaceOf(config, runtime);
   const task = new DiffusionTask(recipeOf(config), data, latents);
   const init = config.init_from;
   if (init !== '' && !resume) {
@@ -260,11 +280,14 @@ async function ganRun(config: TrainConfig, resume: boolean, checkpoint: string):
     await readFile(join(config.text_encoder_from, 'text_encoder', 'config.json'), 'utf8'),
   ) as { hidden_size: number };
   const data = await dataSource(config);
-  const recipe = ganRecipeOf(config, textConfig.hidden_size);
+  const runtime = runtimeOf(config);
+  const latents = await latentSpaceOf(config, runtime);
+  const recipe = ganRecipeOf(config, textConfig.hidden_size, latents);
   const options = {
     seed: config.seed,
     schedule: scheduleOf(config),
-    runtime: runtimeOf(config),
+    runtime,
+    ...(latents !== undefined ? { latents } : {}),
   };
   const trainer = resume
     ? await GanTrainer.resume(checkpoint, recipe, data, options)
@@ -284,7 +307,10 @@ async function ganRun(config: TrainConfig, resume: boolean, checkpoint: string):
       await trainer.exportModel(modelDir, { note: `step ${trainer.step} of ${config.steps}` });
     },
     modelDir,
-    release: () => trainer.release(),
+    release: async () => {
+      await trainer.release();
+      await latents?.release();
+    },
   };
 }
 

@@ -2,11 +2,12 @@ import { mkdir, stat, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { render, seededRandom } from '../data/shapes.js';
 import { writeFileAtomically } from '../io/atomic.js';
-import { contactSheet, toUint8 } from '../io/image.js';
+import { contactSheet, fromModelPixels, toUint8 } from '../io/image.js';
 import { encodePng } from '../io/png.js';
 import { summarizeSafetensors } from '../loaders/describe.js';
 import { patchify } from '../models/patch-autoencoder.js';
-import { loadPipeline, StableDiffusionPipeline } from '../pipelines/index.js';
+import type { Vae } from '../pipelines/components.js';
+import { loadPipeline } from '../pipelines/index.js';
 import type { RuntimeOptions } from '../runtime/session.js';
 import { concat, map } from '../tensor/ops.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -71,9 +72,10 @@ export interface EvalReport {
     readonly featureDim: number;
   };
   /**
-   * Latent models only: the real images of the same prompts scored after a round trip through the
-   * model's own autoencoder (encoder mean, then decoder). No denoiser can draw more than its
-   * latent space holds, so this is the most the model can score.
+   * Latent models only (latent diffusion, or a GAN that draws latents): the real images of the
+   * same prompts scored after a round trip through the model's own autoencoder (encoder mean,
+   * then decoder). No model can draw more than its latent space holds, so this is the most it can
+   * score.
    */
   readonly autoencoder?: FidelityScores;
   readonly speed: { readonly imagesPerSecond: number; readonly secondsPerImage: number };
@@ -83,20 +85,20 @@ export interface EvalReport {
 
 /** NHWC uint8 images → encoder mean → decoder → NHWC uint8, in batches of `batch`. */
 async function roundTrip(
-  pipe: StableDiffusionPipeline,
+  vae: Vae,
   images: Tensor<'uint8'>,
   batch: number,
 ): Promise<Tensor<'uint8'>> {
   const [count, h, w, c] = images.shape as [number, number, number, number];
   const per = h * w * c;
-  const { scalingFactor, shiftFactor } = pipe.vae;
+  const { scalingFactor, shiftFactor } = vae;
   const parts: Tensor<'uint8'>[] = [];
   for (let i = 0; i < count; i += batch) {
     const n = Math.min(batch, count - i);
     const part = new Tensor('uint8', [n, h, w, c], images.data.subarray(i * per, (i + n) * per));
-    const { mean } = await pipe.vae.encode(patchify(part, 1));
+    const { mean } = await vae.encode(patchify(part, 1));
     const latents = map(mean, (v) => (v - shiftFactor) * scalingFactor);
-    parts.push(toUint8(await pipe.decode(latents)));
+    parts.push(toUint8(fromModelPixels(await vae.decodeScaled(latents))));
   }
   return concat(parts);
 }
@@ -149,10 +151,10 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
     const realFeatures = await extractor.embed(real);
     const frechet = frechetDistance(generatedFeatures, realFeatures);
     const ceiling =
-      pipe instanceof StableDiffusionPipeline
+      pipe.vae !== undefined
         ? scoreFidelity(
             jobs.map((j) => j.prompt),
-            await roundTrip(pipe, real, batch),
+            await roundTrip(pipe.vae, real, batch),
           )
         : undefined;
 

@@ -197,7 +197,7 @@ export function modelTraits(pipe: TextToImage): ModelTraits {
   }
   return {
     route: 'gan',
-    nativeSize: (pipe as GanPipeline).generator.config.imageSize,
+    nativeSize: (pipe as GanPipeline).defaultSize,
     folderScheduler: 'none',
     defaults: pipe.defaults,
   };

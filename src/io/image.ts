@@ -6,6 +6,22 @@ import { encodePng, type RawImage } from './png.js';
 
 /** Images between files and tensors: NHWC uint8 for pixels, NHWC float in [0, 1] from models. */
 
+/** A model's NCHW pixels in [−1, 1] → NHWC images in [0, 1], as diffusers' postprocessing. */
+export function fromModelPixels(pixels: Tensor<'float32'>): Tensor<'float32'> {
+  const [b, c, h, w] = pixels.shape as [number, number, number, number];
+  const out = new Tensor('float32', [b, h, w, c]);
+  const src = pixels.data;
+  for (let n = 0; n < b; n++) {
+    for (let ch = 0; ch < c; ch++) {
+      for (let i = 0; i < h * w; i++) {
+        const v = Math.fround(Math.fround(src[(n * c + ch) * h * w + i]! / 2) + 0.5);
+        out.data[(n * h * w + i) * c + ch] = Math.min(Math.max(v, 0), 1);
+      }
+    }
+  }
+  return out;
+}
+
 /** Float [0, 1] → uint8 as diffusers' `numpy_to_pil` does: (x · 255) rounded half to even. */
 export function toUint8(images: Tensor<'float32'>): Tensor<'uint8'> {
   const out = new Uint8Array(images.size);

@@ -26,6 +26,17 @@ export interface GanConfig {
   readonly patchSize: number;
   /** Grid sizes after whose generator block word cross-attention runs. */
   readonly attentionResolutions: readonly number[];
+  /**
+   * 0: the networks draw and judge RGB pixels (tanh output). Otherwise the channels of an
+   * autoencoder's scaled latents, which they draw and judge instead (linear output; imageSize is
+   * then the latent side), and the pipeline decodes.
+   */
+  readonly latentChannels: number;
+  /**
+   * Generator blocks per grid size: one that doubles the grid, then this many minus one that keep
+   * it (DF-GAN: 1). A latent grid is small, so depth comes from here rather than from upsampling.
+   */
+  readonly blocksPerResolution: number;
 }
 
 export function ganConfig(c: Record<string, unknown>): GanConfig {
@@ -39,7 +50,14 @@ export function ganConfig(c: Record<string, unknown>): GanConfig {
     attentionResolutions: Array.isArray(c.attention_resolutions)
       ? (c.attention_resolutions as number[])
       : [8, 16],
+    latentChannels: num('latent_channels', 0),
+    blocksPerResolution: num('blocks_per_resolution', 1),
   };
+}
+
+/** Channels of what the generator emits and the discriminator reads: RGB or latents. */
+function sampleChannels(c: GanConfig): number {
+  return c.latentChannels > 0 ? c.latentChannels : 3;
 }
 
 /** Side of the grid the networks work on. */
@@ -110,7 +128,12 @@ class GeneratorBlock extends Module {
   private readonly conv2: Conv2d;
   private readonly shortcut: Conv2d | undefined;
 
-  constructor(condDim: number, inChannels: number, outChannels: number) {
+  constructor(
+    condDim: number,
+    inChannels: number,
+    outChannels: number,
+    private readonly upsample: boolean,
+  ) {
     super();
     this.fuse1 = this.addModule('fuse1', new FusionBlock(condDim, inChannels));
     this.conv1 = this.addModule('c1', new Conv2d(inChannels, outChannels, 3, { padding: 1 }));
@@ -124,7 +147,7 @@ class GeneratorBlock extends Module {
 
   forward(p: ParameterSource, x: Value, cond: Value): Value {
     return this.scoped(p, () => {
-      const up = op.upsampleNearest(x, [2, 2]);
+      const up = this.upsample ? op.upsampleNearest(x, [2, 2]) : x;
       const residual = this.conv2.forward(
         p,
         this.fuse2.forward(p, this.conv1.forward(p, this.fuse1.forward(p, up, cond)), cond),
@@ -173,28 +196,39 @@ export class GanGenerator extends Module {
     const channels = generatorChannels(config);
     const condDim = config.zDim + config.textDim;
     this.fc = this.addModule('fc', new Linear(config.zDim, channels[0]! * 16));
+    const perResolution = config.blocksPerResolution;
     this.blocks = this.addModuleList(
       'blocks',
-      channels.slice(1).map((out, i) => new GeneratorBlock(condDim, channels[i]!, out)),
+      channels.slice(1).flatMap((out, i) =>
+        Array.from(
+          { length: perResolution },
+          (_, k) => new GeneratorBlock(condDim, k === 0 ? channels[i]! : out, out, k === 0),
+        ),
+      ),
     );
     this.attentions = new Map();
     const list: WordAttention[] = [];
     channels.slice(1).forEach((ch, i) => {
-      const resolution = 8 * 2 ** i; // the grid size after block i
+      const resolution = 8 * 2 ** i; // the grid size after the blocks of step i
       if (config.attentionResolutions.includes(resolution)) {
         const a = new WordAttention(ch, config.textDim);
-        this.attentions.set(i, a);
+        this.attentions.set((i + 1) * perResolution - 1, a);
         list.push(a);
       }
     });
     this.addModuleList('attentions', list);
     this.toRgb = this.addModule(
       'to_rgb',
-      new Conv2d(channels[channels.length - 1]!, 3 * config.patchSize ** 2, 3, { padding: 1 }),
+      new Conv2d(channels[channels.length - 1]!, sampleChannels(config) * config.patchSize ** 2, 3, {
+        padding: 1,
+      }),
     );
   }
 
-  /** z [B, zDim], sentence [B, textDim], words [B, L, textDim] → image [B, 3, S, S] in (−1, 1). */
+  /**
+   * z [B, zDim], sentence [B, textDim], words [B, L, textDim] → image [B, 3, S, S] in (−1, 1), or
+   * scaled latents [B, C, S, S] for a latent GAN.
+   */
   forward(p: ParameterSource, z: Value, sentence: Value, words: Value): Value {
     const channels = generatorChannels(this.config);
     const cond = op.concat([z, sentence], 1);
@@ -204,9 +238,11 @@ export class GanGenerator extends Module {
       const attention = this.attentions.get(i);
       if (attention !== undefined) h = attention.forward(p, h, words);
     });
-    return op.tanh(
-      op.depthToSpace(this.toRgb.forward(p, op.leakyRelu(h, 0.2)), this.config.patchSize),
+    const out = op.depthToSpace(
+      this.toRgb.forward(p, op.leakyRelu(h, 0.2)),
+      this.config.patchSize,
     );
+    return this.config.latentChannels > 0 ? out : op.tanh(out);
   }
 }
 
@@ -264,7 +300,7 @@ export class GanDiscriminator extends Module {
     );
     this.convImage = this.addModule(
       'conv_img',
-      new Conv2d(3 * config.patchSize ** 2, widths[0]!, 3, { padding: 1 }),
+      new Conv2d(sampleChannels(config) * config.patchSize ** 2, widths[0]!, 3, { padding: 1 }),
     );
     this.blocks = this.addModuleList(
       'blocks',

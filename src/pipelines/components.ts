@@ -16,6 +16,7 @@ import type { Module, ParameterSource } from '../nn/module.js';
 import { WeightSet, type BoundWeights, type Int8Plan } from '../nn/weights.js';
 import { cacheEntry, Session, type RuntimeOptions } from '../runtime/session.js';
 import { availableMemoryBytes } from '../runtime/cpu.js';
+import { map } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 
@@ -644,6 +645,18 @@ export class Vae {
     return codec instanceof AutoencoderKL
       ? Math.floor(codec.config.sampleSize / this.scaleFactor)
       : undefined;
+  }
+
+  /** Latents as a pipeline samples them (scaled and shifted) → pixels, as `decode`. */
+  decodeScaled(
+    latents: Tensor<'float32'>,
+    tiled: boolean | 'auto' = 'auto',
+  ): Promise<Tensor<'float32'>> {
+    const { scalingFactor, shiftFactor } = this;
+    return this.decode(
+      map(latents, (v) => v / scalingFactor + shiftFactor),
+      tiled,
+    );
   }
 
   /**

@@ -6,23 +6,27 @@ import { findWeightFiles, readConfig } from '../loaders/component.js';
 import { ganConfig, GanGenerator } from '../models/gan.js';
 import { WeightSet } from '../nn/weights.js';
 import { Session } from '../runtime/session.js';
+import { fromModelPixels } from '../io/image.js';
 import { concat } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
-import { TextEncoder, type ComponentOptions } from './components.js';
+import { TextEncoder, Vae, type ComponentOptions } from './components.js';
 import type { GenerateOptions, GenerateResult } from './stable-diffusion.js';
 
 /**
  * One-step text-to-image with a gesso GAN folder (`model_index.json` of class GessoGanPipeline:
- * tokenizer, text encoder, generator). Accepts the same options as the diffusion pipeline and
- * ignores what has no meaning for a GAN (steps, guidance, scheduler).
+ * tokenizer, text encoder, generator, and for a latent GAN the autoencoder whose latents the
+ * generator draws, decoded as a diffusion pipeline decodes them). Accepts the same options as the
+ * diffusion pipeline and ignores what has no meaning for a GAN (steps, guidance, scheduler).
  */
 export class GanPipeline {
   readonly path: string;
   readonly tokenizer: Tokenizer;
   readonly textEncoder: TextEncoder;
   readonly generator: GanGenerator;
+  /** A latent GAN's autoencoder; undefined when the generator draws pixels. */
+  readonly vae: Vae | undefined;
   /** One step, no guidance: what a GAN does whatever it is asked. */
   readonly defaults = { steps: 1, guidance: 0 } as const;
   private readonly session: Session;
@@ -32,13 +36,20 @@ export class GanPipeline {
     tokenizer: Tokenizer,
     textEncoder: TextEncoder,
     generator: GanGenerator,
+    vae: Vae | undefined,
     session: Session,
   ) {
     this.path = path;
     this.tokenizer = tokenizer;
     this.textEncoder = textEncoder;
     this.generator = generator;
+    this.vae = vae;
     this.session = session;
+  }
+
+  /** The side of the images it draws: the generator's, or its latents' decoded. */
+  get defaultSize(): number {
+    return this.generator.config.imageSize * (this.vae?.scaleFactor ?? 1);
   }
 
   static async fromPretrained(path: string, options: ComponentOptions = {}): Promise<GanPipeline> {
@@ -47,9 +58,10 @@ export class GanPipeline {
     const weights = (
       await WeightSet.fromFiles(await findWeightFiles(dir, 'model', options.variant))
     ).bind(generator);
-    const [tokenizer, textEncoder] = await Promise.all([
+    const [tokenizer, textEncoder, vae] = await Promise.all([
       loadTokenizer(join(path, 'tokenizer')),
       TextEncoder.load(join(path, 'text_encoder'), options),
+      generator.config.latentChannels > 0 ? Vae.load(join(path, 'vae'), options) : undefined,
     ]);
     const c = generator.config;
     const length = tokenizer.maxLength;
@@ -71,7 +83,7 @@ export class GanPipeline {
       },
       options,
     );
-    return new GanPipeline(path, tokenizer, textEncoder, generator, session);
+    return new GanPipeline(path, tokenizer, textEncoder, generator, vae, session);
   }
 
   async generate(options: GenerateOptions): Promise<GenerateResult> {
@@ -83,7 +95,7 @@ export class GanPipeline {
       );
     const prompts = typeof options.prompt === 'string' ? [options.prompt] : [...options.prompt];
     if (prompts.length === 0) throw new UserError('bad-request', 'no prompt given');
-    const size = this.generator.config.imageSize;
+    const size = this.defaultSize;
     if ((options.width ?? size) !== size || (options.height ?? size) !== size) {
       throw new UserError('bad-size', `this GAN draws ${size}×${size} images only`);
     }
@@ -105,23 +117,14 @@ export class GanPipeline {
     const { hidden, pooled } = await this.textEncoder.encode(ids);
     options.signal?.throwIfAborted();
     const { image } = await this.session.run({ z, sentence: pooled, words: hidden });
-    const pixels = image as Tensor<'float32'>;
-    const [b, c, h, w] = pixels.shape as [number, number, number, number];
-    const images = new Tensor('float32', [b, h, w, c]);
-    for (let n = 0; n < b; n++) {
-      for (let k = 0; k < c; k++) {
-        for (let i = 0; i < h * w; i++)
-          images.data[(n * h * w + i) * c + k] = Math.min(
-            Math.max(pixels.data[(n * c + k) * h * w + i]! / 2 + 0.5, 0),
-            1,
-          );
-      }
-    }
-    await options.onProgress?.({ step: 1, steps: 1, timestep: 0, latents: pixels });
-    return { images, latents: pixels, seeds };
+    const drawn = image as Tensor<'float32'>;
+    const pixels = this.vae !== undefined ? await this.vae.decodeScaled(drawn) : drawn;
+    const images = fromModelPixels(pixels);
+    await options.onProgress?.({ step: 1, steps: 1, timestep: 0, latents: drawn });
+    return { images, latents: drawn, seeds };
   }
 
   async release(): Promise<void> {
-    await Promise.all([this.session.release(), this.textEncoder.release()]);
+    await Promise.all([this.session.release(), this.textEncoder.release(), this.vae?.release()]);
   }
 }

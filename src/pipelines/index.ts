@@ -1,6 +1,6 @@
 import { statSync } from 'node:fs';
 import { readConfig } from '../loaders/component.js';
-import type { ComponentOptions } from './components.js';
+import type { ComponentOptions, Vae } from './components.js';
 import { GanPipeline } from './gan.js';
 import {
   StableDiffusionPipeline,
@@ -15,6 +15,8 @@ export interface TextToImage {
   readonly path: string;
   /** Steps and guidance used when a request names none. */
   readonly defaults: GenerationDefaults;
+  /** The autoencoder whose latents the model draws; none for a GAN that draws pixels. */
+  readonly vae?: Vae | undefined;
   generate(options: GenerateOptions): Promise<GenerateResult>;
   release(): Promise<void>;
 }

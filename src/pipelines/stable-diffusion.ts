@@ -6,6 +6,7 @@ import { readLora, type LoraSpec } from '../loaders/lora.js';
 import { openSingleFile } from '../loaders/single-file.js';
 import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedulers/index.js';
 import { availableMemoryBytes } from '../runtime/cpu.js';
+import { fromModelPixels } from '../io/image.js';
 import { chunk, concat, map, zip } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -806,21 +807,7 @@ export class StableDiffusionPipeline {
    */
   async decode(latents: F32, options: { fast?: boolean; tiled?: boolean } = {}): Promise<F32> {
     const vae = options.fast === true && this.tiny !== undefined ? this.tiny : this.vae;
-    const { scalingFactor, shiftFactor } = vae;
-    const unscaled = map(latents, (v) => v / scalingFactor + shiftFactor);
-    const pixels = await vae.decode(unscaled, options.tiled ?? 'auto');
-    const [b, c, h, w] = pixels.shape as [number, number, number, number];
-    const out = new Tensor('float32', [b, h, w, c]);
-    const src = pixels.data;
-    for (let n = 0; n < b; n++) {
-      for (let ch = 0; ch < c; ch++) {
-        for (let i = 0; i < h * w; i++) {
-          const v = Math.fround(Math.fround(src[(n * c + ch) * h * w + i]! / 2) + 0.5);
-          out.data[(n * h * w + i) * c + ch] = Math.min(Math.max(v, 0), 1);
-        }
-      }
-    }
-    return out;
+    return fromModelPixels(await vae.decodeScaled(latents, options.tiled ?? 'auto'));
   }
 
   /** VAE-encoded, sampled and scaled latents of the starting image, repeated to the batch. */

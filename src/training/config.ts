@@ -51,6 +51,7 @@ export interface TrainConfig {
     discriminator_learning_rate: number;
     gp_weight: number;
     gp_power: number;
+    blocks_per_resolution: number;
   };
   model: {
     patch_size: number;
@@ -147,7 +148,7 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
   },
   vae_from: {
     type: 'string',
-    doc: 'diffusion route: a trained autoencoder (the model/ folder of an autoencoder run) whose latents the UNet denoises; empty: pixel space, as p×p patches (model.patch_size)',
+    doc: 'diffusion and gan routes: a trained autoencoder (the model/ folder of an autoencoder run) whose latents the UNet denoises, or the GAN draws and judges (gan.patch_size is then 1); empty: pixel space, as p×p patches (model.patch_size, gan.patch_size)',
   },
   init_from: {
     type: 'string',
@@ -159,7 +160,7 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
   },
   gan: {
     type: 'object',
-    doc: 'gan route: z_dim, nf (base width), patch_size, attention_resolutions (grid sizes with word attention), generator_learning_rate, discriminator_learning_rate, gp_weight and gp_power (MA-GP)',
+    doc: 'gan route: z_dim, nf (base width), patch_size, attention_resolutions (grid sizes with word attention), blocks_per_resolution (generator blocks per grid size: one that doubles it, the rest keep it; 1 as DF-GAN), generator_learning_rate, discriminator_learning_rate, gp_weight and gp_power (MA-GP)',
   },
   model: {
     type: 'object',
@@ -217,6 +218,7 @@ export const DEFAULT_TRAIN_CONFIG: TrainConfig = {
     discriminator_learning_rate: 4e-4,
     gp_weight: 2,
     gp_power: 6,
+    blocks_per_resolution: 1,
   },
   model: {
     patch_size: DEFAULT_DIFFUSION_RECIPE.patchSize,
@@ -296,7 +298,7 @@ export function resolveTrainConfig(...layers: readonly Record<string, unknown>[]
       if (value === undefined) continue;
       check(key, value);
       config[key] =
-        key === 'model' || key === 'autoencoder'
+        key === 'model' || key === 'autoencoder' || key === 'gan'
           ? { ...(config[key] as Record<string, unknown>), ...(value as Record<string, unknown>) }
           : value;
     }

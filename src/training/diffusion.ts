@@ -55,6 +55,19 @@ export class LatentSpace {
     );
   }
 
+  /** The autoencoder's folder as a model's vae/, its weights in fp16 if asked. */
+  async copyTo(vaeDir: string, fp16: boolean): Promise<void> {
+    await mkdir(vaeDir, { recursive: true });
+    await cp(join(this.dir, 'config.json'), join(vaeDir, 'config.json'));
+    const file = 'diffusion_pytorch_model.safetensors';
+    if (!fp16) return cp(join(this.dir, file), join(vaeDir, file));
+    const tensors: Record<string, Tensor> = {};
+    await SafetensorsFile.with(join(this.dir, file), async (f) => {
+      for (const name of f.names) tensors[name] = (await f.read(name)).to('float16');
+    });
+    await writeSafetensors(join(vaeDir, file), tensors);
+  }
+
   release(): Promise<void> {
     return this.vae.release();
   }
@@ -352,19 +365,7 @@ export class DiffusionTask implements TrainingTask {
       'config.json': json({ _class_name: 'UNet2DConditionModel', ...this.recipe.unet }),
     });
     if (this.latents !== undefined) {
-      const vae = join(dir, 'vae');
-      await mkdir(vae, { recursive: true });
-      await cp(join(this.latents.dir, 'config.json'), join(vae, 'config.json'));
-      const file = 'diffusion_pytorch_model.safetensors';
-      if (options.fp16 === true) {
-        const tensors: Record<string, Tensor> = {};
-        await SafetensorsFile.with(join(this.latents.dir, file), async (f) => {
-          for (const name of f.names) tensors[name] = (await f.read(name)).to('float16');
-        });
-        await writeSafetensors(join(vae, file), tensors);
-      } else {
-        await cp(join(this.latents.dir, file), join(vae, file));
-      }
+      await this.latents.copyTo(join(dir, 'vae'), options.fp16 === true);
     } else {
       await write('vae', {
         'config.json': json({

@@ -1,6 +1,7 @@
 import { cp, mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { DataSource } from '../data/source.js';
+import { UserError } from '../errors.js';
 import { gradients } from '../graph/autodiff.js';
 import type { Graph, Value } from '../graph/ir.js';
 import * as op from '../graph/ops.js';
@@ -10,8 +11,10 @@ import type { ParameterSource } from '../nn/module.js';
 import { TextEncoder } from '../pipelines/components.js';
 import type { RuntimeOptions } from '../runtime/session.js';
 import { TorchGenerator } from '../tensor/rng.js';
+import { patchify } from '../models/patch-autoencoder.js';
 import { Tensor } from '../tensor/tensor.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
+import type { LatentSpace } from './diffusion.js';
 import { flatParameters, parameterLayout, type AdamWConfig } from './step.js';
 import {
   checkpointMetadata,
@@ -52,6 +55,14 @@ const ADAM: AdamWConfig = {
   ema: true,
 };
 
+export interface GanTrainerOptions {
+  readonly seed: number;
+  readonly schedule: Schedule;
+  readonly runtime?: RuntimeOptions;
+  /** A trained autoencoder whose scaled latents the GAN draws and judges; none: RGB pixels. */
+  readonly latents?: LatentSpace;
+}
+
 export interface GanStepResult {
   readonly step: number;
   readonly generatorLoss: number;
@@ -71,6 +82,7 @@ export class GanTrainer {
   private readonly textEncoder: TextEncoder;
   private readonly data: DataSource;
   private readonly schedule: Schedule;
+  private readonly latents: LatentSpace | undefined;
 
   private constructor(fields: {
     recipe: GanRecipe;
@@ -83,6 +95,7 @@ export class GanTrainer {
     textEncoder: TextEncoder;
     data: DataSource;
     schedule: Schedule;
+    latents: LatentSpace | undefined;
   }) {
     this.recipe = fields.recipe;
     this.generator = fields.generator;
@@ -93,6 +106,7 @@ export class GanTrainer {
     this.textEncoder = fields.textEncoder;
     this.data = fields.data;
     this.schedule = fields.schedule;
+    this.latents = fields.latents;
     this.dataRandom = new DataRandom(fields.seed);
     this.noise = new TorchGenerator(fields.seed + 1);
   }
@@ -100,7 +114,7 @@ export class GanTrainer {
   static async create(
     recipe: GanRecipe,
     data: DataSource,
-    options: { seed: number; schedule: Schedule; runtime?: RuntimeOptions },
+    options: GanTrainerOptions,
   ): Promise<GanTrainer> {
     const runtime = options.runtime ?? {};
     const tokenizer = await loadTokenizer(join(recipe.textEncoderFrom, 'tokenizer'));
@@ -112,6 +126,16 @@ export class GanTrainer {
     const discriminator = new GanDiscriminator(recipe.generator);
     const b = recipe.batchSize;
     const { textDim, zDim, imageSize } = recipe.generator;
+    const latents = options.latents;
+    const sampleShape = [b, latents?.channels ?? 3, imageSize, imageSize];
+    if (
+      latents !== undefined &&
+      (latents.side !== imageSize || latents.channels !== recipe.generator.latentChannels)
+    )
+      throw new UserError(
+        'bad-config',
+        `the GAN is configured for ${recipe.generator.latentChannels} latent channels at ${imageSize}×${imageSize}, but ${latents.dir} has ${latents.channels} at ${latents.side}×${latents.side}`,
+      );
     const length = tokenizer.maxLength;
     const dShapes = discriminator.namedParameters();
     const dLayout = parameterLayout(dShapes);
@@ -140,8 +164,8 @@ export class GanTrainer {
     const d = await StepRunner.create(
       dShapes,
       (p: ParameterSource, graph: Graph): Value => {
-        const real = graph.input('real', 'float32', [b, 3, imageSize, imageSize]);
-        const fake = graph.input('fake', 'float32', [b, 3, imageSize, imageSize]);
+        const real = graph.input('real', 'float32', sampleShape);
+        const fake = graph.input('fake', 'float32', sampleShape);
         const sentence = graph.input('sentence', 'float32', [b, textDim]);
         const mismatched = graph.input('mismatched', 'float32', [b, textDim]);
         const judge = (image: Value, s: Value) =>
@@ -189,6 +213,7 @@ export class GanTrainer {
       textEncoder,
       data,
       schedule: options.schedule,
+      latents,
     });
   }
 
@@ -196,7 +221,7 @@ export class GanTrainer {
     path: string,
     recipe: GanRecipe,
     data: DataSource,
-    options: { seed: number; schedule: Schedule; runtime?: RuntimeOptions },
+    options: GanTrainerOptions,
   ): Promise<GanTrainer> {
     const trainer = await GanTrainer.create(recipe, data, options);
     await SafetensorsFile.with(path, async (file) => {
@@ -239,12 +264,8 @@ export class GanTrainer {
       this.recipe.generatorLearningRate,
       emaDecay,
     );
-    const real = new Tensor('float32', [b, 3, 64, 64]);
-    const src = images.data as Uint8Array;
-    for (let n = 0; n < b; n++)
-      for (let i = 0; i < 4096; i++)
-        for (let c = 0; c < 3; c++)
-          real.data[(n * 3 + c) * 4096 + i] = src[(n * 4096 + i) * 3 + c]! / 127.5 - 1;
+    const real =
+      this.latents !== undefined ? await this.latents.encode(images) : patchify(images, 1);
     // Mismatched pairs: each image with the caption of the next sample (DF-GAN rolls the batch).
     const width = this.recipe.generator.textDim;
     const mismatched = new Tensor('float32', [b, width]);
@@ -290,8 +311,10 @@ export class GanTrainer {
         tokenizer: ['gesso', 'GessoWordTokenizer'],
         text_encoder: ['gesso', 'GessoTextModel'],
         generator: ['gesso', 'GessoGanGenerator'],
+        ...(this.latents !== undefined ? { vae: ['diffusers', 'AutoencoderKL'] } : {}),
       }),
     );
+    await this.latents?.copyTo(join(dir, 'vae'), options.fp16 === true);
     await writeFile(
       join(dir, 'generator', 'config.json'),
       json({
@@ -302,6 +325,8 @@ export class GanTrainer {
         image_size: c.imageSize,
         patch_size: c.patchSize,
         attention_resolutions: c.attentionResolutions,
+        ...(c.latentChannels > 0 ? { latent_channels: c.latentChannels } : {}),
+        ...(c.blocksPerResolution !== 1 ? { blocks_per_resolution: c.blocksPerResolution } : {}),
       }),
     );
     const weights = this.g.weights('ema');
