@@ -26,7 +26,8 @@ import {
 } from './trainer.js';
 
 /**
- * The GAN route: DF-GAN's recipe at 64×64 on the shapes world. Each iteration runs a generator
+ * The GAN route: DF-GAN's recipe at 64×64 on the shapes world, in pixels or in the latents of a
+ * trained autoencoder (GanTrainerOptions.latents). Each iteration runs a generator
  * step (the discriminator frozen inside it) and a discriminator step with the hinge loss over
  * real, generated and mismatched pairs (a real image with a caption rolled in from another
  * sample counts as fake) plus the matching-aware gradient penalty MA-GP = k·mean(‖∇_{x,s} D(x, s)‖ᵖ)
