@@ -297,8 +297,9 @@ export function resolveTrainConfig(...layers: readonly Record<string, unknown>[]
     for (const [key, value] of Object.entries(layer)) {
       if (value === undefined) continue;
       check(key, value);
+      // An object field (model, autoencoder, gan) keeps the defaults of the keys a layer leaves out.
       config[key] =
-        key === 'model' || key === 'autoencoder' || key === 'gan'
+        FIELDS[key as keyof TrainConfig].type === 'object'
           ? { ...(config[key] as Record<string, unknown>), ...(value as Record<string, unknown>) }
           : value;
     }
