@@ -26,6 +26,8 @@ import { loadPipeline, StableDiffusionPipeline } from '../src/pipelines/index.js
 import { Tensor } from '../src/tensor/tensor.js';
 import { DiffusionTask } from '../src/training/diffusion.js';
 import { GanTrainer, type GanRecipe } from '../src/training/gan.js';
+import { ganConfig, poolSentence } from '../src/models/gan.js';
+import { TextEncoder } from '../src/pipelines/components.js';
 import { Trainer } from '../src/training/trainer.js';
 import { options, repoRoot, TINY, withTempDir } from './helpers.js';
 
@@ -219,12 +221,52 @@ const tinyGan = (textEncoderFrom: string): GanRecipe => ({
     attentionResolutions: [8],
     latentChannels: 0,
     blocksPerResolution: 1,
+    sentencePooling: 'max',
   },
   generatorLearningRate: 1e-3,
   discriminatorLearningRate: 2e-3,
   gpWeight: 2,
   gpPower: 6,
   textEncoderFrom,
+});
+
+test('sentence pooling: max over the caption up to its end-of-text token, or the encoder state there', () => {
+  // Two captions of 4 positions, width 2; <eos> is id 2 and id 0 pads.
+  const hidden = Tensor.float32(
+    [2, 4, 2],
+    [1, -5, 4, 0, 2, 3, 9, 9, /**/ -1, -2, -3, -4, 7, 7, 8, 8],
+  );
+  const pooled = Tensor.float32([2, 2], [0.5, 0.5, 0.25, 0.25]);
+  const ids = Tensor.int64([2, 4], [1, 7, 2, 0, 1, 2, 0, 0]);
+  // The padding after <eos> (9, 9 and 7, 7 / 8, 8) is not part of the caption.
+  assert.deepEqual(poolSentence('max', { hidden, pooled }, ids, 2).toArray(), [4, 3, -1, -2]);
+  assert.equal(poolSentence('eos', { hidden, pooled }, ids, 2), pooled);
+  // Without an <eos>, every position counts.
+  const noEos = Tensor.int64([2, 4], [1, 7, 7, 7, 1, 7, 7, 7]);
+  assert.deepEqual(poolSentence('max', { hidden, pooled }, noEos, 2).toArray(), [9, 9, 8, 8]);
+  assert.equal(ganConfig({}).sentencePooling, 'eos', 'folders from before the field');
+  assert.throws(
+    () => ganConfig({ sentence_pooling: 'mean' }),
+    /sentence_pooling must be one of eos, max/,
+  );
+});
+
+test("gesso's own text encoders pool at their <eos> (id 2), not at the largest id as CLIP's first ports", async () => {
+  await withTempDir(async (dir) => {
+    const encoder = await TextEncoder.load(join(await tinyTextEncoderFolder(dir), 'text_encoder'), {
+      cacheDir: false,
+    });
+    const length = encoder.config.maxPositionEmbeddings;
+    // <bos>, two words with ids above 2, <eos>, padding.
+    const ids = Tensor.int64(
+      [1, length],
+      Array.from({ length }, (_, i) => [1, 9, 5, 2][i] ?? 0),
+    );
+    const { hidden, pooled } = await encoder.encode(ids);
+    const width = pooled.size;
+    assert.deepEqual(pooled.toArray(), Array.from(hidden.data.subarray(3 * width, 4 * width)));
+    await encoder.release();
+  });
 });
 
 const ganSchedule = {

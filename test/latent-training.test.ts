@@ -357,6 +357,17 @@ test('gesso train: autoencoder, its decoder fine-tuned, a diffusion model in its
       r.stderr,
       /gan.blocks_per_resolution must be a whole number of 1 or more \(got 0\)/,
     );
+    r = train(
+      yaml('bad-pooling', {
+        ...common,
+        route: 'gan',
+        out: join(dir, 'bad-pooling'),
+        text_encoder_from: join(dir, 'latent', 'model'),
+        gan: { sentence: 'mean' },
+      }),
+    );
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /gan.sentence must be one of eos, max \(got "mean"\)/);
     const ganDir = join(dir, 'gan', 'model');
     const index = JSON.parse(readFileSync(join(ganDir, 'model_index.json'), 'utf8')) as Record<
       string,
@@ -369,6 +380,8 @@ test('gesso train: autoencoder, its decoder fine-tuned, a diffusion model in its
     assert.equal(generatorConfig.latent_channels, 4);
     assert.equal(generatorConfig.image_size, 16);
     assert.equal(generatorConfig.blocks_per_resolution, 2);
+    // The default pooling, recorded so the pipeline reads captions as training did.
+    assert.equal(generatorConfig.sentence_pooling, 'max');
     // 4×4 → 16×16 in two doublings, each followed by one block that keeps the grid.
     const blockShapes = await SafetensorsFile.with(
       join(ganDir, 'generator', 'model.safetensors'),

@@ -18,6 +18,7 @@ import {
 import { AutoencoderTask, DecoderTask, reconstructionObjective } from '../training/autoencoder.js';
 import { DiffusionTask, LatentSpace, type DiffusionRecipe } from '../training/diffusion.js';
 import { GanTrainer, type GanRecipe } from '../training/gan.js';
+import { sentencePooling } from '../models/gan.js';
 import {
   Trainer,
   type Schedule,
@@ -113,6 +114,7 @@ export function ganRecipeOf(
       attentionResolutions: g.attention_resolutions,
       latentChannels: latents?.channels ?? 0,
       blocksPerResolution: g.blocks_per_resolution,
+      sentencePooling: sentencePooling(g.sentence, 'gan.sentence'),
     },
     generatorLearningRate: g.generator_learning_rate,
     discriminatorLearningRate: g.discriminator_learning_rate,

@@ -96,7 +96,11 @@ class TinyBlock extends Module {
   }
 }
 
-type Layer = { kind: 'conv'; conv: Conv2d } | { kind: 'block'; block: TinyBlock } | { kind: 'act' } | { kind: 'upsample' };
+type Layer =
+  | { kind: 'conv'; conv: Conv2d }
+  | { kind: 'block'; block: TinyBlock }
+  | { kind: 'act' }
+  | { kind: 'upsample' };
 
 /** An `nn.Sequential` of convolutions, tiny blocks, activations and upsampling. */
 class Sequential extends Module {

@@ -25,6 +25,12 @@ export interface ClipTextConfig {
   readonly hiddenAct: string;
   readonly layerNormEps: number;
   readonly eosTokenId: number;
+  /**
+   * Pool at the largest id instead of the first `eosTokenId`: transformers' rule for configs of
+   * the first CLIP ports, which carry eos_token_id 2 while CLIP's end-of-text is its largest id.
+   * Not for gesso's own encoders, whose `<eos>` really is id 2 (the largest id there is a word).
+   */
+  readonly eosAtLargestId: boolean;
   /** Width of `text_projection` (CLIPTextModelWithProjection), or undefined for none. */
   readonly projectionDim: number | undefined;
   /**
@@ -72,6 +78,8 @@ export function clipTextConfig(config: Record<string, unknown>): ClipTextConfig 
     hiddenAct: typeof config.hidden_act === 'string' ? config.hidden_act : 'quick_gelu',
     layerNormEps: num(config, 'layer_norm_eps', 1e-5),
     eosTokenId: num(config, 'eos_token_id', 2),
+    eosAtLargestId:
+      num(config, 'eos_token_id', 2) === 2 && !architectures.includes('GessoTextModel'),
     projectionDim: withProjection ? num(config, 'projection_dim') : undefined,
     causal: config.causal !== false,
     tokenEmbeddingStd: positive(config, 'gesso_token_embedding_std', 0.02),
@@ -268,12 +276,10 @@ export class ClipTextModel extends Module {
     const finalNorm = (x: Value) => tm.finalLayerNorm.forward(p, x);
     const lastHiddenState = finalNorm(h);
 
-    // Position of the end-of-text token: its first occurrence; configs of the first CLIP ports
-    // carry eos_token_id 2, where transformers takes the largest id instead.
-    const eosPosition =
-      this.config.eosTokenId === 2
-        ? op.argMax(ids, 1)
-        : op.argMax(op.cast(op.equal(ids, this.config.eosTokenId), 'int32'), 1);
+    // Position of the end-of-text token: its first occurrence (or the largest id, see config).
+    const eosPosition = this.config.eosAtLargestId
+      ? op.argMax(ids, 1)
+      : op.argMax(op.cast(op.equal(ids, this.config.eosTokenId), 'int32'), 1);
     const range = g.constant(
       Tensor.int64(
         [1, length],

@@ -241,7 +241,10 @@ export class UNet2DConditionModel extends Module {
     // Both per-cell additions are made at sample_size latents per side.
     const cellsPerSide = (key: string): number => {
       if (c.sampleSize === null)
-        throw new UserError('bad-config', `unet config: ${key} needs sample_size (latents per side)`);
+        throw new UserError(
+          'bad-config',
+          `unet config: ${key} needs sample_size (latents per side)`,
+        );
       return c.sampleSize;
     };
     if (c.positionEmbedding) {
@@ -413,10 +416,12 @@ export class UNet2DConditionModel extends Module {
       sample = op.add(sample, this.atSizeOf(this.param(p, 'position_embedding'), sample));
     if (this.textLayout !== undefined) {
       const size = c.sampleSize!;
-      const layout = op.reshape(
-        this.textLayout.forward(p, op.reduceMean(context, [1], false)),
-        [-1, c.blockOutChannels[0]!, size, size],
-      );
+      const layout = op.reshape(this.textLayout.forward(p, op.reduceMean(context, [1], false)), [
+        -1,
+        c.blockOutChannels[0]!,
+        size,
+        size,
+      ]);
       sample = op.add(sample, this.atSizeOf(layout, sample));
     }
     const skips: Value[] = [sample];

@@ -3,7 +3,7 @@ import { UserError } from '../errors.js';
 import { Graph } from '../graph/ir.js';
 import { emitOnnx } from '../graph/onnx.js';
 import { findWeightFiles, readConfig } from '../loaders/component.js';
-import { ganConfig, GanGenerator } from '../models/gan.js';
+import { ganConfig, GanGenerator, poolSentence } from '../models/gan.js';
 import { WeightSet } from '../nn/weights.js';
 import { Session } from '../runtime/session.js';
 import { fromModelPixels } from '../io/image.js';
@@ -114,9 +114,15 @@ export class GanPipeline {
       [all.length, this.tokenizer.maxLength],
       all.flatMap((p) => this.tokenizer.encode(p)),
     );
-    const { hidden, pooled } = await this.textEncoder.encode(ids);
+    const encoding = await this.textEncoder.encode(ids);
+    const sentence = poolSentence(
+      this.generator.config.sentencePooling,
+      encoding,
+      ids,
+      this.textEncoder.config.eosTokenId,
+    );
     options.signal?.throwIfAborted();
-    const { image } = await this.session.run({ z, sentence: pooled, words: hidden });
+    const { image } = await this.session.run({ z, sentence, words: encoding.hidden });
     const drawn = image as Tensor<'float32'>;
     const pixels = this.vae !== undefined ? await this.vae.decodeScaled(drawn) : drawn;
     const images = fromModelPixels(pixels);

@@ -52,6 +52,7 @@ export interface TrainConfig {
     gp_weight: number;
     gp_power: number;
     blocks_per_resolution: number;
+    sentence: string;
   };
   model: {
     patch_size: number;
@@ -160,7 +161,7 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
   },
   gan: {
     type: 'object',
-    doc: 'gan route: z_dim, nf (base width), patch_size, attention_resolutions (grid sizes with word attention), blocks_per_resolution (generator blocks per grid size: one that doubles it, the rest keep it; 1 as DF-GAN), generator_learning_rate, discriminator_learning_rate, gp_weight and gp_power (MA-GP)',
+    doc: 'gan route: z_dim, nf (base width), patch_size, attention_resolutions (grid sizes with word attention), blocks_per_resolution (generator blocks per grid size: one that doubles it, the rest keep it; 1 as DF-GAN), sentence (the caption as one vector for both networks: max, the largest value of each feature over the tokens of the caption, or eos, the state of the text encoder at the end-of-text token, as DF-GAN; a frozen diffusion encoder gathers the caption at no single token, hence max), generator_learning_rate, discriminator_learning_rate, gp_weight and gp_power (MA-GP)',
   },
   model: {
     type: 'object',
@@ -219,6 +220,7 @@ export const DEFAULT_TRAIN_CONFIG: TrainConfig = {
     gp_weight: 2,
     gp_power: 6,
     blocks_per_resolution: 1,
+    sentence: 'max',
   },
   model: {
     patch_size: DEFAULT_DIFFUSION_RECIPE.patchSize,

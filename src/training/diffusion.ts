@@ -97,6 +97,9 @@ export interface DiffusionRecipe {
   readonly snrWeightCap: number;
 }
 
+/** What makes a text encoder config gesso's own: its word tokenizer's <eos> is id 2. */
+const GESSO_TEXT_MODEL = { architectures: ['GessoTextModel'], eos_token_id: 2 };
+
 export const DEFAULT_DIFFUSION_RECIPE: DiffusionRecipe = {
   batchSize: 32,
   captionDropout: 0.1,
@@ -147,7 +150,7 @@ class DiffusionModel extends Module {
     this.textEncoder = this.addModule(
       'text_encoder',
       new ClipTextModel(
-        clipTextConfig({ ...recipe.textEncoder, vocab_size: vocabularySize, eos_token_id: 2 }),
+        clipTextConfig({ ...recipe.textEncoder, ...GESSO_TEXT_MODEL, vocab_size: vocabularySize }),
       ),
     );
     this.unet = this.addModule(
@@ -357,8 +360,8 @@ export class DiffusionTask implements TrainingTask {
     await write('text_encoder', {
       'config.json': json({
         ...this.recipe.textEncoder,
+        ...GESSO_TEXT_MODEL,
         vocab_size: te.vocabSize,
-        eos_token_id: 2,
       }),
     });
     await write('unet', {

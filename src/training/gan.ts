@@ -6,7 +6,7 @@ import { gradients } from '../graph/autodiff.js';
 import type { Graph, Value } from '../graph/ir.js';
 import * as op from '../graph/ops.js';
 import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
-import { GanDiscriminator, GanGenerator, type GanConfig } from '../models/gan.js';
+import { GanDiscriminator, GanGenerator, poolSentence, type GanConfig } from '../models/gan.js';
 import type { ParameterSource } from '../nn/module.js';
 import { TextEncoder } from '../pipelines/components.js';
 import type { RuntimeOptions } from '../runtime/session.js';
@@ -250,7 +250,14 @@ export class GanTrainer {
       [b, this.tokenizer.maxLength],
       captions.flatMap((c) => this.tokenizer.encode(c)),
     );
-    const { hidden: words, pooled: sentence } = await this.textEncoder.encode(ids);
+    const encoding = await this.textEncoder.encode(ids);
+    const words = encoding.hidden;
+    const sentence = poolSentence(
+      this.recipe.generator.sentencePooling,
+      encoding,
+      ids,
+      this.textEncoder.config.eosTokenId,
+    );
     const z = this.noise.randn([b, this.recipe.generator.zDim]);
     const emaDecay = emaDecayAt(this.schedule, this.step);
 
@@ -328,6 +335,7 @@ export class GanTrainer {
         attention_resolutions: c.attentionResolutions,
         ...(c.latentChannels > 0 ? { latent_channels: c.latentChannels } : {}),
         ...(c.blocksPerResolution !== 1 ? { blocks_per_resolution: c.blocksPerResolution } : {}),
+        ...(c.sentencePooling !== 'eos' ? { sentence_pooling: c.sentencePooling } : {}),
       }),
     );
     const weights = this.g.weights('ema');
