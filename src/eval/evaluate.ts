@@ -9,7 +9,7 @@ import { patchify } from '../models/patch-autoencoder.js';
 import type { Vae } from '../pipelines/components.js';
 import { loadPipeline } from '../pipelines/index.js';
 import type { RuntimeOptions } from '../runtime/session.js';
-import { concat, map } from '../tensor/ops.js';
+import { concat } from '../tensor/ops.js';
 import { Tensor } from '../tensor/tensor.js';
 import { FEATURE_DIM, FeatureExtractor } from './features.js';
 import {
@@ -91,13 +91,11 @@ async function roundTrip(
 ): Promise<Tensor<'uint8'>> {
   const [count, h, w, c] = images.shape as [number, number, number, number];
   const per = h * w * c;
-  const { scalingFactor, shiftFactor } = vae;
   const parts: Tensor<'uint8'>[] = [];
   for (let i = 0; i < count; i += batch) {
     const n = Math.min(batch, count - i);
     const part = new Tensor('uint8', [n, h, w, c], images.data.subarray(i * per, (i + n) * per));
-    const { mean } = await vae.encode(patchify(part, 1));
-    const latents = map(mean, (v) => (v - shiftFactor) * scalingFactor);
+    const latents = await vae.encodeMeanScaled(patchify(part, 1));
     parts.push(toUint8(fromModelPixels(await vae.decodeScaled(latents))));
   }
   return concat(parts);

@@ -647,6 +647,13 @@ export class Vae {
       : undefined;
   }
 
+  /** Pixels as `encode` takes them → the encoder's mean, scaled and shifted as latents are sampled. */
+  async encodeMeanScaled(image: Tensor<'float32'>): Promise<Tensor<'float32'>> {
+    const { mean } = await this.encode(image);
+    const { scalingFactor, shiftFactor } = this;
+    return map(mean, (v) => (v - shiftFactor) * scalingFactor);
+  }
+
   /** Latents as a pipeline samples them (scaled and shifted) → pixels, as `decode`. */
   decodeScaled(
     latents: Tensor<'float32'>,

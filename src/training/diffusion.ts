@@ -46,13 +46,7 @@ export class LatentSpace {
 
   /** NHWC uint8 images → latents as the pipeline samples them: (mean − shift) · scale. */
   async encode(images: Tensor<'uint8'>): Promise<Tensor<'float32'>> {
-    const { mean } = await this.vae.encode(patchify(images, 1));
-    const { scalingFactor, shiftFactor } = this.vae;
-    return new Tensor(
-      'float32',
-      mean.shape,
-      mean.data.map((v) => (v - shiftFactor) * scalingFactor),
-    );
+    return this.vae.encodeMeanScaled(patchify(images, 1));
   }
 
   /** The autoencoder's folder as a model's vae/, its weights in fp16 if asked. */
