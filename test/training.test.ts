@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
 import { detect } from '../src/data/detect.js';
@@ -15,7 +15,7 @@ import { runOnce } from '../src/runtime/session.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { WordTokenizer } from '../src/tokenizers/word.js';
-import { resolveTrainConfig } from '../src/training/config.js';
+import { readTrainConfigFile, resolveTrainConfig } from '../src/training/config.js';
 import { DiffusionTask } from '../src/training/diffusion.js';
 import { Trainer } from '../src/training/trainer.js';
 import { ddimClipsSample, options, repoRoot, TINY, withTempDir } from './helpers.js';
@@ -248,6 +248,35 @@ test('training config: defaults, file fields and flags, with clear errors', () =
   assert.throws(() => resolveTrainConfig({ stepz: 3 }), /unknown training config field 'stepz'/);
   assert.throws(() => resolveTrainConfig({ steps: 2.5 }), /'steps' must be an integer/);
   assert.throws(() => resolveTrainConfig({ decay: 'linear' }), /one of cosine, constant/);
+  assert.throws(
+    () => resolveTrainConfig({ autoencoder: { edge_wieght: 4 } }),
+    /unknown field 'edge_wieght' in training config field 'autoencoder' \(known: vae, kl_weight/,
+  );
+});
+
+test('every config in configs/ resolves, each recipe writing to a run folder of its own', async () => {
+  const dir = join(repoRoot, 'configs');
+  const files = readdirSync(dir).filter((f) => f.endsWith('.yaml') || f.endsWith('.json'));
+  assert.ok(files.length >= 5, `configs/ holds ${files.length} files`);
+  const outs = new Map<string, string>();
+  const latentSpaces: [string, string][] = [];
+  for (const file of files) {
+    const config = resolveTrainConfig(await readTrainConfigFile(join(dir, file)));
+    assert.ok(
+      !outs.has(config.out),
+      `${file} and ${outs.get(config.out)} both write ${config.out}`,
+    );
+    outs.set(config.out, file);
+    if (config.vae_from !== '') latentSpaces.push([file, config.vae_from]);
+  }
+  // A latent recipe's autoencoder is a bundled model's or one that another config here trains.
+  for (const [file, from] of latentSpaces) {
+    const run = from.replace(/\/model$/, '');
+    assert.ok(
+      from.startsWith('models/') || outs.get(run)?.startsWith('shapes-autoencoder'),
+      `${file}: vae_from ${from} is made by no config in configs/`,
+    );
+  }
 });
 
 const BIN = join(repoRoot, 'dist', 'src', 'cli', 'main.js');

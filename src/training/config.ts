@@ -263,9 +263,19 @@ function check(key: string, value: unknown): void {
       if (!Array.isArray(value) || !value.every((v) => typeof v === 'string'))
         bad('a list of strings');
       break;
-    case 'object':
+    case 'object': {
       if (typeof value !== 'object' || value === null || Array.isArray(value)) bad('an object');
+      // A misspelt key inside model, autoencoder or gan would otherwise be dropped in silence.
+      const known = Object.keys(DEFAULT_TRAIN_CONFIG[key as keyof TrainConfig] as object);
+      for (const inner of Object.keys(value as object)) {
+        if (!known.includes(inner))
+          throw new UserError(
+            'bad-config',
+            `unknown field '${inner}' in training config field '${key}' (known: ${known.join(', ')})`,
+          );
+      }
       break;
+    }
   }
   if (field.choices !== undefined && !field.choices.includes(value as string))
     bad(`one of ${field.choices.join(', ')}`);
