@@ -258,22 +258,22 @@ test('every config in configs/ resolves, each recipe writing to a run folder of 
   const dir = join(repoRoot, 'configs');
   const files = readdirSync(dir).filter((f) => f.endsWith('.yaml') || f.endsWith('.json'));
   assert.ok(files.length >= 5, `configs/ holds ${files.length} files`);
-  const outs = new Map<string, string>();
+  const outs = new Map<string, { file: string; route: string }>();
   const latentSpaces: [string, string][] = [];
   for (const file of files) {
     const config = resolveTrainConfig(await readTrainConfigFile(join(dir, file)));
     assert.ok(
       !outs.has(config.out),
-      `${file} and ${outs.get(config.out)} both write ${config.out}`,
+      `${file} and ${outs.get(config.out)?.file} both write ${config.out}`,
     );
-    outs.set(config.out, file);
+    outs.set(config.out, { file, route: config.route });
     if (config.vae_from !== '') latentSpaces.push([file, config.vae_from]);
   }
-  // A latent recipe's autoencoder is a bundled model's or one that another config here trains.
+  // A latent recipe's autoencoder is a bundled model's or one that an autoencoder config here trains.
   for (const [file, from] of latentSpaces) {
     const run = from.replace(/\/model$/, '');
     assert.ok(
-      from.startsWith('models/') || outs.get(run)?.startsWith('shapes-autoencoder'),
+      from.startsWith('models/') || outs.get(run)?.route === 'autoencoder',
       `${file}: vae_from ${from} is made by no config in configs/`,
     );
   }
