@@ -141,6 +141,14 @@ const cases: Record<
     { a: { shape: [2, 3, 4] }, b: { shape: [4, 5] } },
     (i) => op.matmul(i.a!, i.b!),
   ],
+  'MatMul (rank 4 by a shared matrix)': [
+    { a: { shape: [2, 2, 3, 4] }, b: { shape: [4, 5] } },
+    (i) => op.matmul(i.a!, i.b!),
+  ],
+  'MatMul (a shared matrix by a batch)': [
+    { a: { shape: [3, 4] }, b: { shape: [2, 4, 5] } },
+    (i) => op.matmul(i.a!, i.b!),
+  ],
   'MatMul (vectors)': [
     { a: { shape: [4] }, b: { shape: [4, 3] }, c: { shape: [3] } },
     (i) => op.matmul(op.matmul(i.a!, i.b!), i.c!),

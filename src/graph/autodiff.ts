@@ -125,9 +125,10 @@ function normalizationGrad(
 
 /**
  * dW[o, c, p, q] = Σ_{n,y,x} dY[n, o, y, x] · X[n, c, y·s + p·d − pad, x·s + q·d − pad]: one
- * matrix product per kernel tap over (n, y, x), batched. Each tap's input is a strided slice of the
- * padded input (an explicit im2col), which keeps the inner dimension N·Ho·Wo long, where expressing
- * the same sum as a convolution would make ONNX Runtime run a skinny, slow one.
+ * matrix product over (n, y, x) for every channel and kernel tap at once. Each tap's input is a
+ * strided slice of the padded input (an explicit im2col), which keeps the inner dimension N·Ho·Wo
+ * long, where expressing the same sum as a convolution would make ONNX Runtime run a skinny, slow
+ * one.
  */
 function convWeightGrad(node: Node, x: Value, dy: Value, kernel: readonly number[]): Value {
   if (attrInt(node, 'group', 1) !== 1)
@@ -143,9 +144,13 @@ function convWeightGrad(node: Node, x: Value, dy: Value, kernel: readonly number
     number,
   ];
   const [kh, kw] = kernel as [number, number];
+  // im2col with the channels outermost: each tap of x, as [C, 1, N·Ho·Wo], concatenated into
+  // [C·taps, N·Ho·Wo], so that one product with dY as [O, N·Ho·Wo] gives dW in its own layout.
+  const channelsFirst = op.transpose(x, [1, 0, 2, 3]);
   const padded = pads.some((v) => v !== 0)
-    ? op.pad(x, [0, 0, pads[0]!, pads[1]!, 0, 0, pads[2]!, pads[3]!])
-    : x;
+    ? op.pad(channelsFirst, [0, 0, pads[0]!, pads[1]!, 0, 0, pads[2]!, pads[3]!])
+    : channelsFirst;
+  const k = n * ho * wo;
   const taps: Value[] = [];
   for (let p = 0; p < kh; p++) {
     for (let q = 0; q < kw; q++) {
@@ -158,14 +163,12 @@ function convWeightGrad(node: Node, x: Value, dy: Value, kernel: readonly number
         [2, 3],
         strides,
       );
-      taps.push(op.unsqueeze(tap, [0])); // [1, N, C, Ho, Wo]
+      taps.push(op.reshape(tap, [c, 1, k]));
     }
   }
-  const k = n * ho * wo;
-  const cols = op.reshape(op.transpose(op.concat(taps, 0), [0, 2, 1, 3, 4]), [kh * kw, c, k]); // [T, C, K]
-  const dyMat = op.reshape(op.transpose(dy, [1, 0, 2, 3]), [1, o, k]); // [1, O, K]
-  const perTap = op.matmul(dyMat, op.transpose(cols, [0, 2, 1])); // [T, O, C]
-  return op.reshape(op.transpose(perTap, [1, 2, 0]), [o, c, kh, kw]);
+  const cols = op.reshape(op.concat(taps, 1), [c * kh * kw, k]);
+  const dyMat = op.reshape(op.transpose(dy, [1, 0, 2, 3]), [o, k]);
+  return op.reshape(op.matmul(dyMat, op.transpose(cols, [1, 0])), [o, c, kh, kw]);
 }
 
 const RULES: Record<string, Rule> = {
@@ -277,6 +280,16 @@ const RULES: Record<string, Rule> = {
         return aVector ? op.reshape(da, staticShape(input(n, 0).shape, 'matmul')) : da;
       }),
       when(needs[1], () => {
+        const [inner, outer] = [a.shape[a.rank - 1], dy.shape[dy.rank - 1]];
+        if (b.rank === 2 && a.rank > 2 && typeof inner === 'number' && typeof outer === 'number') {
+          // A weight shared across a batch: one product over the flattened rows, rather than a
+          // product per batch item summed afterwards (a [batch, in, out] intermediate).
+          const db = op.matmul(
+            op.transpose(op.reshape(a, [-1, inner]), [1, 0]),
+            op.reshape(dy, [-1, outer]),
+          );
+          return bVector ? op.reshape(db, staticShape(input(n, 1).shape, 'matmul')) : db;
+        }
         const db = unbroadcast(op.matmul(swap(a), dy), b.shape);
         return bVector ? op.reshape(db, staticShape(input(n, 1).shape, 'matmul')) : db;
       }),
