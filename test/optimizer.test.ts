@@ -24,13 +24,14 @@ const Y = [
   [0.9, 0.5, 1.5],
 ];
 
-/** loss = mean((X·W + b − Y)²) and its gradients, in float64. */
-function lossAndGrads(
-  w: Float64Array,
-  b: Float64Array,
-): { loss: number; dw: Float64Array; db: Float64Array } {
-  const dw = new Float64Array(6);
-  const db = new Float64Array(3);
+/**
+ * loss = mean((X·W + b − Y)²) and its gradient, in float64, over the parameters laid out as the
+ * step lays them out: b (3), then W (2×3).
+ */
+function lossAndGrad(params: Float64Array): { loss: number; grad: Float64Array } {
+  const [b, w] = [params.subarray(0, 3), params.subarray(3)];
+  const grad = new Float64Array(9);
+  const [db, dw] = [grad.subarray(0, 3), grad.subarray(3)];
   let loss = 0;
   for (let r = 0; r < 4; r++) {
     for (let j = 0; j < 3; j++) {
@@ -43,7 +44,7 @@ function lossAndGrads(
       db[j]! += d;
     }
   }
-  return { loss, dw, db };
+  return { loss, grad };
 }
 
 test('the training step applies AdamW with clipping, decoupled weight decay and the EMA, as written by hand', async () => {
@@ -83,11 +84,10 @@ test('the training step applies AdamW with clipping, decoupled weight decay and 
     y: new Tensor('float32', [4, 3], Float32Array.from(Y.flat())),
   };
   // The reference, in the layout's order (the order of `shapes`: bias, then weight).
-  const w = Float64Array.from(w0);
-  const b = Float64Array.from(b0);
+  const params = Float64Array.from([...b0, ...w0]);
   const m = new Float64Array(9);
   const v = new Float64Array(9);
-  const ema = Float64Array.from([...b0, ...w0]);
+  const ema = params.slice();
   const steps = [
     { lr: 0.1, decay: 0 },
     { lr: 0.05, decay: 0.5 },
@@ -96,8 +96,7 @@ test('the training step applies AdamW with clipping, decoupled weight decay and 
   ];
   let clipped = 0;
   for (const [i, s] of steps.entries()) {
-    const { loss, dw, db } = lossAndGrads(w, b);
-    const g = [...db, ...dw];
+    const { loss, grad: g } = lossAndGrad(params);
     const norm = Math.sqrt(g.reduce((a, x) => a + x * x, 0));
     const scale = Math.min(adam.maxGradNorm / (norm + 1e-6), 1);
     if (scale < 1) clipped++;
@@ -108,13 +107,10 @@ test('the training step applies AdamW with clipping, decoupled weight decay and 
       v[k] = adam.beta2 * v[k]! + (1 - adam.beta2) * gk * gk;
       const mHat = m[k]! / (1 - adam.beta1 ** t);
       const vHat = v[k]! / (1 - adam.beta2 ** t);
-      const isWeight = k >= 3; // matrices decay, biases do not
-      const p = k < 3 ? b[k]! : w[k - 3]!;
-      const decayed = isWeight ? p - s.lr * adam.weightDecay * p : p;
-      const next = decayed - (s.lr * mHat) / (Math.sqrt(vHat) + adam.eps);
-      if (k < 3) b[k] = next;
-      else w[k - 3] = next;
-      ema[k] = s.decay * ema[k]! + (1 - s.decay) * next;
+      const p = params[k]!;
+      const decayed = k >= 3 ? p - s.lr * adam.weightDecay * p : p; // matrices decay, biases do not
+      params[k] = decayed - (s.lr * mHat) / (Math.sqrt(vHat) + adam.eps);
+      ema[k] = s.decay * ema[k]! + (1 - s.decay) * params[k]!;
     }
     const r = await runner.run(data, i, s.lr, s.decay);
     assert.ok(Math.abs(r.loss - loss) < 1e-5, `step ${t}: loss ${r.loss} against ${loss}`);
@@ -123,7 +119,7 @@ test('the training step applies AdamW with clipping, decoupled weight decay and 
       `step ${t}: gradient norm ${r.gradNorm} against ${norm}`,
     );
     const expected: Record<string, ArrayLike<number>> = {
-      params: [...b, ...w],
+      params,
       adam_m: m,
       adam_v: v,
       ema,

@@ -281,16 +281,15 @@ const RULES: Record<string, Rule> = {
       }),
       when(needs[1], () => {
         const [inner, outer] = [a.shape[a.rank - 1], dy.shape[dy.rank - 1]];
-        if (b.rank === 2 && a.rank > 2 && typeof inner === 'number' && typeof outer === 'number') {
-          // A weight shared across a batch: one product over the flattened rows, rather than a
-          // product per batch item summed afterwards (a [batch, in, out] intermediate).
-          const db = op.matmul(
-            op.transpose(op.reshape(a, [-1, inner]), [1, 0]),
-            op.reshape(dy, [-1, outer]),
-          );
-          return bVector ? op.reshape(db, staticShape(input(n, 1).shape, 'matmul')) : db;
-        }
-        const db = unbroadcast(op.matmul(swap(a), dy), b.shape);
+        // A weight shared across a batch: one product over the flattened rows, rather than a
+        // product per batch item summed afterwards (a [batch, in, out] intermediate).
+        const db =
+          b.rank === 2 && a.rank > 2 && typeof inner === 'number' && typeof outer === 'number'
+            ? op.matmul(
+                op.transpose(op.reshape(a, [-1, inner]), [1, 0]),
+                op.reshape(dy, [-1, outer]),
+              )
+            : unbroadcast(op.matmul(swap(a), dy), b.shape);
         return bVector ? op.reshape(db, staticShape(input(n, 1).shape, 'matmul')) : db;
       }),
     ];
