@@ -3,6 +3,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import test from 'node:test';
+import { tunedMallocEnvironment } from '../src/cli/tuned-malloc.js';
 import { detect } from '../src/data/detect.js';
 import { centroid, HELD_OUT, sampleBatch, seededRandom, SHAPES_WORDS } from '../src/data/shapes.js';
 import { Graph } from '../src/graph/ir.js';
@@ -19,6 +20,8 @@ import { readTrainConfigFile, resolveTrainConfig } from '../src/training/config.
 import { DiffusionTask } from '../src/training/diffusion.js';
 import { Trainer } from '../src/training/trainer.js';
 import { ddimClipsSample, options, repoRoot, TINY, withTempDir } from './helpers.js';
+
+const bytesOf = (a: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 
 test('the shapes world: every caption form, held-out pairs never in training data, clean renders detected exactly', () => {
   const random = seededRandom(3);
@@ -161,8 +164,8 @@ test('resuming from a checkpoint continues bit for bit', async () => {
     for (let i = 0; i < 3; i++) await resumed.runStep();
     for (const name of ['params', 'adam_m', 'adam_v', 'ema'] as const) {
       assert.deepEqual(
-        Buffer.from(resumed.state[name].buffer),
-        Buffer.from(straight.state[name].buffer),
+        bytesOf(resumed.state[name]),
+        bytesOf(straight.state[name]),
         `${name} differs after resume`,
       );
     }
@@ -330,6 +333,20 @@ test('gesso train: Ctrl-C saves, --resume finishes, and the result equals an uni
         : 0;
       if (lines >= 3) break;
       await new Promise((r) => setTimeout(r, 50));
+    }
+    // The steps run in a child process with glibc's malloc thresholds fixed (src/cli/tuned-malloc.ts).
+    if (tunedMallocEnvironment({}) !== undefined) {
+      const [worker] = readFileSync(`/proc/${child.pid}/task/${child.pid}/children`, 'utf8')
+        .trim()
+        .split(' ');
+      // glibc cuts its copy of the variable at the first ':' as it parses it, so the start is what
+      // /proc shows of it.
+      const environ = readFileSync(`/proc/${worker}/environ`, 'utf8').split('\0');
+      const first = tunedMallocEnvironment({})!.GLIBC_TUNABLES!.split(':')[0]!;
+      assert.ok(
+        environ.some((e) => e.startsWith(`GLIBC_TUNABLES=${first}`)),
+        `the training process's environment: ${environ.find((e) => e.startsWith('GLIBC_TUNABLES=')) ?? 'no GLIBC_TUNABLES'}`,
+      );
     }
     child.kill('SIGINT');
     const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
@@ -564,4 +581,24 @@ test('gesso_token_embedding_std: the word embeddings start with that spread, eve
     () => start({ gesso_token_embedding_std: 0 }),
     /'gesso_token_embedding_std' must be above 0 \(got 0\)/,
   );
+});
+
+test('gesso train chooses glibc malloc thresholds unless the user chose malloc settings', (t) => {
+  const base = tunedMallocEnvironment({});
+  if (base === undefined) {
+    t.skip('not Linux with glibc: gesso train leaves malloc as it is');
+    return;
+  }
+  assert.equal(
+    base.GLIBC_TUNABLES,
+    'glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967296',
+  );
+  assert.equal(
+    tunedMallocEnvironment({ GLIBC_TUNABLES: 'glibc.cpu.x86_shstk=off', HOME: '/h' })
+      ?.GLIBC_TUNABLES,
+    `glibc.cpu.x86_shstk=off:${base.GLIBC_TUNABLES}`,
+  );
+  assert.equal(tunedMallocEnvironment({ HOME: '/h' })?.HOME, '/h');
+  assert.equal(tunedMallocEnvironment({ GLIBC_TUNABLES: 'glibc.malloc.arena_max=2' }), undefined);
+  assert.equal(tunedMallocEnvironment(base), undefined);
 });

@@ -28,6 +28,7 @@ import {
 import type { RuntimeOptions } from '../runtime/session.js';
 import { parseNumber } from './args.js';
 import { formatDuration } from './format.js';
+import { runAgainWith, tunedMallocEnvironment } from './tuned-malloc.js';
 
 export const TRAIN_USAGE = `usage: gesso train [--config FILE.json|FILE.yaml] [options]
 
@@ -453,6 +454,8 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
       );
     }
   }
+  const tuned = tunedMallocEnvironment();
+  if (tuned !== undefined) return await runAgainWith(tuned);
 
   const checkpoint = join(config.out, 'checkpoint', 'state.safetensors');
   const make = {

@@ -168,9 +168,11 @@ export class StepRunner {
     for (const name of STATE)
       feeds[name] = new Tensor('float32', [this.layout.size], this.state[name]);
     const out = await this.session.run(feeds);
+    // The step's outputs become the state as they are: a copy would be another pass over
+    // every parameter and three times as much again.
     for (const name of STATE) {
       const updated = out[next(name)];
-      if (updated !== undefined) this.state[name].set(updated.data as Float32Array);
+      if (updated !== undefined) this.state[name] = updated.data as Float32Array;
     }
     const loss = (out.loss!.data as Float32Array)[0]!;
     if (!Number.isFinite(loss))
