@@ -392,6 +392,28 @@ async function featuresRun(config: TrainConfig, resume: boolean, checkpoint: str
   };
 }
 
+/**
+ * Ctrl-C during training: the first interrupt stops the run after its step (and saves), a second
+ * quits without saving. One interrupt can arrive twice, sent to every gesso process at once
+ * (pkill -f, a process group) and passed on by the process that started this one
+ * (tuned-malloc.ts), so a repeat within half a second is the same interrupt. Interrupts reach
+ * this handler only between steps (ONNX Runtime holds the thread during one), so a second Ctrl-C
+ * quits once the 'stopping' message has shown.
+ */
+export function interruptHandler(
+  stop: () => void,
+  quit: () => void,
+  now: () => number = Date.now,
+): () => void {
+  let first: number | undefined;
+  return () => {
+    if (first === undefined) {
+      first = now();
+      stop();
+    } else if (now() - first >= 500) quit();
+  };
+}
+
 export async function trainCommand(args: readonly string[]): Promise<number> {
   const { values } = parseArgs({
     args: [...args],
@@ -475,11 +497,13 @@ export async function trainCommand(args: readonly string[]): Promise<number> {
   );
 
   let stopping = false;
-  const onSigint = () => {
-    if (stopping) process.exit(130);
-    stopping = true;
-    process.stderr.write('\nstopping after this step (Ctrl-C again to quit without saving)...\n');
-  };
+  const onSigint = interruptHandler(
+    () => {
+      stopping = true;
+      process.stderr.write('\nstopping after this step (Ctrl-C again to quit without saving)...\n');
+    },
+    () => process.exit(130),
+  );
   process.on('SIGINT', onSigint);
   const started = Date.now();
   const firstStep = run.step;

@@ -70,6 +70,21 @@ function blockBase(
   return { tembChannels: undefined, eps: 1e-6, act: c.actFn, groups: c.normNumGroups };
 }
 
+/** The middle of the encoder and of the decoder: at the deepest width, attention if configured. */
+function vaeMidBlock(c: AutoencoderKLConfig, channels: number, fused: boolean): UNetMidBlock {
+  return new UNetMidBlock(
+    {
+      ...blockBase(c),
+      numLayers: 1,
+      inChannels: channels,
+      outChannels: channels,
+      fusedAttention: fused,
+    },
+    c.midBlockAddAttention ? 'self-attention' : 'none',
+    channels,
+  );
+}
+
 class Encoder extends Module {
   private readonly convIn: Conv2d;
   private readonly downBlocks: UNetDownBlock[];
@@ -106,20 +121,7 @@ class Encoder extends Module {
         );
       }),
     );
-    this.midBlock = this.addModule(
-      'mid_block',
-      new UNetMidBlock(
-        {
-          ...blockBase(c),
-          numLayers: 1,
-          inChannels: last,
-          outChannels: last,
-          fusedAttention: fused,
-        },
-        c.midBlockAddAttention ? 'self-attention' : 'none',
-        last,
-      ),
-    );
+    this.midBlock = this.addModule('mid_block', vaeMidBlock(c, last, fused));
     this.convNormOut = this.addModule('conv_norm_out', new GroupNorm(c.normNumGroups, last, 1e-6));
     this.convOut = this.addModule(
       'conv_out',
@@ -151,20 +153,7 @@ class Decoder extends Module {
     const last = reversed[0]!;
     this.act = activation(c.actFn);
     this.convIn = this.addModule('conv_in', new Conv2d(c.latentChannels, last, 3, { padding: 1 }));
-    this.midBlock = this.addModule(
-      'mid_block',
-      new UNetMidBlock(
-        {
-          ...blockBase(c),
-          numLayers: 1,
-          inChannels: last,
-          outChannels: last,
-          fusedAttention: fused,
-        },
-        c.midBlockAddAttention ? 'self-attention' : 'none',
-        last,
-      ),
-    );
+    this.midBlock = this.addModule('mid_block', vaeMidBlock(c, last, fused));
     let output = last;
     this.upBlocks = this.addModuleList(
       'up_blocks',
