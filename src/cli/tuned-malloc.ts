@@ -5,11 +5,11 @@ import { constants } from 'node:os';
  * A training step hands ONNX Runtime the whole optimizer state (parameters, Adam's two moments,
  * the EMA) and gets a new copy back in fresh buffers, four times the parameter count in floats.
  * glibc's default malloc lets its mmap threshold follow the largest block freed and trims the
- * heap's free top, so those buffers go back to the kernel every other step and fault in again
- * page by page: on the bundled diffusion recipe (5 M parameters) every second step took 20 000
- * page faults and 540 ms instead of 280. Fixed thresholds keep the freed buffers in the heap for
- * the next step. glibc reads them only when a process starts, so `gesso train` runs itself again
- * with them set.
+ * heap's free top, so those buffers go back to the kernel every few steps and fault in again
+ * page by page: on the bundled diffusion recipe (5 M parameters) such a step took 20 000 page
+ * faults and 540 ms instead of 280 (BENCHMARKS.md). Fixed thresholds keep the freed buffers in
+ * the heap for the next step. glibc reads them only when a process starts, so `gesso train` runs
+ * itself again with them set.
  */
 const MALLOC_TUNABLES = [
   'glibc.malloc.mmap_threshold=1073741824',

@@ -168,8 +168,8 @@ export class StepRunner {
     for (const name of STATE)
       feeds[name] = new Tensor('float32', [this.layout.size], this.state[name]);
     const out = await this.session.run(feeds);
-    // The step's outputs become the state as they are: a copy would be another pass over
-    // every parameter and three times as much again.
+    // The step's outputs become the state as they are: copying them would be one more pass
+    // over all four vectors every step.
     for (const name of STATE) {
       const updated = out[next(name)];
       if (updated !== undefined) this.state[name] = updated.data as Float32Array;
