@@ -2,9 +2,13 @@ import assert from 'node:assert/strict';
 import test from 'node:test';
 import { Graph } from '../src/graph/ir.js';
 import { UNet2DConditionModel, unetConfig } from '../src/models/unet-2d-condition.js';
-import { quantizePerChannel } from '../src/nn/quantize.js';
+import { emitOnnx } from '../src/graph/onnx.js';
+import { int8Linear, quantizePerChannel } from '../src/nn/quantize.js';
+import { int8WeightLimit } from '../src/runtime/cpu.js';
 import { WeightSet } from '../src/nn/weights.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
+import { runOnce } from '../src/runtime/session.js';
+import { Tensor } from '../src/tensor/tensor.js';
 import { readConfig } from '../src/loaders/component.js';
 import { golden, needsGolden } from './helpers.js';
 
@@ -23,6 +27,19 @@ test('per-channel symmetric quantization: each row scaled by its largest magnitu
   const t = quantizePerChannel(values, [2, 3], true);
   assert.deepEqual(t.shape, [3, 2]);
   assert.deepEqual(Array.from(t.values), [64, 127, -127, 0, 32, -127]);
+  // Seven bits, for processors whose integer kernels saturate on eight.
+  const seven = quantizePerChannel(values, [2, 3], false, 63);
+  assert.deepEqual(Array.from(seven.scales), [1 / 63, 2 / 63].map(Math.fround));
+  assert.deepEqual(Array.from(seven.values), [32, -63, 16, 63, 0, -63]);
+});
+
+test('int8 weights get seven bits only on x64 processors known to lack VNNI', () => {
+  assert.equal(int8WeightLimit(['avx2', 'fma'], 'x64'), 63); // Zen 3, Haswell to Comet Lake
+  assert.equal(int8WeightLimit(['avx2', 'fma', 'avx512f'], 'x64'), 63); // Skylake-SP
+  assert.equal(int8WeightLimit(['avx2', 'fma', 'avx512f', 'avx512_vnni'], 'x64'), 127);
+  assert.equal(int8WeightLimit(['avx2', 'fma', 'avx_vnni'], 'x64'), 127); // Alder Lake
+  assert.equal(int8WeightLimit([], 'x64'), 127); // flags unknown: ORT's exact fallback applies
+  assert.equal(int8WeightLimit([], 'arm64'), 127);
 });
 
 test(
@@ -46,6 +63,7 @@ test(
         weights.parameters(graph, 'float32', {
           scales: new Map(convs.map((l) => [l, 0.1])),
           keepFloat: keep,
+          weightLimit: 127,
         }),
         {
           sample: graph.input('sample', 'float32', [1, c.inChannels, 8, 8]),
@@ -96,3 +114,46 @@ test(
     assert.ok(psnr > 25 && psnr < 60, `PSNR ${psnr.toFixed(1)} dB`);
   },
 );
+
+test('int8 matrix products do not saturate on this processor (8-bit and its own weight range)', async () => {
+  // Activations at the top of uint8 against weights at the top of int8, in same-sign pairs: the
+  // case where x64 kernels without VNNI overflow their 16-bit pair sums (runtime/cpu.ts).
+  const inputs = 64;
+  const outputs = 8;
+  const x = Tensor.float32(
+    [2, inputs],
+    Array.from({ length: 2 * inputs }, (_, i) => (i % 5 === 0 ? 0 : 1)),
+  );
+  const w = Float32Array.from({ length: outputs * inputs }, (_, i) =>
+    Math.floor(i / inputs) % 2 === 0 ? 1 : -1 + (i % 3) * 0.01,
+  );
+  const expected: number[] = [];
+  for (let r = 0; r < 2; r++)
+    for (let o = 0; o < outputs; o++) {
+      let sum = 0;
+      for (let i = 0; i < inputs; i++) sum += x.data[r * inputs + i]! * w[o * inputs + i]!;
+      expected.push(sum);
+    }
+  for (const limit of new Set([127, int8WeightLimit()])) {
+    const q = quantizePerChannel(w, [outputs, inputs], true, limit);
+    const g = new Graph('int8-linear');
+    const y = int8Linear(
+      g.input('x', 'float32', [2, inputs]),
+      {
+        weight: g.initializer('w', 'int8', q.shape, new Tensor('int8', q.shape, q.values)),
+        scale: g.initializer('s', 'float32', [outputs], new Tensor('float32', [outputs], q.scales)),
+        channels: outputs,
+      },
+      null,
+    );
+    g.output(y, 'y');
+    const got = (await runOnce(emitOnnx(g), { x })).y!.toArray() as number[];
+    got.forEach((v, i) => {
+      // Quantization error alone is under 1 % here; a saturated pair sum is off by far more.
+      assert.ok(
+        Math.abs(v - expected[i]!) <= 0.01 * Math.abs(expected[i]!) + 0.05,
+        `weights in ±${limit}: output ${i} is ${v}, float32 gives ${expected[i]}`,
+      );
+    });
+  }
+});

@@ -28,11 +28,15 @@ export interface Int8Source {
   observe?(layer: string, y: Value): void;
 }
 
-/** A float weight [out, ...] → int8 values and one scale per output channel. */
+/**
+ * A float weight [out, ...] → int8 values in [-limit, limit] and one scale per output channel
+ * (`limit` 63 where the processor's integer kernels would saturate on 8 bits: runtime/cpu.ts).
+ */
 export function quantizePerChannel(
   values: Float32Array,
   shape: readonly number[],
   transposeTo2d = false,
+  limit = 127,
 ): { values: Int8Array; scales: Float32Array; shape: number[] } {
   const out = shape[0]!;
   const per = values.length / out;
@@ -41,10 +45,10 @@ export function quantizePerChannel(
   for (let o = 0; o < out; o++) {
     let max = 0;
     for (let i = 0; i < per; i++) max = Math.max(max, Math.abs(values[o * per + i]!));
-    const scale = max > 0 ? max / 127 : 1;
+    const scale = max > 0 ? max / limit : 1;
     scales[o] = scale;
     for (let i = 0; i < per; i++) {
-      const v = Math.max(-127, Math.min(127, Math.round(values[o * per + i]! / scale)));
+      const v = Math.max(-limit, Math.min(limit, Math.round(values[o * per + i]! / scale)));
       // A linear layer's B is [in, out]: element (i, o).
       q[transposeTo2d ? i * out + o : o * per + i] = v;
     }

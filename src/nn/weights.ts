@@ -313,6 +313,8 @@ export interface Int8Plan {
   readonly scales: ReadonlyMap<string, number>;
   /** Layers kept in float (the first and last convolutions, by convention). */
   readonly keepFloat: (layer: string) => boolean;
+  /** The largest weight magnitude in int8 (127, or 63 where 8 bits would saturate). */
+  readonly weightLimit: number;
   readonly observe?: (layer: string, y: Value) => void;
 }
 
@@ -345,7 +347,12 @@ export class BoundWeights {
         if (plan.keepFloat(layer) || plan.observe !== undefined) return undefined;
         const record = weights.get(`${layer}.weight`);
         if (record === undefined) return undefined;
-        const q = quantizePerChannel(readFloat32(record), record.shape, kind === 'linear');
+        const q = quantizePerChannel(
+          readFloat32(record),
+          record.shape,
+          kind === 'linear',
+          plan.weightLimit,
+        );
         return {
           weight: graph.initializer(
             `${layer}.weight_int8`,

@@ -15,7 +15,7 @@ import * as op from '../graph/ops.js';
 import type { Module, ParameterSource } from '../nn/module.js';
 import { WeightSet, type BoundWeights, type Int8Plan } from '../nn/weights.js';
 import { cacheEntry, Session, type RuntimeOptions } from '../runtime/session.js';
-import { availableMemoryBytes } from '../runtime/cpu.js';
+import { availableMemoryBytes, int8WeightLimit } from '../runtime/cpu.js';
 import { map } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -416,7 +416,12 @@ export class UNet {
         .update(JSON.stringify([...scales]))
         .digest('hex')
         .slice(0, 16);
-      session = await compiled.session(`${variant}:int8:${tag}`, build, { scales, keepFloat });
+      const weightLimit = int8WeightLimit();
+      session = await compiled.session(`${variant}:int8:w${weightLimit}:${tag}`, build, {
+        scales,
+        keepFloat,
+        weightLimit,
+      });
     } else session = await compiled.session(variant, build);
     const feeds: Record<string, Tensor> = {
       sample: call.sample,
@@ -451,6 +456,7 @@ export class UNet {
     const session = await this.compiled!.session(`${variant}:calibrate`, build, {
       scales: new Map(),
       keepFloat,
+      weightLimit: 127, // unused: calibration quantizes nothing
       observe: (layer, y) => {
         layers.push(layer);
         y.graph.output(op.reduceMax(op.abs(y), [0, 1, 2, 3], false), `calibrate:${layer}`);

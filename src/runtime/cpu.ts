@@ -41,6 +41,7 @@ const MATRIX_FEATURES = [
   'fma',
   'avx512f',
   'avx512_vnni',
+  'avx_vnni',
   'avx512_bf16',
   'amx_bf16',
   'amx_int8',
@@ -68,4 +69,19 @@ export function processorIdentity(): { name: string; id: string; features: strin
 export function availableMemoryBytes(): number {
   const limit = process.constrainedMemory();
   return limit > 0 ? Math.min(limit, totalmem()) : totalmem();
+}
+
+/**
+ * The largest int8 weight magnitude to quantize to for ONNX Runtime's integer kernels here. x64
+ * processors without VNNI multiply uint8 activations by int8 weights with VPMADDUBSW, which adds
+ * pairs of products in 16 bits: 2·255·127 saturates, 2·255·63 fits. So weights get 7 bits there
+ * (ORT's quantizer calls this reduce_range); elsewhere, and where the flags cannot be read (ORT
+ * then falls back to exact kernels, see session.ts), all 8.
+ */
+export function int8WeightLimit(
+  features: readonly string[] = processorIdentity().features,
+  arch: string = process.arch,
+): number {
+  if (arch !== 'x64' || features.length === 0) return 127;
+  return features.includes('avx512_vnni') || features.includes('avx_vnni') ? 127 : 63;
 }

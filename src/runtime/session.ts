@@ -8,6 +8,7 @@ import ort from 'onnxruntime-node';
 import { UserError } from '../errors.js';
 import { writeFileAtomically } from '../io/atomic.js';
 import { defaultComputeThreads, processorIdentity } from './cpu.js';
+import { ThreadSession, type WireTensor } from './ort-thread.js';
 import type { DType } from '../tensor/dtype.js';
 import { Tensor } from '../tensor/tensor.js';
 
@@ -35,6 +36,12 @@ export interface RuntimeOptions {
    * the memory.
    */
   readonly cacheOptimized?: boolean;
+  /**
+   * Load and run graphs on a worker thread (one per process) instead of this one, so this
+   * thread's event loop keeps running meanwhile (a server answering requests during a step).
+   * Each run copies its inputs to that thread. Default false.
+   */
+  readonly offThread?: boolean;
 }
 
 /** A serialized ONNX model and the folder its external-data locations are relative to. */
@@ -93,18 +100,77 @@ const ORT_TYPES: Readonly<Record<string, DType>> = {
   bool: 'bool',
 };
 
-function toOrt(t: Tensor): ort.Tensor {
+function feedType(t: Tensor): ort.Tensor.Type {
   if (t.dtype === 'bfloat16') {
     throw new Error('ONNX Runtime for JavaScript has no bfloat16 tensors; cast to float32 first');
   }
-  return new ort.Tensor(t.dtype, t.data as ort.Tensor.DataType, [...t.shape]);
+  return t.dtype;
 }
 
-function fromOrt(t: ort.Tensor): Tensor {
+function toOrt(t: Tensor): ort.Tensor {
+  return new ort.Tensor(feedType(t), t.data as ort.Tensor.DataType, [...t.shape]);
+}
+
+function fromOrt(t: {
+  readonly type: string;
+  readonly dims: readonly number[];
+  readonly data: unknown;
+}): Tensor {
   const dtype = ORT_TYPES[t.type];
   if (dtype === undefined) throw new Error(`unsupported ONNX Runtime output type ${t.type}`);
-  const data = t.data as Tensor['data'];
-  return new Tensor(dtype, t.dims, data);
+  return new Tensor(dtype, t.dims, t.data as Tensor['data']);
+}
+
+/** What a Session runs on: an ONNX Runtime session here or on the runtime thread. */
+interface Engine {
+  readonly inputNames: readonly string[];
+  readonly outputNames: readonly string[];
+  run(
+    feeds: Readonly<Record<string, Tensor>>,
+    outputs: readonly string[] | undefined,
+  ): Promise<Record<string, Tensor>>;
+  release(): Promise<void>;
+}
+
+function sameThreadEngine(session: ort.InferenceSession): Engine {
+  return {
+    inputNames: session.inputNames,
+    outputNames: session.outputNames,
+    async run(feeds, outputs) {
+      const ortFeeds: Record<string, ort.Tensor> = {};
+      for (const [name, t] of Object.entries(feeds)) ortFeeds[name] = toOrt(t);
+      const results =
+        outputs === undefined
+          ? await session.run(ortFeeds)
+          : await session.run(ortFeeds, [...outputs]);
+      const out: Record<string, Tensor> = {};
+      for (const [name, t] of Object.entries(results)) out[name] = fromOrt(t);
+      return out;
+    },
+    release: () => session.release(),
+  };
+}
+
+function threadEngine(session: ThreadSession): Engine {
+  return {
+    inputNames: session.inputNames,
+    outputNames: session.outputNames,
+    async run(feeds, outputs) {
+      const wire: Record<string, WireTensor> = {};
+      for (const [name, t] of Object.entries(feeds)) {
+        // Posting a view copies the whole buffer under it; a view of part of one goes alone.
+        const data = t.data.byteLength === t.data.buffer.byteLength ? t.data : t.data.slice();
+        wire[name] = { dtype: feedType(t), shape: t.shape, data };
+      }
+      const results = await session.run(wire, outputs);
+      const out: Record<string, Tensor> = {};
+      for (const [name, t] of Object.entries(results)) {
+        out[name] = fromOrt({ type: t.dtype, dims: t.shape, data: t.data });
+      }
+      return out;
+    },
+    release: () => session.release(),
+  };
 }
 
 function providerList(ep: ExecutionProvider): string[] {
@@ -129,6 +195,17 @@ function providerList(ep: ExecutionProvider): string[] {
   return [ep, 'cpu'];
 }
 
+/**
+ * ORT's session configuration entries (`session.*`) for every graph. x64quantprecision: on x64
+ * processors without VNNI, ORT's uint8 × int8 matrix kernels add pairs of products in 16 bits and
+ * saturate on weights beyond [-64, 63] (an int8 UNet's images came out 20 dB from fp32 on such a
+ * machine, 30 dB with VNNI); with it, ORT runs such weights in exact uint8 × uint8 kernels
+ * (measured: 30 dB, but slower). gesso quantizes to 7 bits where it knows the processor lacks
+ * VNNI (cpu.ts: int8WeightLimit), so this is the fallback where it cannot tell. It changes
+ * nothing on processors with VNNI or in graphs without integer products.
+ */
+const SESSION_CONFIG: Readonly<Record<string, string>> = { x64quantprecision: '1' };
+
 function sessionOptions(options: RuntimeOptions): ort.InferenceSession.SessionOptions {
   const ep = options.executionProvider ?? 'cpu';
   return {
@@ -138,6 +215,7 @@ function sessionOptions(options: RuntimeOptions): ort.InferenceSession.SessionOp
     ...(options.interOpThreads !== undefined ? { interOpNumThreads: options.interOpThreads } : {}),
     ...(options.memoryArena !== undefined ? { enableCpuMemArena: options.memoryArena } : {}),
     logSeverityLevel: 3,
+    extra: { session: SESSION_CONFIG },
   };
 }
 
@@ -158,36 +236,28 @@ export function cacheEntry(
 /** A loaded graph, ready to run. */
 export class Session {
   private constructor(
-    private readonly session: ort.InferenceSession,
+    private readonly engine: Engine,
     /** Where the session came from: 'emitted', 'cache' or 'optimized-cache'. */
     readonly origin: 'emitted' | 'cache' | 'optimized-cache',
   ) {}
 
   get inputNames(): readonly string[] {
-    return this.session.inputNames;
+    return this.engine.inputNames;
   }
 
   get outputNames(): readonly string[] {
-    return this.session.outputNames;
+    return this.engine.outputNames;
   }
 
-  async run(
+  run(
     feeds: Readonly<Record<string, Tensor>>,
     outputs?: readonly string[],
   ): Promise<Record<string, Tensor>> {
-    const ortFeeds: Record<string, ort.Tensor> = {};
-    for (const [name, t] of Object.entries(feeds)) ortFeeds[name] = toOrt(t);
-    const results =
-      outputs === undefined
-        ? await this.session.run(ortFeeds)
-        : await this.session.run(ortFeeds, [...outputs]);
-    const out: Record<string, Tensor> = {};
-    for (const [name, t] of Object.entries(results)) out[name] = fromOrt(t);
-    return out;
+    return this.engine.run(feeds, outputs);
   }
 
   async release(): Promise<void> {
-    await this.session.release();
+    await this.engine.release();
   }
 
   /**
@@ -196,6 +266,7 @@ export class Session {
    */
   static async create(source: GraphSource, options: RuntimeOptions = {}): Promise<Session> {
     const base = sessionOptions(options);
+    const offThread = options.offThread === true;
     const cacheRoot =
       options.cacheDir === false ? undefined : (options.cacheDir ?? defaultCacheDir());
     const entry =
@@ -222,40 +293,43 @@ export class Session {
                 level: base.graphOptimizationLevel,
                 cpu: processorIdentity(),
                 arch: process.arch,
+                config: SESSION_CONFIG,
               }),
             )}`,
           )
         : undefined;
     if (optimizedDir !== undefined && existsSync(join(optimizedDir, 'model.onnx'))) {
       try {
-        const session = await ort.InferenceSession.create(join(optimizedDir, 'model.onnx'), {
-          ...base,
-          graphOptimizationLevel: 'disabled',
-        });
-        return new Session(session, 'optimized-cache');
+        const engine = await openEngine(
+          join(optimizedDir, 'model.onnx'),
+          {
+            ...base,
+            graphOptimizationLevel: 'disabled',
+          },
+          offThread,
+        );
+        return new Session(engine, 'optimized-cache');
       } catch {
         await rm(optimizedDir, { recursive: true, force: true });
       }
     }
 
     const { model, origin } = await loadOrEmit(source, entry);
-    const extra =
-      model.externalDataFolder !== undefined
-        ? { session: { model_external_initializers_file_folder_path: model.externalDataFolder } }
-        : undefined;
+    const session: Record<string, string> = { ...SESSION_CONFIG };
+    if (model.externalDataFolder !== undefined)
+      session.model_external_initializers_file_folder_path = model.externalDataFolder;
 
     if (optimizedDir !== undefined) {
       // ORT writes the optimized graph itself; it goes to a private folder renamed into place after.
       const staging = `${optimizedDir}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
       await mkdir(staging, { recursive: true });
       try {
-        const session = await createOrt(model.bytes, {
+        const engine = await createOrt(model.bytes, offThread, {
           ...base,
           optimizedModelFilePath: join(staging, 'model.onnx'),
           extra: {
-            ...extra,
             session: {
-              ...extra?.session,
+              ...session,
               optimized_model_external_initializers_file_name: 'weights.bin',
               optimized_model_external_initializers_min_size_in_bytes: '1024',
             },
@@ -264,18 +338,15 @@ export class Session {
         await rename(staging, optimizedDir).catch(() =>
           rm(staging, { recursive: true, force: true }),
         );
-        return new Session(session, origin);
+        return new Session(engine, origin);
       } catch (error) {
         await rm(staging, { recursive: true, force: true });
         throw error;
       }
     }
     try {
-      const session = await createOrt(model.bytes, {
-        ...base,
-        ...(extra !== undefined ? { extra } : {}),
-      });
-      return new Session(session, origin);
+      const engine = await createOrt(model.bytes, offThread, { ...base, extra: { session } });
+      return new Session(engine, origin);
     } catch (error) {
       if (origin !== 'cache' || entry === undefined) throw error;
       // A damaged cache entry: drop it and build the graph again.
@@ -285,12 +356,26 @@ export class Session {
   }
 }
 
+async function openEngine(
+  model: Uint8Array | string,
+  options: ort.InferenceSession.SessionOptions,
+  offThread: boolean,
+): Promise<Engine> {
+  if (offThread) return threadEngine(await ThreadSession.create(model, options));
+  const session =
+    typeof model === 'string'
+      ? await ort.InferenceSession.create(model, options)
+      : await ort.InferenceSession.create(model, options);
+  return sameThreadEngine(session);
+}
+
 async function createOrt(
   bytes: Uint8Array,
+  offThread: boolean,
   options: ort.InferenceSession.SessionOptions,
-): Promise<ort.InferenceSession> {
+): Promise<Engine> {
   try {
-    return await ort.InferenceSession.create(bytes, options);
+    return await openEngine(bytes, options, offThread);
   } catch (error) {
     const providers = options.executionProviders ?? [];
     if (providers.length > 1) {

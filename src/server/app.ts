@@ -49,6 +49,10 @@ export interface ServerOptions {
   readonly previewEvery?: number;
   /** A tiny autoencoder (TAESD folder or Hub id) that decodes the previews fast. */
   readonly tinyVae?: string;
+  /**
+   * ONNX Runtime's settings. Models load and run off the server's thread unless `offThread` is
+   * false here, so requests are answered while a model loads or a step runs.
+   */
   readonly runtime?: RuntimeOptions;
   /** Fastify's logger: true for JSON lines on stdout. */
   readonly logger?: boolean;
@@ -118,7 +122,11 @@ function settled(queue: JobQueue, job: Job): Promise<Job> {
 
 export async function createServer(options: ServerOptions): Promise<GessoServer> {
   const limits: Limits = { ...DEFAULT_LIMITS, ...options.limits };
-  const models = new ModelManager(options.model, options.runtime ?? {}, options.tinyVae);
+  const models = new ModelManager(
+    options.model,
+    { offThread: true, ...options.runtime },
+    options.tinyVae,
+  );
   const queue = await JobQueue.open(options.out, models, options.previewEvery ?? 5);
   const keys = new Set(options.apiKeys ?? []);
   const app = Fastify({
