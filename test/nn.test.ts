@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import test from 'node:test';
 import { Graph, type Value } from '../src/graph/ir.js';
@@ -21,7 +22,7 @@ import {
   WeightSet,
 } from '../src/nn/index.js';
 import { Vae } from '../src/pipelines/components.js';
-import { runOnce } from '../src/runtime/session.js';
+import { runOnce, Session } from '../src/runtime/session.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { assertClose, fixtures, withTempDir } from './helpers.js';
@@ -289,4 +290,27 @@ test('the tiny autoencoder (TAESD): encode and decode equal PyTorch’s on rando
   assertClose(mean, await io('encoded'), { atol: 1e-5, rtol: 1e-5 }, 'encode');
   assert.ok(std.data.every((v) => v === 0));
   await vae.release();
+});
+
+test('ONNX Runtime fuses the exact GELU gesso emits into its one-pass Gelu kernel', async () => {
+  await withTempDir(async (dir) => {
+    const emit = () => {
+      const g = new Graph('gelu');
+      g.output(gelu(g.input('x', 'float32', ['n', 8])), 'y');
+      return emitOnnx(g);
+    };
+    const session = await Session.create(
+      { key: 'gelu-fusion', emit },
+      { cacheDir: dir, cacheOptimized: true },
+    );
+    await session.release();
+    // What ORT ran, as it wrote it to the optimized-graph cache.
+    const files = (await readdir(dir, { recursive: true })).filter((f) =>
+      /optimized-[^/]*\/model\.onnx$/.test(f),
+    );
+    assert.equal(files.length, 1, files.join(', '));
+    const optimized = (await readFile(join(dir, files[0]!))).toString('latin1');
+    assert.ok(optimized.includes('Gelu'), 'no Gelu node in the optimized graph');
+    assert.ok(!optimized.includes('Erf'), 'an Erf node is left: the GELU was not fused');
+  });
 });

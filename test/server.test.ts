@@ -175,16 +175,20 @@ test('the event stream reports every step, previews, and the finished image URLs
 test('cancel stops a running job within a step; interrupt does the same for A1111 clients', async () => {
   const submitted = await post('/api/jobs', { prompt: 'a long job', steps: 200 });
   const id = submitted.body.id as string;
-  let cancelledAt = 0;
+  let cancelled: Promise<{ status: number; body: Record<string, unknown> }> | undefined;
   const events = await readEvents(id, (e) => {
-    if (e.type === 'progress' && e.data.progress.step === 3 && cancelledAt === 0) {
-      cancelledAt = 3;
-      void post(`/api/jobs/${id}/cancel`, {});
-    }
+    if (e.type === 'progress' && e.data.progress.step === 3 && cancelled === undefined)
+      cancelled = post(`/api/jobs/${id}/cancel`, {});
     return false;
   });
   const last = events[events.length - 1]!;
   assert.equal(last.type, 'cancelled');
+  const accepted = await cancelled!;
+  assert.equal(accepted.status, 200);
+  // Steps run while the request travels (the server is not blocked by them); once it arrives,
+  // at most the step in flight finishes.
+  const cancelledAt = accepted.body.step as number;
+  assert.ok(cancelledAt >= 3 && cancelledAt < 200, `cancel arrived at step ${cancelledAt}`);
   const lastStep = Math.max(
     ...events.filter((e) => e.type === 'progress').map((e) => e.data.progress.step),
   );

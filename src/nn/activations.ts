@@ -1,5 +1,5 @@
 import type { Value } from '../graph/ir.js';
-import { add, erf, mul, relu, sigmoid, tanh } from '../graph/ops.js';
+import { add, div, erf, mul, relu, sigmoid, tanh } from '../graph/ops.js';
 
 /** SiLU (swish): x · σ(x). */
 export function silu(x: Value): Value {
@@ -13,7 +13,9 @@ export function gelu(x: Value, approximate: 'none' | 'tanh' = 'none'): Value {
     const inner = mul(add(x, mul(cube, 0.044715)), Math.sqrt(2 / Math.PI));
     return mul(mul(x, 0.5), add(tanh(inner), 1));
   }
-  return mul(mul(x, 0.5), add(erf(mul(x, Math.SQRT1_2)), 1));
+  // x / √2 rather than x · (1/√2): ONNX Runtime fuses this form (Div, Erf, Add, Mul, Mul) into
+  // one Gelu kernel and leaves the other as five elementwise passes.
+  return mul(mul(x, 0.5), add(erf(div(x, Math.SQRT2)), 1));
 }
 
 /** CLIP's QuickGELU: x · σ(1.702 x). */

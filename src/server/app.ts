@@ -270,7 +270,8 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
   const cancel = async (request: FastifyRequest) => {
     const job = jobOr404((request.params as { id: string }).id);
     if (!queue.cancel(job.id)) throw new RequestError(409, `job ${job.id} is already ${job.state}`);
-    return { id: job.id, cancelling: true };
+    // The steps done when the cancel arrived: a running job stops after at most one more.
+    return { id: job.id, cancelling: true, step: job.step };
   };
   app.post('/api/jobs/:id/cancel', cancel);
   app.delete('/api/jobs/:id', cancel);
