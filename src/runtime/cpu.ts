@@ -75,13 +75,15 @@ export function availableMemoryBytes(): number {
  * The largest int8 weight magnitude to quantize to for ONNX Runtime's integer kernels here. x64
  * processors without VNNI multiply uint8 activations by int8 weights with VPMADDUBSW, which adds
  * pairs of products in 16 bits: 2·255·127 saturates, 2·255·63 fits. So weights get 7 bits there
- * (ORT's quantizer calls this reduce_range); elsewhere, and where the flags cannot be read (ORT
- * then falls back to exact kernels, see session.ts), all 8.
+ * (ORT's quantizer calls this reduce_range), and on x64 where the flags cannot be read; 8 bits
+ * with VNNI and on other architectures. ORT's own remedy, `session.x64quantprecision`, is not
+ * used: it moves every weight beyond ±64 to uint8 × uint8 kernels on any x64 with AVX2, VNNI and
+ * AMX processors included, where the int8 products were exact and fast already.
  */
 export function int8WeightLimit(
   features: readonly string[] = processorIdentity().features,
   arch: string = process.arch,
 ): number {
-  if (arch !== 'x64' || features.length === 0) return 127;
+  if (arch !== 'x64') return 127;
   return features.includes('avx512_vnni') || features.includes('avx_vnni') ? 127 : 63;
 }

@@ -195,17 +195,6 @@ function providerList(ep: ExecutionProvider): string[] {
   return [ep, 'cpu'];
 }
 
-/**
- * ORT's session configuration entries (`session.*`) for every graph. x64quantprecision: on x64
- * processors without VNNI, ORT's uint8 × int8 matrix kernels add pairs of products in 16 bits and
- * saturate on weights beyond [-64, 63] (an int8 UNet's images came out 20 dB from fp32 on such a
- * machine, 30 dB with VNNI); with it, ORT runs such weights in exact uint8 × uint8 kernels
- * (measured: 30 dB, but slower). gesso quantizes to 7 bits where it knows the processor lacks
- * VNNI (cpu.ts: int8WeightLimit), so this is the fallback where it cannot tell. It changes
- * nothing on processors with VNNI or in graphs without integer products.
- */
-const SESSION_CONFIG: Readonly<Record<string, string>> = { x64quantprecision: '1' };
-
 function sessionOptions(options: RuntimeOptions): ort.InferenceSession.SessionOptions {
   const ep = options.executionProvider ?? 'cpu';
   return {
@@ -215,7 +204,6 @@ function sessionOptions(options: RuntimeOptions): ort.InferenceSession.SessionOp
     ...(options.interOpThreads !== undefined ? { interOpNumThreads: options.interOpThreads } : {}),
     ...(options.memoryArena !== undefined ? { enableCpuMemArena: options.memoryArena } : {}),
     logSeverityLevel: 3,
-    extra: { session: SESSION_CONFIG },
   };
 }
 
@@ -293,7 +281,6 @@ export class Session {
                 level: base.graphOptimizationLevel,
                 cpu: processorIdentity(),
                 arch: process.arch,
-                config: SESSION_CONFIG,
               }),
             )}`,
           )
@@ -315,7 +302,7 @@ export class Session {
     }
 
     const { model, origin } = await loadOrEmit(source, entry);
-    const session: Record<string, string> = { ...SESSION_CONFIG };
+    const session: Record<string, string> = {};
     if (model.externalDataFolder !== undefined)
       session.model_external_initializers_file_folder_path = model.externalDataFolder;
 
