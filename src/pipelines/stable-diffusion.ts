@@ -7,11 +7,18 @@ import { openSingleFile } from '../loaders/single-file.js';
 import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedulers/index.js';
 import { availableMemoryBytes } from '../runtime/cpu.js';
 import { fromModelPixels } from '../io/image.js';
-import { chunk, concat, map, zip } from '../tensor/ops.js';
+import { concat, map } from '../tensor/ops.js';
 import { TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 import { ClipTokenizer, loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
 import { applyEmphasis, promptChunks } from '../tokenizers/prompt.js';
+import {
+  composablePrompt,
+  conditioningPlan,
+  scheduledIndex,
+  type ConditioningPlan,
+  type ImageConditions,
+} from '../tokenizers/prompt-schedule.js';
 import { TextEncoder, UNet, Vae, type ComponentOptions } from './components.js';
 
 /**
@@ -64,8 +71,10 @@ export interface GenerateOptions {
   readonly clipSkip?: number;
   /**
    * How prompts are read: 'plain' text as diffusers reads it (default), or 'a1111':
-   * AUTOMATIC1111's emphasis syntax (`(word:1.3)`, `(word)`, `[word]`, `BREAK`) and prompts
-   * longer than 75 tokens in chunks (see tokenizers/prompt.ts for exactly what weights do).
+   * AUTOMATIC1111's emphasis syntax (`(word:1.3)`, `(word)`, `[word]`, `BREAK`), prompts longer
+   * than 75 tokens in chunks (see tokenizers/prompt.ts for exactly what weights do), prompt
+   * editing `[from:to:when]`, alternation `[a|b]` and composition `A AND B:0.5`
+   * (tokenizers/prompt-schedule.ts).
    */
   readonly promptSyntax?: 'plain' | 'a1111';
   /** DDIM's η (default 0). */
@@ -503,9 +512,10 @@ export class StableDiffusionPipeline {
   }
 
   /**
-   * Prompt embeddings: [negative..., positive...] with guidance, else [positive...]; `count` each.
-   * `negatives` undefined means no negative prompt: "" for SD 1/2, zeros for SDXL folders with
-   * `force_zeros_for_empty_prompt` (as diffusers).
+   * Prompt embeddings: [negative..., positive...] with guidance, else [positive...]; `count` each
+   * (with A1111 syntax, a prompt composed with `AND` has one positive row per part, and edits
+   * are read at the first step). `negatives` undefined means no negative prompt: "" for SD 1/2,
+   * zeros for SDXL folders with `force_zeros_for_empty_prompt` (as diffusers).
    */
   async encodePrompts(
     prompts: readonly string[],
@@ -515,28 +525,67 @@ export class StableDiffusionPipeline {
     guided = negatives !== undefined,
     syntax: 'plain' | 'a1111' = 'plain',
   ): Promise<{ embeddings: F32; pooled: F32 | undefined }> {
-    const repeat = (list: readonly string[]) =>
-      list.flatMap((p) => new Array<string>(count).fill(p));
-    const zeroNegative = negatives === undefined && this.forceZerosForEmptyPrompt;
-    const negativeTexts = negatives ?? prompts.map(() => '');
-    // Positive and negative states must be equally long: both get the larger chunk count.
-    const chunkCount = Math.max(
-      this.chunkCount(prompts, syntax),
-      guided && !zeroNegative ? this.chunkCount(negativeTexts, syntax) : 1,
+    const repeat = <T>(list: readonly T[]) => list.flatMap((p) => new Array<T>(count).fill(p));
+    const plan = conditioningPlan(
+      repeat(prompts),
+      guided ? repeat(this.negativeTexts(prompts, negatives)) : undefined,
+      1,
+      syntax,
     );
-    const positive = await this.encodeText(repeat(prompts), clipSkip, syntax, chunkCount);
-    if (!guided) return { embeddings: positive.hidden, pooled: positive.pooled };
-    const zeros = (t: F32) => new Tensor('float32', t.shape);
-    const negative = zeroNegative
-      ? {
-          hidden: zeros(positive.hidden),
-          pooled: positive.pooled !== undefined ? zeros(positive.pooled) : undefined,
-        }
-      : await this.encodeText(repeat(negativeTexts), clipSkip, syntax, chunkCount);
+    return (await this.conditioning(plan, clipSkip, syntax)).at(0);
+  }
+
+  /** Each prompt's negative prompt: the one given, else "" (or zeros, null, where SDXL wants them). */
+  private negativeTexts(
+    prompts: readonly string[],
+    negatives: readonly string[] | undefined,
+  ): (string | null)[] {
+    if (negatives === undefined)
+      return prompts.map(() => (this.forceZerosForEmptyPrompt ? null : ''));
+    if (negatives.length === 1) return prompts.map(() => negatives[0]!);
+    if (negatives.length !== prompts.length)
+      throw new UserError(
+        'bad-request',
+        `${negatives.length} negative prompts for ${prompts.length} prompts`,
+      );
+    return [...negatives];
+  }
+
+  /**
+   * The plan's texts encoded once, and the UNet's conditioning rows at each step: the images'
+   * negative prompts (when guided), then every part of every image's prompt, in order.
+   */
+  private async conditioning(
+    plan: ConditioningPlan,
+    clipSkip: number,
+    syntax: 'plain' | 'a1111',
+  ): Promise<{ at(step: number): { embeddings: F32; pooled: F32 | undefined } }> {
+    const encoded = await this.encodeText(
+      plan.texts,
+      clipSkip,
+      syntax,
+      this.chunkCount(plan.texts, syntax),
+    );
+    const built = new Map<string, { embeddings: F32; pooled: F32 | undefined }>();
     return {
-      embeddings: concat([negative.hidden, positive.hidden]),
-      pooled:
-        positive.pooled !== undefined ? concat([negative.pooled!, positive.pooled]) : undefined,
+      at(step: number) {
+        const texts = [
+          ...plan.images.flatMap((c) =>
+            c.negative !== undefined ? [scheduledIndex(c.negative, step)] : [],
+          ),
+          ...plan.images.flatMap((c) => c.parts.map((p) => scheduledIndex(p.schedule, step))),
+        ];
+        const key = texts.join();
+        let result = built.get(key);
+        if (result === undefined) {
+          result = {
+            embeddings: gatherRows(encoded.hidden, texts),
+            pooled: encoded.pooled !== undefined ? gatherRows(encoded.pooled, texts) : undefined,
+          };
+          built.set(key, result);
+        }
+        return result;
+      },
     };
   }
 
@@ -565,19 +614,29 @@ export class StableDiffusionPipeline {
     if (!Number.isInteger(count) || count < 1)
       throw new UserError('bad-request', `count must be a positive integer (got ${count})`);
 
-    let negatives: string[] | undefined;
-    if (cfg) {
-      // Left undefined when none was given: encodePrompts decides between "" and zeros (SDXL).
-      negatives = options.negativePrompt === undefined ? undefined : asList(options.negativePrompt);
-      if (negatives !== undefined && negatives.length === 1 && prompts.length > 1)
-        negatives = new Array<string>(prompts.length).fill(negatives[0]!);
-      if (negatives !== undefined && negatives.length !== prompts.length) {
-        throw new UserError(
-          'bad-request',
-          `${negatives.length} negative prompts for ${prompts.length} prompts`,
-        );
-      }
-    }
+    const syntax = options.promptSyntax ?? 'plain';
+    // A prompt composed with AND is guided whatever the scale: its parts are added as guidance.
+    const composite =
+      syntax === 'a1111' &&
+      prompts.some((p) => {
+        const parts = composablePrompt(p);
+        return parts.length > 1 || parts[0]!.weight !== 1;
+      });
+    if (composite && this.unet.config.timeCondProjDim !== null)
+      throw new UserError(
+        'bad-request',
+        'AND in a prompt composes parts through classifier-free guidance, which this guidance-distilled model does not use; write one prompt',
+      );
+    const guided = cfg || composite;
+    const perImage = <T>(list: readonly T[]) => list.flatMap((p) => new Array<T>(count).fill(p));
+    const negativePrompts =
+      options.negativePrompt === undefined ? undefined : asList(options.negativePrompt);
+    const plan = conditioningPlan(
+      perImage(prompts),
+      guided ? perImage(this.negativeTexts(prompts, negativePrompts)) : undefined,
+      steps,
+      syntax,
+    );
 
     // Generators: one for the batch, or one per image, as diffusers accepts.
     let seeds: number[] | undefined;
@@ -606,23 +665,21 @@ export class StableDiffusionPipeline {
         ? concat((generator as TorchGenerator[]).map((g) => g.randn([1, ...shape.slice(1)])))
         : (generator as TorchGenerator).randn(shape);
 
-    const { embeddings, pooled } = await this.encodePrompts(
-      prompts,
-      negatives,
-      count,
-      options.clipSkip ?? 0,
-      cfg,
-      options.promptSyntax ?? 'plain',
-    );
+    const conditioning = await this.conditioning(plan, options.clipSkip ?? 0, syntax);
+    // The image each UNet row denoises: negatives first when guided, then each prompt's parts.
+    const rowImages = [
+      ...(guided ? plan.images.map((_, b) => b) : []),
+      ...plan.images.flatMap((c, b) => c.parts.map(() => b)),
+    ];
     if (this.lowMemory) await Promise.all([this.textEncoder.unload(), this.textEncoder2?.unload()]);
-    // SDXL's six time ids per image: original size, crop top-left, target size (all (h, w)).
+    // SDXL's six time ids per row: original size, crop top-left, target size (all (h, w)).
     const timeIds =
-      pooled !== undefined
+      conditioning.at(0).pooled !== undefined
         ? new Tensor(
             'float32',
-            [pooled.shape[0]!, 6],
+            [rowImages.length, 6],
             Float32Array.from(
-              { length: pooled.shape[0]! * 6 },
+              { length: rowImages.length * 6 },
               (_, i) => [height, width, 0, 0, height, width][i % 6]!,
             ),
           )
@@ -731,13 +788,14 @@ export class StableDiffusionPipeline {
     for (let i = 0; i < timesteps.length; i++) {
       signal?.throwIfAborted();
       const t = timesteps[i]!;
-      let input = scheduler.scaleModelInput(cfg ? concat([latents, latents]) : latents, t);
+      const { embeddings, pooled } = conditioning.at(i);
+      let input = scheduler.scaleModelInput(gatherRows(latents, rowImages), t);
       if (inpaintingModel) {
         // The UNet's extra channels: the mask and the masked image's latents.
         const maskLatents = new Tensor('float32', [batch, 1, lh, lw]);
         for (let b = 0; b < batch; b++) maskLatents.data.set(latentMask!, b * lh * lw);
         const extra = concat([maskLatents, maskedImageLatents!], 1);
-        input = concat([input, cfg ? concat([extra, extra]) : extra], 1);
+        input = concat([input, gatherRows(extra, rowImages)], 1);
       }
       const prediction = await this.unet.predict({
         sample: input,
@@ -746,12 +804,9 @@ export class StableDiffusionPipeline {
         ...(timestepCond !== undefined ? { timestepCond } : {}),
         ...(pooled !== undefined && timeIds !== undefined ? { textEmbeds: pooled, timeIds } : {}),
       });
-      let noise = prediction;
-      if (cfg) {
-        const [uncond, text] = chunk(prediction, 2) as [F32, F32];
-        noise = zip(uncond, text, (u, c) => u + guidance * (c - u));
-        if (rescale > 0) noise = rescaleGuidance(noise, text, rescale);
-      }
+      const noise = guided
+        ? composeGuidance(prediction, plan.images, guidance, rescale)
+        : prediction;
       latents = scheduler.step(noise, t, latents, generator);
       if (latentMask !== undefined && !inpaintingModel) {
         // An ordinary model inpaints by keeping the image's latents, noised to the next step,
@@ -852,6 +907,54 @@ export class StableDiffusionPipeline {
       this.tiny?.release(),
     ]);
   }
+}
+
+/** Rows of `t` (along its first axis) in the order `rows` names them; −1 gives a row of zeros. */
+function gatherRows(t: F32, rows: readonly number[]): F32 {
+  const per = t.size / t.shape[0]!;
+  const out = new Tensor('float32', [rows.length, ...t.shape.slice(1)]);
+  rows.forEach((row, i) => {
+    if (row >= 0) out.data.set(t.data.subarray(row * per, (row + 1) * per), i * per);
+  });
+  return out;
+}
+
+/**
+ * Classifier-free guidance over prompts composed with AND (A1111's combine_denoised): each
+ * image's unconditional prediction plus, for every part of its prompt, weight × scale × (part −
+ * unconditional); rows as `conditioning` lays them out. Guidance rescale measures against the
+ * prompt's own prediction: the part itself for one part of weight 1, else the parts at scale 1.
+ */
+function composeGuidance(
+  prediction: F32,
+  images: readonly ImageConditions[],
+  guidance: number,
+  rescale: number,
+): F32 {
+  const batch = images.length;
+  const shape = [batch, ...prediction.shape.slice(1)];
+  const per = prediction.size / prediction.shape[0]!;
+  const p = prediction.data;
+  const guided = new Tensor('float32', shape);
+  const reference = new Tensor('float32', shape);
+  let row = batch;
+  images.forEach(({ parts }, b) => {
+    const single = parts.length === 1 && parts[0]!.weight === 1;
+    for (let k = b * per; k < (b + 1) * per; k++) {
+      const uncond = p[k]!;
+      let sum = uncond;
+      let atOne = uncond;
+      parts.forEach((part, j) => {
+        const difference = p[(row + j) * per + k - b * per]! - uncond;
+        sum += difference * (part.weight * guidance);
+        atOne += difference * part.weight;
+      });
+      guided.data[k] = sum;
+      reference.data[k] = single ? p[row * per + k - b * per]! : atOne;
+    }
+    row += parts.length;
+  });
+  return rescale > 0 ? rescaleGuidance(guided, reference, rescale) : guided;
 }
 
 function rescaleGuidance(cfg: F32, text: F32, phi: number): F32 {
