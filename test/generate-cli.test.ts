@@ -178,6 +178,45 @@ test('gesso generate --from reproduces an image exactly from its metadata', asyn
   });
 });
 
+test('gesso generate --init-image --mask repaints the white of the mask and keeps the rest exactly', async () => {
+  await withTempDir(async (dir) => {
+    const size = 64;
+    const init = { width: size, height: size, channels: 3 as const };
+    const pixels = new Uint8Array(size * size * 3).map((_, i) => (i * 37) % 251);
+    writeFileSync(join(dir, 'init.png'), encodePng({ ...init, data: pixels }));
+    // White on the left half: repaint there.
+    const mask = new Uint8Array(size * size * 3).map((_, i) =>
+      Math.floor(i / 3) % size < 32 ? 255 : 0,
+    );
+    writeFileSync(join(dir, 'mask.png'), encodePng({ ...init, data: mask }));
+    const out = join(dir, 'out.png');
+    const r = gesso(
+      'generate',
+      '--model',
+      model,
+      'a red circle',
+      '--init-image',
+      join(dir, 'init.png'),
+      '--mask',
+      join(dir, 'mask.png'),
+      '--seed',
+      '3',
+      '--out',
+      out,
+    );
+    assert.equal(r.status, 0, r.stderr);
+    const image = decodePng(readFileSync(out)).data;
+    let kept = 0;
+    let repainted = 0;
+    for (let i = 0; i < image.length; i++) {
+      if (Math.floor(i / 3) % size < 32) repainted += image[i] !== pixels[i] ? 1 : 0;
+      else kept += image[i] === pixels[i] ? 1 : 0;
+    }
+    assert.equal(kept, (size * size * 3) / 2, 'a value outside the mask changed');
+    assert.ok(repainted > (size * size * 3) / 4, `only ${repainted} values repainted`);
+  });
+});
+
 test('gesso generate --prompts: plain lines and JSON lines with their own options', async () => {
   await withTempDir(async (dir) => {
     const file = join(dir, 'prompts.txt');

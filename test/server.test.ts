@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import OpenAI from 'openai';
-import { decodePng, readPngText } from '../src/io/png.js';
+import { decodePng, encodePng, readPngText } from '../src/io/png.js';
 import { parseInfotext } from '../src/io/infotext.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { createServer, type GessoServer } from '../src/server/app.js';
@@ -112,6 +112,46 @@ test('the official openai client gets images, as base64 and as URLs', async () =
   );
 });
 
+test('AUTOMATIC1111 img2img with a mask repaints only the white of the mask; clip skip from override_settings', async () => {
+  const size = 64;
+  const image = { width: size, height: size, channels: 3 as const };
+  const pixels = new Uint8Array(size * size * 3).map((_, i) => (i * 37) % 251);
+  const left = (i: number) => Math.floor(i / 3) % size < 32;
+  const whiteLeft = new Uint8Array(size * size * 3).map((_, i) => (left(i) ? 255 : 0));
+  const b64 = (data: Uint8Array) => Buffer.from(encodePng({ ...image, data })).toString('base64');
+  for (const invert of [0, 1]) {
+    const r = await post('/sdapi/v1/img2img', {
+      prompt: 'a red circle',
+      init_images: [b64(pixels)],
+      mask: b64(whiteLeft),
+      inpainting_mask_invert: invert,
+      denoising_strength: 1,
+      steps: 3,
+      seed: 5,
+      width: size,
+      height: size,
+      override_settings: { CLIP_stop_at_last_layers: 1 },
+    });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    const out = decodePng(Buffer.from((r.body.images as string[])[0]!, 'base64'));
+    // Kept: the black of the mask (the right half; the left half when inverted).
+    const keptHalf = (i: number) => left(i) === (invert === 1);
+    let kept = 0;
+    let repainted = 0;
+    out.data.forEach((v, i) => {
+      if (keptHalf(i)) kept += v === pixels[i] ? 1 : 0;
+      else repainted += v !== pixels[i] ? 1 : 0;
+    });
+    assert.equal(kept, pixels.length / 2, `inpainting_mask_invert ${invert}: a kept value changed`);
+    assert.ok(
+      repainted > pixels.length / 4,
+      `inpainting_mask_invert ${invert}: ${repainted} repainted`,
+    );
+    const info = JSON.parse(r.body.info as string) as { clip_skip: number; infotexts: string[] };
+    assert.equal(info.clip_skip, 1); // the last layer: this text encoder has only one
+  }
+});
+
 test('AUTOMATIC1111 txt2img: its response shape, base64 images and info as a JSON string', async () => {
   const r = await post('/sdapi/v1/txt2img', {
     prompt: 'two green triangles',
@@ -158,8 +198,14 @@ test('the event stream reports every step, previews, and the finished image URLs
   const submitted = await post('/api/jobs', { prompt: 'a yellow diamond', steps: 6, seed: 5 });
   assert.equal(submitted.status, 202);
   const events = await readEvents(submitted.body.id as string);
+  // The stream opens with the job as it stands (steps may have run before the client connected:
+  // the server is not blocked by them), then reports every step after that one.
+  const opened = events[0]!.data.progress.step;
   const steps = events.filter((e) => e.type === 'progress').map((e) => e.data.progress.step);
-  assert.deepEqual(steps, [1, 2, 3, 4, 5, 6]);
+  assert.deepEqual(
+    steps,
+    Array.from({ length: 6 - opened }, (_, i) => opened + 1 + i),
+  );
   assert.ok(events.some((e) => e.data.preview?.startsWith('data:image/png;base64,')));
   const done = events[events.length - 1]!;
   assert.equal(done.type, 'done');
@@ -231,6 +277,27 @@ test('bad requests get 4xx with a message that names the problem', async () => {
       /batch_size × n_iter is 9/,
     ],
     ['/sdapi/v1/img2img', { prompt: 'x' }, 400, /img2img needs init_images/],
+    ['/sdapi/v1/txt2img', { prompt: 'x', enable_hr: true }, 400, /enable_hr is not supported/],
+    ['/sdapi/v1/txt2img', { prompt: 'x', subseed_strength: 0.3 }, 400, /subseed_strength/],
+    ['/sdapi/v1/txt2img', { prompt: 'x', mask: 'bm90' }, 400, /a mask goes with img2img/],
+    [
+      '/sdapi/v1/txt2img',
+      { prompt: 'x', override_settings: { CLIP_stop_at_last_layers: 0 } },
+      400,
+      /CLIP_stop_at_last_layers must be a whole number from 1 to 12/,
+    ],
+    [
+      '/sdapi/v1/txt2img',
+      { prompt: 'x', override_settings: { CLIP_stop_at_last_layers: 2 } },
+      400,
+      /"clip skip 1 reaches past this text encoder's 1 layer; skip at most 0"/,
+    ],
+    [
+      '/sdapi/v1/txt2img',
+      { prompt: 'x', override_settings: { sd_model_checkpoint: 'another' } },
+      400,
+      /switch models with POST \/sdapi\/v1\/options first/,
+    ],
     [
       '/sdapi/v1/img2img',
       { prompt: 'x', init_images: ['bm90IGFuIGltYWdl'] },

@@ -240,6 +240,7 @@ export async function renderBatch(
     ...(options.image !== undefined
       ? { image: options.image, strength: first.strength ?? 0.8 }
       : {}),
+    ...(options.mask !== undefined ? { mask: options.mask } : {}),
     ...(options.latents !== undefined ? { latents: options.latents } : {}),
     ...(first.clip_skip !== undefined ? { clipSkip: first.clip_skip } : {}),
     ...(first.vae !== undefined ? { fastDecode: true } : {}),

@@ -251,11 +251,7 @@ export class TextEncoder {
       (g, p) => {
         const out = model.forward(p, g.input('input_ids', 'int64', ['batch', length]));
         const states = out.hiddenStates;
-        if (clipSkip >= states.length - 1) {
-          throw new Error(
-            `clip skip ${clipSkip} is deeper than the text encoder's ${states.length - 1} layers`,
-          );
-        }
+        if (clipSkip >= states.length - 1) throw tooDeep(clipSkip, states.length - 1);
         const hidden =
           clipSkip > 0 ? out.finalNorm(states[states.length - 1 - clipSkip]!) : out.lastHiddenState;
         g.output(hidden, 'hidden');
@@ -284,11 +280,7 @@ export class TextEncoder {
         const out = model.forward(p, g.input('input_ids', 'int64', ['batch', length]));
         const states = out.hiddenStates;
         const index = states.length - 2 - clipSkip;
-        if (index < 0) {
-          throw new Error(
-            `clip skip ${clipSkip} is deeper than the text encoder's ${states.length - 1} layers`,
-          );
-        }
+        if (index < 0) throw tooDeep(clipSkip, states.length - 1);
         g.output(states[index]!, 'hidden');
         g.output(out.textEmbeds ?? out.pooled, 'pooled');
       },
@@ -802,4 +794,11 @@ export class Vae {
     await this.onnx!.decoder.session.release();
     await this.onnx!.encoder?.session.release();
   }
+}
+
+function tooDeep(clipSkip: number, layers: number): UserError {
+  return new UserError(
+    'bad-clip-skip',
+    `clip skip ${clipSkip} reaches past this text encoder's ${layers} layer${layers === 1 ? '' : 's'}; skip at most ${layers - 1}`,
+  );
 }

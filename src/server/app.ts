@@ -105,6 +105,48 @@ function checkScheduler(name: string | undefined): string | undefined {
   );
 }
 
+/**
+ * A1111 request fields gesso's routes do not do, refused when they ask for something (clients
+ * send most of them at their defaults, which are accepted): a picture made without them would
+ * not be what was asked for.
+ */
+function refuseUnsupported(b: Record<string, unknown>): void {
+  const asks: [string, boolean][] = [
+    ['enable_hr', b.enable_hr === true],
+    ['restore_faces', b.restore_faces === true],
+    ['tiling', b.tiling === true],
+    ['subseed_strength', typeof b.subseed_strength === 'number' && b.subseed_strength !== 0],
+    ['styles', Array.isArray(b.styles) && b.styles.length > 0],
+    ['script_name', typeof b.script_name === 'string' && b.script_name !== ''],
+    [
+      'alwayson_scripts',
+      typeof b.alwayson_scripts === 'object' &&
+        b.alwayson_scripts !== null &&
+        Object.keys(b.alwayson_scripts).length > 0,
+    ],
+  ];
+  for (const [field, asked] of asks)
+    if (asked)
+      throw new RequestError(
+        400,
+        `${field} is not supported by gesso's AUTOMATIC1111 routes; leave it at its default (hires fix, face restoration, tiling, variation seeds, styles and scripts are not implemented)`,
+        field,
+      );
+}
+
+/** Clip skip from A1111's override_settings (CLIP_stop_at_last_layers: 1 is the last layer). */
+function clipSkipOf(overrides: Record<string, unknown> | undefined): number | undefined {
+  const layers = overrides?.CLIP_stop_at_last_layers;
+  if (layers === undefined) return undefined;
+  if (typeof layers !== 'number' || !Number.isInteger(layers) || layers < 1 || layers > 12)
+    throw new RequestError(
+      400,
+      `override_settings.CLIP_stop_at_last_layers must be a whole number from 1 to 12 (got ${JSON.stringify(layers)})`,
+      'override_settings',
+    );
+  return layers - 1;
+}
+
 /** Waits for a job to end. */
 function settled(queue: JobQueue, job: Job): Promise<Job> {
   if (job.state === 'done' || job.state === 'failed' || job.state === 'cancelled')
@@ -358,6 +400,9 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       sampler_index: { type: 'string' },
       denoising_strength: { type: 'number', minimum: 0, maximum: 1 },
       init_images: { type: 'array', items: { type: 'string' }, maxItems: 1 },
+      mask: { type: ['string', 'null'] },
+      inpainting_mask_invert: { type: 'integer', enum: [0, 1] },
+      override_settings: { type: 'object' },
     },
   } as const;
 
@@ -365,6 +410,16 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     const b = request.body as Record<string, unknown>;
     const prompt = (b.prompt as string | undefined) ?? '';
     checkPrompt(prompt, limits);
+    refuseUnsupported(b);
+    const overrides = b.override_settings as Record<string, unknown> | undefined;
+    const clipSkip = clipSkipOf(overrides);
+    const checkpoint = overrides?.sd_model_checkpoint;
+    if (checkpoint !== undefined && checkpoint !== models.name)
+      throw new RequestError(
+        400,
+        `override_settings.sd_model_checkpoint is ${JSON.stringify(checkpoint)} but this server has '${models.name}' loaded; switch models with POST /sdapi/v1/options first`,
+        'override_settings',
+      );
     const batchSize = (b.batch_size as number | undefined) ?? 1;
     const iterations = (b.n_iter as number | undefined) ?? 1;
     if (batchSize * iterations > limits.maxImages)
@@ -387,6 +442,18 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
         height: (b.height as number | undefined) ?? 512,
       });
     }
+    let mask: Awaited<ReturnType<typeof decodeImage>> | undefined;
+    if (typeof b.mask === 'string' && b.mask !== '') {
+      if (init === undefined)
+        throw new RequestError(400, 'a mask goes with img2img and its init_images', 'mask');
+      mask = await decodeImage(
+        Buffer.from(b.mask.replace(/^data:image\/\w+;base64,/, ''), 'base64'),
+        'mask',
+        { width: init.shape[2]!, height: init.shape[1]! },
+      );
+      // A1111 repaints the white of the mask; inpainting_mask_invert 1 repaints the black.
+      if (b.inpainting_mask_invert === 1) mask.data.forEach((v, i) => (mask!.data[i] = 255 - v));
+    }
     const job = queue.submit({
       prompt,
       negative_prompt: (b.negative_prompt as string | undefined) ?? '',
@@ -401,6 +468,8 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       ...(init !== undefined
         ? { init_image: init, strength: (b.denoising_strength as number | undefined) ?? 0.75 }
         : {}),
+      ...(mask !== undefined ? { mask } : {}),
+      ...(clipSkip !== undefined ? { clip_skip: clipSkip } : {}),
     });
     const finished = await settled(queue, job);
     if (finished.state === 'failed')
@@ -439,7 +508,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       infotexts,
       styles: [],
       job_timestamp: finished.created.replace(/\D/g, '').slice(0, 14),
-      clip_skip: 1,
+      clip_skip: (first?.clip_skip ?? 0) + 1,
       is_using_inpainting_conditioning: false,
       version: 'gesso',
     };

@@ -39,6 +39,10 @@ export interface JobRequest {
   /** Image-to-image: the starting image and how much of the schedule to run. */
   readonly init_image?: Tensor<'uint8'>;
   readonly strength?: number;
+  /** Inpainting: repaint where this image (the init image's size) is white. */
+  readonly mask?: Tensor<'uint8'>;
+  /** Text-encoder layers to skip from the end (0: the last layer's states). */
+  readonly clip_skip?: number;
 }
 
 export type JobState = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
@@ -48,7 +52,7 @@ export interface Job {
   state: JobState;
   readonly created: string;
   finished?: string;
-  readonly request: Omit<JobRequest, 'init_image'>;
+  readonly request: Omit<JobRequest, 'init_image' | 'mask'>;
   /** Each image's full settings, known once the job starts. */
   settings: ImageSettings[];
   /** Steps done and to do over the whole job (every batch). */
@@ -88,7 +92,7 @@ export function jobView(job: Job, position: number | undefined, urlFor: (file: s
 
 export class JobQueue extends EventEmitter {
   private readonly jobs = new Map<string, Job>();
-  private readonly inputs = new Map<string, Tensor<'uint8'>>();
+  private readonly inputs = new Map<string, { image: Tensor<'uint8'>; mask?: Tensor<'uint8'> }>();
   private readonly queue: string[] = [];
   private running: { id: string; controller: AbortController } | undefined;
   private latestPreview: Buffer | undefined;
@@ -157,7 +161,7 @@ export class JobQueue extends EventEmitter {
 
   submit(request: JobRequest): Job {
     if (this.closing) throw new Error('the server is shutting down');
-    const { init_image: image, ...rest } = request;
+    const { init_image: image, mask, ...rest } = request;
     const job: Job = {
       id: randomUUID(),
       state: 'queued',
@@ -169,7 +173,8 @@ export class JobQueue extends EventEmitter {
       images: [],
     };
     this.jobs.set(job.id, job);
-    if (image !== undefined) this.inputs.set(job.id, image);
+    if (image !== undefined)
+      this.inputs.set(job.id, { image, ...(mask !== undefined ? { mask } : {}) });
     this.queue.push(job.id);
     void this.persist(job).catch(() => undefined);
     this.announce({ type: 'queued', job });
@@ -255,7 +260,7 @@ export class JobQueue extends EventEmitter {
       const traits = modelTraits(pipe);
       const r = job.request;
       const seed0 = r.seed ?? Math.floor(Math.random() * 2 ** 32);
-      const image = this.inputs.get(id);
+      const { image, mask } = this.inputs.get(id) ?? {};
       job.settings = Array.from({ length: r.count }, (_, k) => ({
         prompt: r.prompt,
         negative_prompt: r.negative_prompt,
@@ -269,6 +274,8 @@ export class JobQueue extends EventEmitter {
         model_path: this.models.path,
         route: traits.route,
         ...(image !== undefined ? { init_image: 'uploaded', strength: r.strength ?? 0.75 } : {}),
+        ...(mask !== undefined ? { mask: 'uploaded' } : {}),
+        ...(r.clip_skip !== undefined ? { clip_skip: r.clip_skip } : {}),
       }));
       const batches: ImageSettings[][] = [];
       for (const s of job.settings) {
@@ -284,6 +291,7 @@ export class JobQueue extends EventEmitter {
         controller.signal.throwIfAborted();
         const result = await renderBatch(pipe, traits, batch, {
           ...(image !== undefined ? { image } : {}),
+          ...(mask !== undefined ? { mask } : {}),
           signal: controller.signal,
           onProgress: (step, steps, latents) => {
             job.step = done + Math.round((step / steps) * stepsPerBatch);
