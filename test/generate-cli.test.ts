@@ -217,6 +217,75 @@ test('gesso generate --init-image --mask repaints the white of the mask and keep
   });
 });
 
+test('gesso generate --subseed: variation seeds as A1111 counts them, written to the metadata and read back by --from', async () => {
+  await withTempDir(async (dir) => {
+    const out = join(dir, 'out');
+    const common = ['generate', '--model', model, 'a red circle', '--scheduler', 'euler'];
+    const varied = gesso(
+      ...common,
+      '--seed',
+      '7',
+      '--subseed',
+      '30',
+      '--subseed-strength',
+      '0.4',
+      '-n',
+      '2',
+      '--out',
+      out,
+    );
+    assert.equal(varied.status, 0, varied.stderr);
+    const lines = manifest(out) as (ManifestLine & {
+      subseed?: number;
+      subseed_strength?: number;
+    })[];
+    assert.deepEqual(
+      lines.map((l) => [l.seed, l.subseed, l.subseed_strength]),
+      [
+        [7, 30, 0.4],
+        [7, 31, 0.4],
+      ],
+    );
+    const first = decodePng(readFileSync(join(out, lines[0]!.file)));
+    const params = Object.fromEntries(parseInfotext(first.text.parameters!).params);
+    assert.equal(params['Variation seed'], '30');
+    assert.equal(params['Variation seed strength'], '0.4');
+    const second = decodePng(readFileSync(join(out, lines[1]!.file)));
+    assert.notDeepEqual(second.data, first.data);
+    // Reproduced from its metadata alone.
+    const again = gesso(
+      'generate',
+      '--from',
+      join(out, lines[1]!.file),
+      '--model',
+      model,
+      '--out',
+      join(dir, 'again.png'),
+    );
+    assert.equal(again.status, 0, again.stderr);
+    assert.deepEqual(decodePng(readFileSync(join(dir, 'again.png'))).data, second.data);
+    // Strength 1 under a sampler that draws nothing more is the variation seed's own image.
+    const full = gesso(
+      ...common,
+      '--seed',
+      '7',
+      '--subseed',
+      '31',
+      '--subseed-strength',
+      '1',
+      '--out',
+      join(dir, 'full.png'),
+    );
+    const own = gesso(...common, '--seed', '31', '--out', join(dir, 'own.png'));
+    assert.equal(full.status, 0, full.stderr);
+    assert.equal(own.status, 0, own.stderr);
+    assert.deepEqual(
+      decodePng(readFileSync(join(dir, 'full.png'))).data,
+      decodePng(readFileSync(join(dir, 'own.png'))).data,
+    );
+  });
+});
+
 test('gesso generate --prompts: plain lines and JSON lines with their own options', async () => {
   await withTempDir(async (dir) => {
     const file = join(dir, 'prompts.txt');

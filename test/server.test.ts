@@ -152,6 +152,31 @@ test('AUTOMATIC1111 img2img with a mask repaints only the white of the mask; cli
   }
 });
 
+test('AUTOMATIC1111 variation seeds: the seed kept, variation seeds counted, strength 1 is the variation seed', async () => {
+  const common = { prompt: 'a red circle', steps: 3, width: 64, height: 64, sampler_name: 'Euler' };
+  const varied = await post('/sdapi/v1/txt2img', {
+    ...common,
+    seed: 20,
+    subseed: 40,
+    subseed_strength: 1,
+    batch_size: 2,
+  });
+  assert.equal(varied.status, 200, JSON.stringify(varied.body));
+  const info = JSON.parse(varied.body.info as string) as Record<string, unknown>;
+  assert.deepEqual(info.all_seeds, [20, 20]);
+  assert.deepEqual(info.all_subseeds, [40, 41]);
+  assert.equal(info.subseed_strength, 1);
+  assert.match(
+    (info.infotexts as string[])[1]!,
+    /Variation seed: 41, Variation seed strength: 1\.0/,
+  );
+  // A deterministic sampler draws nothing after the starting noise: strength 1 is seed 41.
+  const plain = await post('/sdapi/v1/txt2img', { ...common, seed: 41 });
+  const pixels = (r: { body: Record<string, unknown> }, i: number) =>
+    decodePng(Buffer.from((r.body.images as string[])[i]!, 'base64')).data;
+  assert.deepEqual(pixels(varied, 1), pixels(plain, 0));
+});
+
 test('AUTOMATIC1111 txt2img: its response shape, base64 images and info as a JSON string', async () => {
   const r = await post('/sdapi/v1/txt2img', {
     prompt: 'two green triangles',
@@ -278,7 +303,6 @@ test('bad requests get 4xx with a message that names the problem', async () => {
     ],
     ['/sdapi/v1/img2img', { prompt: 'x' }, 400, /img2img needs init_images/],
     ['/sdapi/v1/txt2img', { prompt: 'x', enable_hr: true }, 400, /enable_hr is not supported/],
-    ['/sdapi/v1/txt2img', { prompt: 'x', subseed_strength: 0.3 }, 400, /subseed_strength/],
     ['/sdapi/v1/txt2img', { prompt: 'x', mask: 'bm90' }, 400, /a mask goes with img2img/],
     [
       '/sdapi/v1/txt2img',

@@ -52,6 +52,11 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
                           1 with --mask)
   --mask FILE             inpainting: repaint the white pixels of this image, keep the black
   --latents FILE          starting noise: a .safetensors file with a tensor named 'latents'
+  --subseed N             variation seed (A1111); with --subseed-strength, every image keeps
+                          --seed and each further one adds 1 to the variation seed
+  --subseed-strength S    how far the starting noise moves toward the variation seed's,
+                          0 to 1 (default 0: none)
+  --seed-resize-from WxH  draw each seed's noise as for this size, centred in the image
   --clip-skip N           use the text encoder's output N layers before the last
   --from IMAGE.png        reproduce an image from its 'parameters' metadata (flags given
                           alongside override what it says)
@@ -174,11 +179,17 @@ async function readPromptFile(path: string): Promise<PromptEntry[]> {
   return entries;
 }
 
-function parseSize(value: string | undefined): { width: number; height: number } | undefined {
+function parseSize(
+  value: string | undefined,
+  flag = 'size',
+): { width: number; height: number } | undefined {
   if (value === undefined) return undefined;
   const m = /^\s*(\d+)\s*[x×]\s*(\d+)\s*$/i.exec(value);
   if (m === null)
-    throw new UserError('usage', `--size must be WIDTHxHEIGHT, such as 512x768 (got '${value}')`);
+    throw new UserError(
+      'usage',
+      `--${flag} must be WIDTHxHEIGHT, such as 512x768 (got '${value}')`,
+    );
   return { width: Number(m[1]), height: Number(m[2]) };
 }
 
@@ -222,6 +233,9 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       mask: { type: 'string' },
       latents: { type: 'string' },
       'clip-skip': { type: 'string' },
+      subseed: { type: 'string' },
+      'subseed-strength': { type: 'string' },
+      'seed-resize-from': { type: 'string' },
       from: { type: 'string' },
       variant: { type: 'string' },
       lora: { type: 'string', multiple: true },
@@ -306,6 +320,15 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   const strength = parseNumber('strength', values.strength, { min: 0, max: 1 }) ?? from?.strength;
   const clipSkip =
     parseNumber('clip-skip', values['clip-skip'], { integer: true, min: 0 }) ?? from?.clipSkip;
+  const subseedFlag =
+    parseNumber('subseed', values.subseed, { integer: true, min: 0, max: 2 ** 53 - 1 }) ??
+    from?.subseed;
+  const subseedStrength =
+    parseNumber('subseed-strength', values['subseed-strength'], { min: 0, max: 1 }) ??
+    from?.subseedStrength ??
+    0;
+  const seedResizeFrom =
+    parseSize(values['seed-resize-from'], 'seed-resize-from') ?? from?.seedResizeFrom;
   const threads = parseNumber('threads', values.threads, { integer: true, min: 1 });
   if (values.quantize !== undefined && values.quantize !== 'int8')
     throw new UserError('usage', `--quantize takes int8 (got '${values.quantize}')`);
@@ -392,19 +415,32 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
           : from.sampler;
     const schedulerFlag = values.scheduler ?? fromSampler;
 
-    // Every image to draw, with its own seed.
+    if (route === 'gan' && (subseedStrength !== 0 || seedResizeFrom !== undefined))
+      throw new UserError(
+        'usage',
+        "--subseed-strength and --seed-resize-from shape a diffusion model's starting noise; a GAN has none to shape",
+      );
+    // Every image to draw, with its own seed or its own variation seed.
     let nextSeed = seedFlag ?? Math.floor(Math.random() * 2 ** 32);
+    let nextSubseed =
+      subseedStrength !== 0 ? (subseedFlag ?? Math.floor(Math.random() * 2 ** 32)) : undefined;
     const seedWasRandom = seedFlag === undefined;
     const jobs: ImageSettings[] = [];
     for (const entry of entries) {
       const n = entry.count ?? count;
       const base = entry.seed;
       for (let k = 0; k < n; k++) {
-        const seed = base !== undefined ? base + k : nextSeed++;
+        // With a variation strength, A1111 keeps the seed and counts the variation seeds instead.
+        const step = subseedStrength !== 0 ? 0 : 1;
+        const seed = base !== undefined ? base + k * step : (nextSeed += step) - step;
         jobs.push({
           prompt: entry.prompt,
           negative_prompt: entry.negativePrompt ?? negativeFlag ?? from?.negativePrompt ?? '',
           seed,
+          ...(nextSubseed !== undefined
+            ? { subseed: nextSubseed++, subseed_strength: subseedStrength }
+            : {}),
+          ...(seedResizeFrom !== undefined ? { seed_resize_from: seedResizeFrom } : {}),
           steps: entry.steps ?? stepsFlag ?? pipe.defaults.steps,
           guidance: entry.guidance ?? guidanceFlag ?? pipe.defaults.guidance,
           scheduler: entry.scheduler ?? schedulerFlag ?? folderScheduler,

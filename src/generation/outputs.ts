@@ -20,6 +20,11 @@ export interface ImageSettings {
   readonly prompt: string;
   readonly negative_prompt: string;
   readonly seed: number;
+  /** A1111's variation seed and how far the starting noise moves toward its noise (0 to 1). */
+  readonly subseed?: number;
+  readonly subseed_strength?: number;
+  /** A1111's "resize seed from": the size the seed's noise is drawn for, centred in this one. */
+  readonly seed_resize_from?: { readonly width: number; readonly height: number };
   readonly steps: number;
   readonly guidance: number;
   /** The scheduler name asked for, or the model's own scheduler class. */
@@ -53,6 +58,13 @@ export function infotextFor(s: ImageSettings, modelName: string): string {
           ['CFG scale', pythonFloat(s.guidance)],
         ];
   params.push(['Seed', String(s.seed)], ['Size', `${s.width}x${s.height}`], ['Model', modelName]);
+  if (s.subseed !== undefined && (s.subseed_strength ?? 0) !== 0)
+    params.push(
+      ['Variation seed', String(s.subseed)],
+      ['Variation seed strength', pythonFloat(s.subseed_strength!)],
+    );
+  if (s.seed_resize_from !== undefined)
+    params.push(['Seed resize from', `${s.seed_resize_from.width}x${s.seed_resize_from.height}`]);
   if (s.strength !== undefined) params.push(['Denoising strength', String(s.strength)]);
   if (s.clip_skip !== undefined && s.clip_skip > 0)
     params.push(['Clip skip', String(s.clip_skip + 1)]);
@@ -69,6 +81,9 @@ export interface ParsedSettings {
   readonly guidance?: number;
   readonly sampler?: string;
   readonly seed?: number;
+  readonly subseed?: number;
+  readonly subseedStrength?: number;
+  readonly seedResizeFrom?: { readonly width: number; readonly height: number };
   readonly width?: number;
   readonly height?: number;
   readonly model?: string;
@@ -90,15 +105,19 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
       throw new UserError('bad-metadata', `${source}: '${key}: ${v}' is not a number`);
     return n;
   };
-  const size = get('Size');
-  let width: number | undefined;
-  let height: number | undefined;
-  if (size !== undefined) {
+  const sizeOf = (key: string): { width: number; height: number } | undefined => {
+    const size = get(key);
+    if (size === undefined) return undefined;
     const m = /^(\d+)x(\d+)$/.exec(size.trim());
-    if (m === null) throw new UserError('bad-metadata', `${source}: 'Size: ${size}' is not WxH`);
-    width = Number(m[1]);
-    height = Number(m[2]);
-  }
+    if (m === null) throw new UserError('bad-metadata', `${source}: '${key}: ${size}' is not WxH`);
+    return { width: Number(m[1]), height: Number(m[2]) };
+  };
+  const size = sizeOf('Size');
+  const width = size?.width;
+  const height = size?.height;
+  const subseed = number('Variation seed');
+  const subseedStrength = number('Variation seed strength');
+  const seedResizeFrom = sizeOf('Seed resize from');
   const clip = number('Clip skip');
   const sampler = get('Sampler');
   const steps = number('Steps');
@@ -115,6 +134,9 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
     ...(guidance !== undefined ? { guidance } : {}),
     ...(sampler !== undefined ? { sampler } : {}),
     ...(seed !== undefined ? { seed } : {}),
+    ...(subseed !== undefined ? { subseed } : {}),
+    ...(subseedStrength !== undefined ? { subseedStrength } : {}),
+    ...(seedResizeFrom !== undefined ? { seedResizeFrom } : {}),
     ...(width !== undefined ? { width, height: height! } : {}),
     ...(model !== undefined ? { model } : {}),
     ...(clip !== undefined ? { clipSkip: clip - 1 } : {}),
@@ -227,6 +249,15 @@ export async function renderBatch(
       ? { negativePrompt: batch.map((j) => j.negative_prompt) }
       : {}),
     seed: batch.map((j) => j.seed),
+    ...((first.subseed_strength ?? 0) !== 0
+      ? {
+          variation: {
+            seeds: batch.map((j) => j.subseed ?? 0),
+            strength: first.subseed_strength!,
+          },
+        }
+      : {}),
+    ...(first.seed_resize_from !== undefined ? { seedResizeFrom: first.seed_resize_from } : {}),
     // The command line and the server read prompts as AUTOMATIC1111 does.
     promptSyntax: 'a1111',
     steps: first.steps,
@@ -256,7 +287,10 @@ export function sameBatch(a: ImageSettings, b: ImageSettings): boolean {
     a.guidance === b.guidance &&
     a.scheduler === b.scheduler &&
     a.width === b.width &&
-    a.height === b.height
+    a.height === b.height &&
+    (a.subseed_strength ?? 0) === (b.subseed_strength ?? 0) &&
+    a.seed_resize_from?.width === b.seed_resize_from?.width &&
+    a.seed_resize_from?.height === b.seed_resize_from?.height
   );
 }
 

@@ -198,9 +198,13 @@ function hubError(spec: RepoSpec, error: unknown): UserError {
       'model-not-found',
       `${spec.repo}@${spec.revision} is not on the Hub (${message}); check the name and revision`,
     );
-  return new UserError('hub-error', `cannot reach the Hub for ${spec.repo}: ${message}`, {
-    cause: error,
-  });
+  return new UserError(
+    'hub-error',
+    `cannot reach the Hub for ${spec.repo} (${message}); check the network or HF_ENDPOINT, or name a local folder instead`,
+    {
+      cause: error,
+    },
+  );
 }
 
 async function linkInto(snapshot: string, path: string, blob: string): Promise<void> {

@@ -20,6 +20,7 @@ import {
   type ImageConditions,
 } from '../tokenizers/prompt-schedule.js';
 import { TextEncoder, UNet, Vae, type ComponentOptions } from './components.js';
+import { variationNoise } from './variation-noise.js';
 
 /**
  * Text-to-image and image-to-image with Stable Diffusion 1.x/2.x models from a diffusers folder,
@@ -57,6 +58,14 @@ export interface GenerateOptions {
   readonly seed?: number | readonly number[];
   /** Generators to draw from instead of seeds. */
   readonly generator?: TorchGenerator | readonly TorchGenerator[];
+  /**
+   * AUTOMATIC1111's variation seeds: each image's starting noise spherically interpolated toward
+   * the noise of its variation seed by `strength` (0: its own seed's, 1: the variation seed's).
+   * Needs one seed per image.
+   */
+  readonly variation?: { readonly seeds: readonly number[]; readonly strength: number };
+  /** A1111's "resize seed from": each seed's noise drawn as for this size, centred in the image. */
+  readonly seedResizeFrom?: { readonly width: number; readonly height: number };
   /**
    * A scheduler by name (`euler_a`, `dpmpp_2m_karras`, ...), which keeps the folder's
    * training-schedule keys as diffusers' `from_config` does; or a Scheduler built by the caller.
@@ -664,6 +673,42 @@ export class StableDiffusionPipeline {
       Array.isArray(generator)
         ? concat((generator as TorchGenerator[]).map((g) => g.randn([1, ...shape.slice(1)])))
         : (generator as TorchGenerator).randn(shape);
+    // The starting noise: A1111's variation and resized seeds where asked, else the seeds' own.
+    let initialNoise = randn;
+    const { variation, seedResizeFrom } = options;
+    if (variation !== undefined || seedResizeFrom !== undefined) {
+      const imageSeeds =
+        seeds !== undefined && (Array.isArray(generator) || batch === 1) ? seeds : undefined;
+      if (imageSeeds === undefined)
+        throw new UserError(
+          'bad-request',
+          'variation seeds and resized seeds need one seed per image: pass the seeds as a list',
+        );
+      if (variation !== undefined && variation.seeds.length !== batch)
+        throw new UserError(
+          'bad-request',
+          `${variation.seeds.length} variation seeds for ${batch} images`,
+        );
+      initialNoise = (shape) => {
+        const drawn = imageSeeds.map((seed, b) =>
+          variationNoise(seed, [shape[1]!, shape[2]!, shape[3]!], {
+            subseed: variation?.seeds[b] ?? 0,
+            strength: variation?.strength ?? 0,
+            ...(seedResizeFrom !== undefined
+              ? {
+                  resizeFrom: [
+                    Math.floor(seedResizeFrom.height / scale),
+                    Math.floor(seedResizeFrom.width / scale),
+                  ],
+                }
+              : {}),
+          }),
+        );
+        // What samplers draw later comes from each image's own seed, as in A1111.
+        generator = drawn.map((d) => d.generator);
+        return concat(drawn.map((d) => d.noise));
+      };
+    }
 
     const conditioning = await this.conditioning(plan, options.clipSkip ?? 0, syntax);
     // The image each UNet row denoises: negatives first when guided, then each prompt's parts.
@@ -736,7 +781,7 @@ export class StableDiffusionPipeline {
         );
       if (!inpaintingModel || strength < 1)
         imageLatents = await this.imageLatents(imageInput, batch, width, height, randn);
-      blendNoise = randn(latentShape);
+      blendNoise = initialNoise(latentShape);
       latents =
         strength >= 1
           ? map(blendNoise, (v) => v * scheduler.initNoiseSigma)
@@ -765,7 +810,7 @@ export class StableDiffusionPipeline {
         );
       }
       latents = await this.imageLatents(imageInput, batch, width, height, randn);
-      const noise = randn(latents.shape);
+      const noise = initialNoise(latents.shape);
       latents = scheduler.addNoise(latents, noise, timesteps[0]!);
     } else if (options.latents !== undefined) {
       if (options.latents.shape.join() !== latentShape.join()) {
@@ -776,7 +821,7 @@ export class StableDiffusionPipeline {
       }
       latents = map(options.latents.toFloat32(), (v) => v * scheduler.initNoiseSigma);
     } else {
-      latents = map(randn(latentShape), (v) => v * scheduler.initNoiseSigma);
+      latents = map(initialNoise(latentShape), (v) => v * scheduler.initNoiseSigma);
     }
 
     const timestepCond =

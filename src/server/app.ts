@@ -115,7 +115,6 @@ function refuseUnsupported(b: Record<string, unknown>): void {
     ['enable_hr', b.enable_hr === true],
     ['restore_faces', b.restore_faces === true],
     ['tiling', b.tiling === true],
-    ['subseed_strength', typeof b.subseed_strength === 'number' && b.subseed_strength !== 0],
     ['styles', Array.isArray(b.styles) && b.styles.length > 0],
     ['script_name', typeof b.script_name === 'string' && b.script_name !== ''],
     [
@@ -129,9 +128,25 @@ function refuseUnsupported(b: Record<string, unknown>): void {
     if (asked)
       throw new RequestError(
         400,
-        `${field} is not supported by gesso's AUTOMATIC1111 routes; leave it at its default (hires fix, face restoration, tiling, variation seeds, styles and scripts are not implemented)`,
+        `${field} is not supported by gesso's AUTOMATIC1111 routes; leave it at its default (hires fix, face restoration, tiling, styles and scripts are not implemented)`,
         field,
       );
+}
+
+/** A1111's variation seed fields as a job's (subseed −1: random; sizes ≤ 0: not resized). */
+function variationOf(
+  b: Record<string, unknown>,
+): Pick<JobRequest, 'subseed' | 'subseed_strength' | 'seed_resize_from'> {
+  const strength = (b.subseed_strength as number | undefined) ?? 0;
+  const subseed = b.subseed as number | undefined;
+  const [width, height] = [b.seed_resize_from_w, b.seed_resize_from_h] as (number | undefined)[];
+  return {
+    ...(strength !== 0 ? { subseed_strength: strength } : {}),
+    ...(strength !== 0 && subseed !== undefined && subseed >= 0 ? { subseed } : {}),
+    ...(width !== undefined && height !== undefined && width > 0 && height > 0
+      ? { seed_resize_from: { width, height } }
+      : {}),
+  };
 }
 
 /** Clip skip from A1111's override_settings (CLIP_stop_at_last_layers: 1 is the last layer). */
@@ -403,6 +418,10 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       mask: { type: ['string', 'null'] },
       inpainting_mask_invert: { type: 'integer', enum: [0, 1] },
       override_settings: { type: 'object' },
+      subseed: { type: 'integer', minimum: -1 },
+      subseed_strength: { type: 'number', minimum: 0, maximum: 1 },
+      seed_resize_from_w: { type: 'integer', minimum: -1 },
+      seed_resize_from_h: { type: 'integer', minimum: -1 },
     },
   } as const;
 
@@ -470,6 +489,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
         : {}),
       ...(mask !== undefined ? { mask } : {}),
       ...(clipSkip !== undefined ? { clip_skip: clipSkip } : {}),
+      ...variationOf(b),
     });
     const finished = await settled(queue, job);
     if (finished.state === 'failed')
@@ -484,9 +504,9 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       all_negative_prompts: s.map((x) => x.negative_prompt),
       seed: first?.seed ?? -1,
       all_seeds: s.map((x) => x.seed),
-      subseed: -1,
-      all_subseeds: s.map(() => -1),
-      subseed_strength: 0,
+      subseed: first?.subseed ?? -1,
+      all_subseeds: s.map((x) => x.subseed ?? -1),
+      subseed_strength: first?.subseed_strength ?? 0,
       width: first?.width,
       height: first?.height,
       sampler_name:
@@ -500,8 +520,8 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       sd_model_hash: null,
       sd_vae_name: null,
       sd_vae_hash: null,
-      seed_resize_from_w: -1,
-      seed_resize_from_h: -1,
+      seed_resize_from_w: first?.seed_resize_from?.width ?? -1,
+      seed_resize_from_h: first?.seed_resize_from?.height ?? -1,
       denoising_strength: img2img ? (first?.strength ?? 0.75) : 0,
       extra_generation_params: {},
       index_of_first_image: 0,

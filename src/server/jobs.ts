@@ -34,6 +34,13 @@ export interface JobRequest {
   readonly height?: number;
   /** Seed of the first image (each further image adds 1); random when absent. */
   readonly seed?: number;
+  /**
+   * A1111's variation seed of the first image and its strength: with a strength, every image
+   * keeps the seed and each further one adds 1 to the variation seed instead.
+   */
+  readonly subseed?: number;
+  readonly subseed_strength?: number;
+  readonly seed_resize_from?: { readonly width: number; readonly height: number };
   readonly count: number;
   readonly batch_size: number;
   /** Image-to-image: the starting image and how much of the schedule to run. */
@@ -260,11 +267,15 @@ export class JobQueue extends EventEmitter {
       const traits = modelTraits(pipe);
       const r = job.request;
       const seed0 = r.seed ?? Math.floor(Math.random() * 2 ** 32);
+      const varied = (r.subseed_strength ?? 0) !== 0;
+      const subseed0 = r.subseed ?? Math.floor(Math.random() * 2 ** 32);
       const { image, mask } = this.inputs.get(id) ?? {};
       job.settings = Array.from({ length: r.count }, (_, k) => ({
         prompt: r.prompt,
         negative_prompt: r.negative_prompt,
-        seed: seed0 + k,
+        seed: seed0 + (varied ? 0 : k),
+        ...(varied ? { subseed: subseed0 + k, subseed_strength: r.subseed_strength! } : {}),
+        ...(r.seed_resize_from !== undefined ? { seed_resize_from: r.seed_resize_from } : {}),
         steps: r.steps ?? traits.defaults.steps,
         guidance: r.guidance ?? traits.defaults.guidance,
         scheduler: r.scheduler ?? traits.folderScheduler,
