@@ -325,6 +325,10 @@ test('GAN route: trains, resumes bit for bit, exports a folder that generates in
       pipe.generate({ prompt: 'x', image: new Tensor('float32', [1, 64, 64, 3]) }),
       /image-to-image needs a diffusion model/,
     );
+    await assert.rejects(
+      pipe.generate({ prompt: 'x', seed: [1], variation: { seeds: [2], strength: 0.5 } }),
+      /a GAN has none/,
+    );
     await pipe.release();
 
     if (!existsSync(FEATURES)) return;

@@ -415,11 +415,6 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
           : from.sampler;
     const schedulerFlag = values.scheduler ?? fromSampler;
 
-    if (route === 'gan' && (subseedStrength !== 0 || seedResizeFrom !== undefined))
-      throw new UserError(
-        'usage',
-        "--subseed-strength and --seed-resize-from shape a diffusion model's starting noise; a GAN has none to shape",
-      );
     // Every image to draw, with its own seed or its own variation seed.
     let nextSeed = seedFlag ?? Math.floor(Math.random() * 2 ** 32);
     let nextSubseed =

@@ -93,6 +93,11 @@ export class GanPipeline {
         'bad-request',
         'a GAN draws from noise in one step; image-to-image needs a diffusion model',
       );
+    if (options.variation !== undefined || options.seedResizeFrom !== undefined)
+      throw new UserError(
+        'bad-request',
+        "variation seeds and resized seeds shape a diffusion model's starting latents; a GAN has none",
+      );
     const prompts = typeof options.prompt === 'string' ? [options.prompt] : [...options.prompt];
     if (prompts.length === 0) throw new UserError('bad-request', 'no prompt given');
     const size = this.defaultSize;
