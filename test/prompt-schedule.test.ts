@@ -135,6 +135,9 @@ test('prompt editing and alternation schedule as A1111 does', () => {
   ];
   for (const [prompt, expected] of cases)
     assert.deepEqual(promptSchedule(prompt, 10), expected, JSON.stringify(prompt));
+  // Nested past the stack's depth: plain text, not a crash.
+  const deep = '['.repeat(50_000) + 'a:2' + ']'.repeat(50_000);
+  assert.deepEqual(promptSchedule(deep, 10), [[10, deep]]);
   // Steps counted from 0, as A1111's sampler counts them: the first text holds through step 3.
   const schedule = promptSchedule('a [b:3]', 10);
   assert.deepEqual(

@@ -189,7 +189,13 @@ export type PromptSchedule = readonly (readonly [endStep: number, text: string])
 
 /** A1111's `get_learned_conditioning_prompt_schedules` for one prompt. */
 export function promptSchedule(prompt: string, steps: number): PromptSchedule {
-  const pieces = parseSchedule(prompt);
+  let pieces: Piece[] | undefined;
+  try {
+    pieces = parseSchedule(prompt);
+  } catch (error) {
+    // Brackets nested thousands deep exhaust the stack: read such a prompt as plain text.
+    if (!(error instanceof RangeError)) throw error;
+  }
   if (pieces === undefined) return [[steps, prompt]];
   const ends = new Set([steps]);
   visit(pieces, (piece) => {
