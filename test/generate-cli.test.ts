@@ -291,7 +291,7 @@ test('gesso generate --prompts: plain lines and JSON lines with their own option
     const file = join(dir, 'prompts.txt');
     writeFileSync(
       file,
-      'a red circle\n\n{"prompt": "a blue square", "seed": 1000, "count": 2, "steps": 2, "cfg_scale": 5}\n',
+      'a red circle\n\n{"prompt": "a blue square", "seed": 1000, "count": 2, "steps": 2, "cfg_scale": 5}\n{"prompt": "a green diamond", "seed": -1}\n',
     );
     const out = join(dir, 'out');
     const r = gesso('generate', '--model', model, '--prompts', file, '--seed', '9', '--out', out);
@@ -303,6 +303,8 @@ test('gesso generate --prompts: plain lines and JSON lines with their own option
         ['00000-9.png', 'a red circle', 9, 3, 2],
         ['00001-1000.png', 'a blue square', 1000, 2, 5],
         ['00002-1001.png', 'a blue square', 1001, 2, 5],
+        // -1 is no seed of its own: the next of --seed's run.
+        ['00003-10.png', 'a green diamond', 10, 3, 2],
       ],
     );
   });
@@ -315,6 +317,24 @@ test('gesso generate: a random seed is reported and recorded', async () => {
     const seed = /seed (\d+) \(random\)/.exec(r.stderr)?.[1];
     assert.ok(seed !== undefined, r.stderr);
     assert.equal(manifest(join(dir, 'o'))[0]!.seed, Number(seed));
+
+    // A1111's -1 asks for a random seed too, even over the seed of a --from image.
+    const first = join(dir, 'o', manifest(join(dir, 'o'))[0]!.file);
+    for (const args of [
+      ['a circle', '--seed', '-1'],
+      ['a circle', '--seed=-1'],
+      ['--from', first, '--seed', '-1'],
+    ]) {
+      const again = gesso('generate', '--model', model, ...args, '--out', join(dir, 'o'));
+      assert.equal(again.status, 0, again.stderr);
+      const drawn = /seed (\d+) \(random\)/.exec(again.stderr)?.[1];
+      assert.ok(drawn !== undefined, `${args.join(' ')}: ${again.stderr}`);
+      assert.equal(manifest(join(dir, 'o')).at(-1)!.seed, Number(drawn));
+    }
+    assert.equal(new Set(manifest(join(dir, 'o')).map((l) => l.seed)).size, 4);
+    const below = gesso('generate', '--model', model, 'a circle', '--seed', '-2', '--out', dir);
+    assert.equal(below.status, 2);
+    assert.match(below.stderr, /--seed must be at least -1 \(got -2\)/);
   });
 });
 
@@ -335,7 +355,10 @@ test('gesso generate: user mistakes exit 2 with one line that says what to do, a
       [['--model', model, 'x', '--size', '60x64'], /not a multiple of 8.*try 64x64/],
       [['--model', model, 'x', '--size', 'big'], /--size must be WIDTHxHEIGHT/],
       [['--model', model, 'x', '--size', '65536x65536'], /needs about .* choose a smaller --size/],
-      [['--model', model, 'x', '--scheduler', 'warp-drive'], /scheduler/i],
+      [
+        ['--model', model, 'x', '--scheduler', 'warp-drive'],
+        /^gesso generate: unknown scheduler 'warp-drive'; use one of: ddim,/,
+      ],
       [['--model', model, 'x', '--steps', '0'], /--steps must be at least 1/],
       [['--model', model, 'x', '--init-image', bogusPng], /bogus\.png/],
       [['--model', model, '--from', plainPng], /no 'parameters' text chunk/],

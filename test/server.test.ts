@@ -293,6 +293,12 @@ test('bad requests get 4xx with a message that names the problem', async () => {
     ['/api/jobs', { prompt: '  ' }, 400, /prompt is empty/],
     ['/api/jobs', { steps: 3 }, 400, /must have required property 'prompt'/],
     ['/api/jobs', { prompt: 'x', sampler: 'warp' }, 400, /unknown sampler 'warp'/],
+    [
+      '/api/jobs',
+      { prompt: 'x', sampler: 'WarpScheduler' },
+      400,
+      /unknown sampler 'WarpScheduler'/,
+    ],
     ['/api/jobs', { prompt: 'x', colour: 'red' }, 400, /must NOT have additional properties/],
     ['/api/jobs', '{"prompt": ', 400, /JSON/],
     [

@@ -9,7 +9,12 @@ import { SafetensorsFile, writeSafetensors } from '../io/safetensors.js';
 import { loadPipeline, type TextToImage } from '../pipelines/index.js';
 import { StableDiffusionPipeline } from '../pipelines/stable-diffusion.js';
 import type { ExecutionProvider } from '../runtime/session.js';
-import { displayName, SCHEDULER_NAMES } from '../schedulers/index.js';
+import {
+  displayName,
+  isSchedulerName,
+  SCHEDULER_NAMES,
+  unknownScheduler,
+} from '../schedulers/index.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { parseNumber } from './args.js';
 import { formatBytes, progressBar, ProgressLine } from './format.js';
@@ -39,7 +44,7 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
   -n, --count N           images per prompt (default 1)
   --batch-size N          images computed together (default 1)
   --seed N                seed of the first image; each further image adds 1
-                          (default: random, reported)
+                          (default, or -1 as in A1111: random, reported)
   --steps N               denoising steps (default: the model's, else 50)
   --guidance G            classifier-free guidance scale (default: the model's, else 7.5)
   --scheduler NAME        ${SCHEDULER_NAMES.join(', ')}
@@ -52,8 +57,8 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
                           1 with --mask)
   --mask FILE             inpainting: repaint the white pixels of this image, keep the black
   --latents FILE          starting noise: a .safetensors file with a tensor named 'latents'
-  --subseed N             variation seed (A1111); with --subseed-strength, every image keeps
-                          --seed and each further one adds 1 to the variation seed
+  --subseed N             variation seed (A1111; -1 random); with --subseed-strength, every
+                          image keeps --seed and each further one adds 1 to the variation seed
   --subseed-strength S    how far the starting noise moves toward the variation seed's,
                           0 to 1 (default 0: none)
   --seed-resize-from WxH  draw each seed's noise as for this size, centred in the image
@@ -143,7 +148,8 @@ function entryFromJson(value: unknown, where: string): PromptEntry {
   const fields = {
     prompt,
     negativePrompt: text('negative_prompt'),
-    seed: num('seed', true, 0),
+    // -1 is A1111's random seed: the same as leaving the field out.
+    seed: seedOrRandom(num('seed', true, -1)),
     steps: num('steps', true, 1),
     guidance: num('guidance', false, 0) ?? num('cfg_scale', false, 0),
     scheduler: text('scheduler') ?? text('sampler'),
@@ -210,9 +216,30 @@ function checkFitsInMemory(pipe: TextToImage, width: number, height: number, bat
   }
 }
 
+/**
+ * The arguments with `--seed -1` and `--subseed -1` written as `--seed=-1`: A1111 users type the
+ * former, and Node's parser would take the -1 for an option.
+ */
+function seedOrRandom(seed: number | undefined): number | undefined {
+  return seed === -1 ? undefined : seed;
+}
+
+function joinNegativeSeeds(args: readonly string[]): string[] {
+  const joined: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    const next = args[i + 1];
+    if ((arg === '--seed' || arg === '--subseed') && next !== undefined && /^-\d+$/.test(next)) {
+      joined.push(`${arg}=${next}`);
+      i++;
+    } else joined.push(arg);
+  }
+  return joined;
+}
+
 export async function generateCommand(args: readonly string[]): Promise<number> {
   const { values, positionals } = parseArgs({
-    args: [...args],
+    args: joinNegativeSeeds(args),
     options: {
       model: { type: 'string' },
       prompt: { type: 'string' },
@@ -308,8 +335,9 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   const stepsFlag =
     parseNumber('steps', values.steps, { integer: true, min: 1, max: 1000 }) ?? from?.steps;
   const guidanceFlag = parseNumber('guidance', values.guidance, { min: 0 }) ?? from?.guidance;
-  const seedFlag =
-    parseNumber('seed', values.seed, { integer: true, min: 0, max: 2 ** 53 - 1 }) ?? from?.seed;
+  // -1 asks for a random seed, as in A1111, even over the seed of a --from image.
+  const seedArg = parseNumber('seed', values.seed, { integer: true, min: -1, max: 2 ** 53 - 1 });
+  const seedFlag = seedArg === -1 ? undefined : (seedArg ?? from?.seed);
   const size = parseSize(values.size);
   if (size !== undefined && (values.width !== undefined || values.height !== undefined))
     throw new UserError('usage', 'give the size as --size WxH or as --width/--height, not both');
@@ -320,9 +348,12 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   const strength = parseNumber('strength', values.strength, { min: 0, max: 1 }) ?? from?.strength;
   const clipSkip =
     parseNumber('clip-skip', values['clip-skip'], { integer: true, min: 0 }) ?? from?.clipSkip;
-  const subseedFlag =
-    parseNumber('subseed', values.subseed, { integer: true, min: 0, max: 2 ** 53 - 1 }) ??
-    from?.subseed;
+  const subseedArg = parseNumber('subseed', values.subseed, {
+    integer: true,
+    min: -1,
+    max: 2 ** 53 - 1,
+  });
+  const subseedFlag = subseedArg === -1 ? undefined : (subseedArg ?? from?.subseed);
   const subseedStrength =
     parseNumber('subseed-strength', values['subseed-strength'], { min: 0, max: 1 }) ??
     from?.subseedStrength ??
@@ -415,6 +446,9 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
           : from.sampler;
     const schedulerFlag = values.scheduler ?? fromSampler;
 
+    // A misspelt sampler is the user's to mend before anything is drawn or reported.
+    for (const name of [schedulerFlag, ...entries.map((e) => e.scheduler)])
+      if (name !== undefined && !isSchedulerName(name)) throw unknownScheduler(name);
     // Every image to draw, with its own seed or its own variation seed.
     let nextSeed = seedFlag ?? Math.floor(Math.random() * 2 ** 32);
     let nextSubseed =
@@ -505,7 +539,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     }
 
     const folder = singleFile ? undefined : await OutputFolder.open(out);
-    if (seedWasRandom && from === undefined && entries.every((e) => e.seed === undefined))
+    if (seedWasRandom && entries.every((e) => e.seed === undefined))
       process.stderr.write(`seed ${jobs[0]!.seed} (random)\n`);
     let written = 0;
     let index = 0;

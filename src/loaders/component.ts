@@ -18,6 +18,11 @@ export async function readConfig(
       `${path} is missing: every model component needs its ${file}`,
     );
   }
+  return jsonObject(text, path);
+}
+
+/** The JSON object a config file holds; anything else is the user's file to mend. */
+export function jsonObject(text: string, path: string): Record<string, unknown> {
   try {
     const value: unknown = JSON.parse(text);
     if (typeof value !== 'object' || value === null || Array.isArray(value))

@@ -3,6 +3,7 @@ import { basename, join } from 'node:path';
 import { UserError } from '../errors.js';
 import { readUserFile } from '../io/atomic.js';
 import { SafetensorsFile } from '../io/safetensors.js';
+import { jsonObject } from './component.js';
 
 /** What `gesso inspect` reports about a weight file. */
 export interface WeightFileSummary {
@@ -33,15 +34,7 @@ export interface ModelFolderSummary {
 }
 
 async function readJson(path: string): Promise<Record<string, unknown>> {
-  const text = (await readUserFile(path)).toString('utf8');
-  try {
-    const value: unknown = JSON.parse(text);
-    if (typeof value !== 'object' || value === null || Array.isArray(value))
-      throw new Error('not a JSON object');
-    return value as Record<string, unknown>;
-  } catch (error) {
-    throw new UserError('bad-config', `${path} is not valid JSON: ${(error as Error).message}`);
-  }
+  return jsonObject((await readUserFile(path)).toString('utf8'), path);
 }
 
 /** Counts of a .safetensors file's tensors, parameters and dtypes (reads only the header). */

@@ -188,6 +188,11 @@ async function isFile(path: string): Promise<boolean> {
   return (await stat(path).catch(() => undefined))?.isFile() === true;
 }
 
+/** Each item `count` times in a row: the per-image rows of a batch of prompts. */
+function eachTimes<T>(list: readonly T[], count: number): T[] {
+  return list.flatMap((item) => new Array<T>(count).fill(item));
+}
+
 function asList(value: string | readonly string[]): string[] {
   return typeof value === 'string' ? [value] : [...value];
 }
@@ -534,10 +539,9 @@ export class StableDiffusionPipeline {
     guided = negatives !== undefined,
     syntax: 'plain' | 'a1111' = 'plain',
   ): Promise<{ embeddings: F32; pooled: F32 | undefined }> {
-    const repeat = <T>(list: readonly T[]) => list.flatMap((p) => new Array<T>(count).fill(p));
     const plan = conditioningPlan(
-      repeat(prompts),
-      guided ? repeat(this.negativeTexts(prompts, negatives)) : undefined,
+      eachTimes(prompts, count),
+      guided ? eachTimes(this.negativeTexts(prompts, negatives), count) : undefined,
       1,
       syntax,
     );
@@ -637,12 +641,11 @@ export class StableDiffusionPipeline {
         'AND in a prompt composes parts through classifier-free guidance, which this guidance-distilled model does not use; write one prompt',
       );
     const guided = cfg || composite;
-    const perImage = <T>(list: readonly T[]) => list.flatMap((p) => new Array<T>(count).fill(p));
     const negativePrompts =
       options.negativePrompt === undefined ? undefined : asList(options.negativePrompt);
     const plan = conditioningPlan(
-      perImage(prompts),
-      guided ? perImage(this.negativeTexts(prompts, negativePrompts)) : undefined,
+      eachTimes(prompts, count),
+      guided ? eachTimes(this.negativeTexts(prompts, negativePrompts), count) : undefined,
       steps,
       syntax,
     );

@@ -87,6 +87,19 @@ export function normalizeSchedulerName(name: string): string {
 export const SCHEDULER_NAMES: readonly string[] = Object.keys(NAMES);
 export const SCHEDULER_CLASSES: readonly string[] = Object.keys(CLASSES);
 
+/** The error for a scheduler name `createScheduler` does not know. */
+export function unknownScheduler(name: string): UserError {
+  return new UserError(
+    'unknown-scheduler',
+    `unknown scheduler '${name}'; use one of: ${SCHEDULER_NAMES.join(', ')}`,
+  );
+}
+
+/** Whether `createScheduler` knows this name: a gesso or A1111 name, or a diffusers class. */
+export function isSchedulerName(name: string): boolean {
+  return NAMES[normalizeSchedulerName(name)] !== undefined || CLASSES[name] !== undefined;
+}
+
 /** The A1111 display name for a gesso scheduler name (for PNG metadata and the A1111 API). */
 export function displayName(name: string): string {
   const names: Record<string, string> = {
@@ -142,12 +155,7 @@ export function createScheduler(
     const known = NAMES[normalizeSchedulerName(name)];
     if (known !== undefined) [className, extra] = known;
     else if (CLASSES[name] !== undefined) className = name;
-    else {
-      throw new UserError(
-        'unknown-scheduler',
-        `unknown scheduler '${name}'; use one of: ${SCHEDULER_NAMES.join(', ')}`,
-      );
-    }
+    else throw unknownScheduler(name);
   }
   if (className === undefined)
     throw new UserError('bad-config', 'the scheduler config names no _class_name');

@@ -9,7 +9,7 @@ import { infotextFor } from '../generation/outputs.js';
 import { listModels } from '../generation/models.js';
 import { decodeImage } from '../io/image.js';
 import type { RuntimeOptions } from '../runtime/session.js';
-import { displayName, normalizeSchedulerName, SCHEDULER_NAMES } from '../schedulers/index.js';
+import { displayName, isSchedulerName, SCHEDULER_NAMES } from '../schedulers/index.js';
 import { JobQueue, jobView, type Job, type JobEvent, type JobRequest } from './jobs.js';
 import { ModelManager } from './models.js';
 
@@ -96,8 +96,7 @@ function checkPrompt(prompt: string, limits: Limits, field = 'prompt'): void {
 
 function checkScheduler(name: string | undefined): string | undefined {
   if (name === undefined || name === '') return undefined;
-  if (SCHEDULER_NAMES.includes(normalizeSchedulerName(name)) || /Scheduler$/.test(name))
-    return name;
+  if (isSchedulerName(name)) return name;
   throw new RequestError(
     400,
     `unknown sampler '${name}'; use one of: ${SCHEDULER_NAMES.map((n) => displayName(n)).join(', ')}`,
@@ -163,6 +162,11 @@ function clipSkipOf(overrides: Record<string, unknown> | undefined): number | un
 }
 
 /** Waits for a job to end. */
+/** The bytes of an A1111 image field: base64, with or without a `data:image/...;base64,` prefix. */
+function base64Image(field: string): Buffer {
+  return Buffer.from(field.replace(/^data:image\/\w+;base64,/, ''), 'base64');
+}
+
 function settled(queue: JobQueue, job: Job): Promise<Job> {
   if (job.state === 'done' || job.state === 'failed' || job.state === 'cancelled')
     return Promise.resolve(job);
@@ -455,8 +459,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       const images = b.init_images as string[] | undefined;
       if (images === undefined || images.length === 0)
         throw new RequestError(400, 'img2img needs init_images: one base64 image', 'init_images');
-      const data = images[0]!.replace(/^data:image\/\w+;base64,/, '');
-      init = await decodeImage(Buffer.from(data, 'base64'), 'init_images[0]', {
+      init = await decodeImage(base64Image(images[0]!), 'init_images[0]', {
         width: (b.width as number | undefined) ?? 512,
         height: (b.height as number | undefined) ?? 512,
       });
@@ -465,11 +468,10 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     if (typeof b.mask === 'string' && b.mask !== '') {
       if (init === undefined)
         throw new RequestError(400, 'a mask goes with img2img and its init_images', 'mask');
-      mask = await decodeImage(
-        Buffer.from(b.mask.replace(/^data:image\/\w+;base64,/, ''), 'base64'),
-        'mask',
-        { width: init.shape[2]!, height: init.shape[1]! },
-      );
+      mask = await decodeImage(base64Image(b.mask), 'mask', {
+        width: init.shape[2]!,
+        height: init.shape[1]!,
+      });
       // A1111 repaints the white of the mask; inpainting_mask_invert 1 repaints the black.
       if (b.inpainting_mask_invert === 1) mask.data.forEach((v, i) => (mask!.data[i] = 255 - v));
     }
