@@ -18,7 +18,7 @@ import { TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { WordTokenizer } from '../src/tokenizers/word.js';
 import { readTrainConfigFile, resolveTrainConfig } from '../src/training/config.js';
-import { DiffusionTask } from '../src/training/diffusion.js';
+import { DiffusionTask, minSnrWeight } from '../src/training/diffusion.js';
 import { Trainer } from '../src/training/trainer.js';
 import { ddimClipsSample, options, repoRoot, TINY, withTempDir } from './helpers.js';
 
@@ -140,6 +140,40 @@ test('host patchify equals the graph codec, and decoding inverts it', async () =
   const r = await runOnce(emitOnnx(g), { x: nchw });
   assert.deepEqual(r.z!.toArray(), host.toArray());
   assert.deepEqual(r.back!.toArray(), nchw.toArray());
+});
+
+test('Min-SNR weights the clean-image error alike whatever the UNet predicts', () => {
+  // One example's weighted loss, for the same clean-image estimate written as each prediction.
+  const x0 = [0.3, -1.2, 0.8];
+  const eps = [1.1, 0.4, -0.7];
+  const estimate = [0.5, -0.9, 0.2];
+  const cap = 5;
+  for (const alphaBar of [0.9995, 0.9, 0.5, 0.1, 0.002]) {
+    const [a, s] = [Math.sqrt(alphaBar), Math.sqrt(1 - alphaBar)];
+    const snr = alphaBar / (1 - alphaBar);
+    const noisy = x0.map((x, i) => a * x + s * eps[i]!);
+    // The ε and v the UNet would output to mean `estimate` at this noisy point.
+    const epsHat = noisy.map((z, i) => (z - a * estimate[i]!) / s);
+    const vHat = noisy.map((z, i) => (a * z - estimate[i]!) / s);
+    const squared = (p: number[], q: number[]) => p.reduce((t, v, i) => t + (v - q[i]!) ** 2, 0);
+    const clean = squared(estimate, x0);
+    const sample = minSnrWeight(snr, cap, 'sample') * clean;
+    assert.ok(Math.abs(sample - Math.min(1 + snr, cap) * clean) < 1e-12);
+    const v =
+      minSnrWeight(snr, cap, 'v_prediction') *
+      squared(
+        vHat,
+        x0.map((x, i) => a * eps[i]! - s * x),
+      );
+    assert.ok(Math.abs(v - sample) < 1e-9 * sample, `v at ᾱ ${alphaBar}: ${v} against ${sample}`);
+    const e = minSnrWeight(snr, cap, 'epsilon') * squared(epsHat, eps);
+    const expected = Math.min(snr, cap) * clean;
+    assert.ok(
+      Math.abs(e - expected) < 1e-9 * expected,
+      `ε at ᾱ ${alphaBar}: ${e} against ${expected}`,
+    );
+  }
+  assert.equal(minSnrWeight(0, cap, 'epsilon'), 1);
 });
 
 test('a very small diffusion model trains: the loss falls over a few dozen steps', async () => {

@@ -84,11 +84,29 @@ export interface DiffusionRecipe {
    */
   readonly noise: Readonly<Record<string, unknown>>;
   /**
-   * Per-example loss weight on the clean-image error, as min(1 + SNR, cap): the v-prediction loss
-   * with its low-noise weights clipped (Min-SNR, Hang et al. 2023). Used with `sample`
-   * prediction; 0 turns weighting off (plain MSE on the prediction).
+   * Min-SNR loss weighting (Hang et al. 2023), as a weight on the clean-image error: min(1 + SNR,
+   * cap) for `sample` and `v_prediction` (the v loss with its low-noise weights clipped), and
+   * min(SNR, cap) for `epsilon` (whose clean-image weight 1 + SNR would be unbounded at high
+   * noise); each put in the units of the prediction, so the prediction type changes only what the
+   * UNet outputs. 0 turns weighting off: plain MSE on the prediction.
    */
   readonly snrWeightCap: number;
+}
+
+/**
+ * The Min-SNR weight of one example's loss in the units of its prediction. The clean-image error
+ * is the prediction's error times 1 (sample), √(1 − ᾱ) (v) or √((1 − ᾱ)/ᾱ) (ε), so its weight
+ * min(1 + SNR, cap), or min(SNR, cap) for ε, is divided by 1, 1 + SNR or SNR.
+ */
+export function minSnrWeight(
+  snr: number,
+  cap: number,
+  prediction: 'epsilon' | 'v_prediction' | 'sample',
+): number {
+  if (prediction === 'sample') return Math.min(1 + snr, cap);
+  if (prediction === 'v_prediction') return Math.min(1 + snr, cap) / (1 + snr);
+  // ᾱ = 0 exactly (a zero-terminal-SNR schedule's last step): the limit of min(SNR, cap) / SNR.
+  return snr > 0 ? Math.min(snr, cap) / snr : 1;
 }
 
 /** What makes a text encoder config gesso's own: its word tokenizer's <eos> is id 2. */
@@ -295,7 +313,7 @@ export class DiffusionTask implements TrainingTask {
       const alphaBar = this.alphasCumprod[t]!;
       const a = Math.sqrt(alphaBar);
       const s = Math.sqrt(1 - alphaBar);
-      weights[n] = cap > 0 ? Math.min(1 + alphaBar / (1 - alphaBar), cap) : 1;
+      weights[n] = cap > 0 ? minSnrWeight(alphaBar / (1 - alphaBar), cap, prediction) : 1;
       for (let i = n * per; i < (n + 1) * per; i++) {
         const x = x0.data[i]!;
         const e = eps.data[i]!;
