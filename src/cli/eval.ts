@@ -17,6 +17,9 @@ Prints a table; with --out, writes report.json and a contact sheet per category.
   --images N              images per prompt, different seeds (default 4)
   --seed N                seeds the prompt set and the generation (default 1)
   --steps N, --guidance G, --scheduler NAME   sampling settings (default: the model's)
+  --strength S            start from real images of the prompts noised to this fraction of the
+                          schedule (image-to-image, 0 to 1) rather than from noise: how much of
+                          a true scene a diffusion model keeps from that noise level down
   --features DIR          the feature network (default: models/shapes-features)
   --threads N             compute threads
   --out DIR               where to write report.json and contact sheets`;
@@ -32,6 +35,7 @@ export async function evalCommand(args: readonly string[]): Promise<number> {
       steps: { type: 'string' },
       guidance: { type: 'string' },
       scheduler: { type: 'string' },
+      strength: { type: 'string' },
       features: { type: 'string' },
       threads: { type: 'string' },
       out: { type: 'string' },
@@ -46,6 +50,7 @@ export async function evalCommand(args: readonly string[]): Promise<number> {
   const steps = parseNumber('steps', values.steps, { integer: true, min: 1 });
   const guidance = parseNumber('guidance', values.guidance, { min: 0 });
   const threads = parseNumber('threads', values.threads, { integer: true, min: 1 });
+  const strength = parseNumber('strength', values.strength, { min: 0, max: 1 });
   const report = await evaluate({
     model,
     features:
@@ -56,6 +61,7 @@ export async function evalCommand(args: readonly string[]): Promise<number> {
     ...(steps !== undefined ? { steps } : {}),
     ...(guidance !== undefined ? { guidance } : {}),
     ...(values.scheduler !== undefined ? { scheduler: values.scheduler } : {}),
+    ...(strength !== undefined ? { strength } : {}),
     ...(values.out !== undefined ? { out: values.out } : {}),
     ...(threads !== undefined ? { runtime: { threads } } : {}),
     onProgress: (done, total) => {

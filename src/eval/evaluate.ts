@@ -38,6 +38,12 @@ export interface EvalOptions {
   readonly steps?: number;
   readonly guidance?: number;
   readonly scheduler?: string;
+  /**
+   * Start each image from the real image of its prompt, noised this far into the schedule
+   * (image-to-image), instead of from pure noise: how much of a true scene the model keeps from
+   * that noise level down, which separates drawing the details from composing the scene.
+   */
+  readonly strength?: number;
   readonly batchSize?: number;
   /** Folder for report.json and one contact sheet per category. */
   readonly out?: string;
@@ -120,6 +126,11 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
       for (let k = 0; k < options.imagesPerPrompt; k++)
         jobs.push({ prompt, seed: options.seed * 100_003 + i * 97 + k });
     });
+    // The real images of the same prompts: for realism, diversity, the autoencoder's ceiling, and
+    // the starting images of --strength.
+    const random = seededRandom(options.seed + 17);
+    const real = render(jobs.map((j) => sceneFor(j.prompt.expect, random)));
+    const per = real.size / jobs.length;
     const batch = options.batchSize ?? 16;
     const chunks: Tensor<'uint8'>[] = [];
     const started = Date.now();
@@ -131,6 +142,16 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
         ...(options.steps !== undefined ? { steps: options.steps } : {}),
         ...(options.guidance !== undefined ? { guidance: options.guidance } : {}),
         ...(options.scheduler !== undefined ? { scheduler: options.scheduler } : {}),
+        ...(options.strength !== undefined
+          ? {
+              image: new Tensor(
+                'uint8',
+                [part.length, ...real.shape.slice(1)],
+                real.data.subarray(i * per, (i + part.length) * per),
+              ),
+              strength: options.strength,
+            }
+          : {}),
       });
       chunks.push(toUint8(images));
       options.onProgress?.(Math.min(i + batch, jobs.length), jobs.length);
@@ -143,8 +164,6 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
     );
 
     // Realism: generated images against as many real images of the same prompts.
-    const random = seededRandom(options.seed + 17);
-    const real = render(jobs.map((j) => sceneFor(j.prompt.expect, random)));
     const generatedFeatures = await extractor.embed(generated);
     const realFeatures = await extractor.embed(real);
     const frechet = frechetDistance(generatedFeatures, realFeatures);
@@ -193,6 +212,7 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
         steps: options.steps ?? 'model default',
         guidance: options.guidance ?? 'model default',
         scheduler: options.scheduler ?? 'model default',
+        ...(options.strength !== undefined ? { strength: options.strength } : {}),
         images: jobs.length,
       },
       fidelity: scoresOf(fidelity),
@@ -214,7 +234,6 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
         join(options.out, 'report.json'),
         `${JSON.stringify(report, null, 2)}\n`,
       );
-      const per = 64 * 64 * 3;
       for (const category of CATEGORIES) {
         const idx = jobs
           .map((j, i) => (j.prompt.category === category ? i : -1))
@@ -245,6 +264,8 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
 
 export function formatReport(r: EvalReport): string {
   const lines = [`model: ${r.model}`];
+  if (r.settings.strength !== undefined)
+    lines.push(`from real images of the prompts at strength ${String(r.settings.strength)}`);
   for (const c of CATEGORIES)
     lines.push(`  ${c.padEnd(18)} ${r.fidelity.perCategory[c].toFixed(3)}`);
   lines.push(
