@@ -216,14 +216,14 @@ function checkFitsInMemory(pipe: TextToImage, width: number, height: number, bat
   }
 }
 
-/**
- * The arguments with `--seed -1` and `--subseed -1` written as `--seed=-1`: A1111 users type the
- * former, and Node's parser would take the -1 for an option.
- */
 function seedOrRandom(seed: number | undefined): number | undefined {
   return seed === -1 ? undefined : seed;
 }
 
+/**
+ * The arguments with `--seed -1` and `--subseed -1` written as `--seed=-1`: A1111 users type the
+ * former, and Node's parser would take the -1 for an option.
+ */
 function joinNegativeSeeds(args: readonly string[]): string[] {
   const joined: string[] = [];
   for (let i = 0; i < args.length; i++) {

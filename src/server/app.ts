@@ -161,12 +161,12 @@ function clipSkipOf(overrides: Record<string, unknown> | undefined): number | un
   return layers - 1;
 }
 
-/** Waits for a job to end. */
 /** The bytes of an A1111 image field: base64, with or without a `data:image/...;base64,` prefix. */
 function base64Image(field: string): Buffer {
   return Buffer.from(field.replace(/^data:image\/\w+;base64,/, ''), 'base64');
 }
 
+/** Waits for a job to end. */
 function settled(queue: JobQueue, job: Job): Promise<Job> {
   if (job.state === 'done' || job.state === 'failed' || job.state === 'cancelled')
     return Promise.resolve(job);
