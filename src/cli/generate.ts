@@ -336,8 +336,11 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     parseNumber('steps', values.steps, { integer: true, min: 1, max: 1000 }) ?? from?.steps;
   const guidanceFlag = parseNumber('guidance', values.guidance, { min: 0 }) ?? from?.guidance;
   // -1 asks for a random seed, as in A1111, even over the seed of a --from image.
-  const seedArg = parseNumber('seed', values.seed, { integer: true, min: -1, max: 2 ** 53 - 1 });
-  const seedFlag = seedArg === -1 ? undefined : (seedArg ?? from?.seed);
+  const seedOption = (flag: 'seed' | 'subseed', fromImage: number | undefined) => {
+    const value = parseNumber(flag, values[flag], { integer: true, min: -1, max: 2 ** 53 - 1 });
+    return value === -1 ? undefined : (value ?? fromImage);
+  };
+  const seedFlag = seedOption('seed', from?.seed);
   const size = parseSize(values.size);
   if (size !== undefined && (values.width !== undefined || values.height !== undefined))
     throw new UserError('usage', 'give the size as --size WxH or as --width/--height, not both');
@@ -348,12 +351,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   const strength = parseNumber('strength', values.strength, { min: 0, max: 1 }) ?? from?.strength;
   const clipSkip =
     parseNumber('clip-skip', values['clip-skip'], { integer: true, min: 0 }) ?? from?.clipSkip;
-  const subseedArg = parseNumber('subseed', values.subseed, {
-    integer: true,
-    min: -1,
-    max: 2 ** 53 - 1,
-  });
-  const subseedFlag = subseedArg === -1 ? undefined : (subseedArg ?? from?.subseed);
+  const subseedFlag = seedOption('subseed', from?.subseed);
   const subseedStrength =
     parseNumber('subseed-strength', values['subseed-strength'], { min: 0, max: 1 }) ??
     from?.subseedStrength ??
@@ -453,15 +451,15 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     let nextSeed = seedFlag ?? Math.floor(Math.random() * 2 ** 32);
     let nextSubseed =
       subseedStrength !== 0 ? (subseedFlag ?? Math.floor(Math.random() * 2 ** 32)) : undefined;
+    // With a variation strength, A1111 keeps the seed and counts the variation seeds instead.
+    const seedStep = subseedStrength !== 0 ? 0 : 1;
     const seedWasRandom = seedFlag === undefined;
     const jobs: ImageSettings[] = [];
     for (const entry of entries) {
       const n = entry.count ?? count;
       const base = entry.seed;
       for (let k = 0; k < n; k++) {
-        // With a variation strength, A1111 keeps the seed and counts the variation seeds instead.
-        const step = subseedStrength !== 0 ? 0 : 1;
-        const seed = base !== undefined ? base + k * step : (nextSeed += step) - step;
+        const seed = base !== undefined ? base + k * seedStep : (nextSeed += seedStep) - seedStep;
         jobs.push({
           prompt: entry.prompt,
           negative_prompt: entry.negativePrompt ?? negativeFlag ?? from?.negativePrompt ?? '',

@@ -40,9 +40,10 @@ export function slerp(
         ll += low.data[at(c, y, x)]! ** 2;
         hh += high.data[at(c, y, x)]! ** 2;
       }
+      const [lowNorm, highNorm] = [Math.sqrt(ll), Math.sqrt(hh)];
       let dot = 0;
       for (let y = 0; y < rows; y++)
-        dot += (low.data[at(c, y, x)]! / Math.sqrt(ll)) * (high.data[at(c, y, x)]! / Math.sqrt(hh));
+        dot += (low.data[at(c, y, x)]! / lowNorm) * (high.data[at(c, y, x)]! / highNorm);
       dots[c * columns + x] = dot;
       mean += dot / (channels * columns);
     }
