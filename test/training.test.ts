@@ -8,19 +8,23 @@ import { tunedMallocEnvironment } from '../src/cli/tuned-malloc.js';
 import { detect } from '../src/data/detect.js';
 import { centroid, HELD_OUT, sampleBatch, seededRandom, SHAPES_WORDS } from '../src/data/shapes.js';
 import { Graph } from '../src/graph/ir.js';
+import * as op from '../src/graph/ops.js';
 import { emitOnnx } from '../src/graph/onnx.js';
 import { SafetensorsFile } from '../src/io/safetensors.js';
 import { PatchAutoencoder, patchify } from '../src/models/patch-autoencoder.js';
+import { UNet2DConditionModel, unetConfig } from '../src/models/unet-2d-condition.js';
+import { WeightSet } from '../src/nn/weights.js';
 import { TextEncoder } from '../src/pipelines/components.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { runOnce } from '../src/runtime/session.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
+import { map } from '../src/tensor/ops.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { WordTokenizer } from '../src/tokenizers/word.js';
 import { readTrainConfigFile, resolveTrainConfig } from '../src/training/config.js';
 import { DiffusionTask, minSnrWeight } from '../src/training/diffusion.js';
 import { Trainer } from '../src/training/trainer.js';
-import { ddimClipsSample, options, repoRoot, TINY, withTempDir } from './helpers.js';
+import { assertClose, ddimClipsSample, options, repoRoot, TINY, withTempDir } from './helpers.js';
 
 /** The process a `gesso train` process started to run its steps in (Linux). */
 const trainingProcess = (gesso: ChildProcess) =>
@@ -536,6 +540,74 @@ for (const { key, parameters, shapes } of [
     });
   });
 }
+
+test('gesso_patch_size: the UNet runs on the latents folded into p×p patches, as a UNet of p² the channels on the folded grid', async () => {
+  const unet = { ...TINY.unet, in_channels: 3, out_channels: 3, gesso_text_layout: true };
+  const build = (config: Record<string, unknown>) =>
+    new UNet2DConditionModel(unetConfig({ ...unet, ...config }), { fusedAttention: false });
+  const patched = build({ sample_size: 8, gesso_patch_size: 2 });
+  const folded = build({ in_channels: 12, out_channels: 12, sample_size: 4 });
+  assert.deepEqual([...patched.namedParameters()], [...folded.namedParameters()]);
+  assert.deepEqual(patched.namedParameters().get('conv_in.weight'), [16, 12, 3, 3]);
+  assert.deepEqual(patched.namedParameters().get('text_layout.bias'), [16 * 4 * 4]);
+  assert.throws(
+    () => build({ sample_size: 9, gesso_patch_size: 2 }),
+    /sample_size \(latents per side\), a multiple of gesso_patch_size 2/,
+  );
+  assert.throws(
+    () => build({ gesso_patch_size: 1.5 }),
+    /gesso_patch_size must be a positive integer/,
+  );
+
+  const random = new TorchGenerator(5);
+  const weights = WeightSet.fromTensors(
+    Object.fromEntries(
+      [...patched.namedParameters()].map(([name, shape]) => [
+        name,
+        map(random.randn(shape), (v) => 0.3 * v),
+      ]),
+    ),
+  );
+  const inputs = {
+    sample: random.randn([2, 3, 8, 8]),
+    timestep: new Tensor('float32', [2], new Float32Array([10, 700])),
+    context: random.randn([2, 5, 16]),
+  };
+  const run = async (module: UNet2DConditionModel, fold: boolean) => {
+    const graph = new Graph('patch');
+    const sample = graph.input('sample', 'float32', [2, 3, 8, 8]);
+    const out = module.forward(weights.bind(module).parameters(graph), {
+      sample: fold ? op.spaceToDepth(sample, 2) : sample,
+      timestep: graph.input('timestep', 'float32', [2]),
+      encoderHiddenStates: graph.input('context', 'float32', [2, 5, 16]),
+    });
+    graph.output(fold ? op.depthToSpace(out, 2) : out, 'out');
+    return (await runOnce(emitOnnx(graph), inputs)).out!.toFloat32();
+  };
+  const [viaPatches, viaFolded] = await Promise.all([run(patched, false), run(folded, true)]);
+  assert.deepEqual(viaPatches.shape, [2, 3, 8, 8]);
+  assert.ok(viaPatches.data.some((v) => Math.abs(v) > 1e-3));
+  assertClose(viaPatches, viaFolded, { atol: 1e-5, rtol: 0 });
+});
+
+test('gesso_patch_size: a patched model trains, generates through the pipeline, and refuses sizes its patches do not divide', async () => {
+  await withTempDir(async (dir) => {
+    const task = new DiffusionTask({ ...TINY, unet: { ...TINY.unet, gesso_patch_size: 2 } });
+    assert.deepEqual(task.shapes.get('unet.conv_out.weight'), [192 * 4, 16, 3, 3]);
+    const trainer = await Trainer.create(task, options(3));
+    for (let i = 0; i < 3; i++) await trainer.runStep();
+    await task.exportModel(join(dir, 'model'), trainer.weights('ema'));
+    await trainer.release();
+    const image = await drawWith(join(dir, 'model'), 64);
+    assert.deepEqual(image.shape, [1, 64, 64, 3]);
+    assert.ok(image.data.every((v) => Number.isFinite(v) && v >= 0 && v <= 1));
+    // 8-pixel latents in 2×2 patches: 72 pixels is 9 latents, which 2×2 patches do not tile.
+    await assert.rejects(
+      drawWith(join(dir, 'model'), 72),
+      /width 72 must be a positive multiple of 16/,
+    );
+  });
+});
 
 test('gesso_text_layout: its bias is a position embedding, its weight reads the caption', async () => {
   await withTempDir(async (dir) => {

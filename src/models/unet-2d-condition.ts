@@ -67,6 +67,14 @@ export interface UNetConfig {
    * (unless the word embeddings start wider: ClipTextConfig.tokenEmbeddingStd).
    */
   readonly textLayout: boolean;
+  /**
+   * gesso's own models only (`gesso_patch_size`, default 1): the UNet works on p×p patches of
+   * the latents, each folded into channels on the way in (SpaceToDepth) and unfolded on the way
+   * out, as DiT patchifies. A fine latent grid keeps the autoencoder's detail while the UNet runs
+   * on a coarse one, where its levels and attention span the whole scene. The latents' sides must
+   * be multiples of p; sample_size stays in latents.
+   */
+  readonly patchSize: number;
 }
 
 type Json = Record<string, unknown>;
@@ -190,6 +198,7 @@ export function unetConfig(c: Json): UNetConfig {
     sampleSize: optNum('sample_size'),
     positionEmbedding: c.gesso_position_embedding === true,
     textLayout: c.gesso_text_layout === true,
+    patchSize: num('gesso_patch_size', 1),
   };
 }
 
@@ -234,18 +243,26 @@ export class UNet2DConditionModel extends Module {
     const timeEmbedDim = c.timeEmbeddingDim ?? first * 4;
     this.act = activation(c.actFn);
 
+    const patch = c.patchSize;
+    if (!Number.isInteger(patch) || patch < 1)
+      throw new UserError(
+        'bad-config',
+        `unet config: gesso_patch_size must be a positive integer (got ${patch})`,
+      );
     this.convIn = this.addModule(
       'conv_in',
-      new Conv2d(c.inChannels, first, c.convInKernel, { padding: (c.convInKernel - 1) / 2 }),
+      new Conv2d(c.inChannels * patch ** 2, first, c.convInKernel, {
+        padding: (c.convInKernel - 1) / 2,
+      }),
     );
-    // Both per-cell additions are made at sample_size latents per side.
+    // Both per-cell additions are made on the patch grid of sample_size latents per side.
     const cellsPerSide = (key: string): number => {
-      if (c.sampleSize === null)
+      if (c.sampleSize === null || c.sampleSize % patch !== 0)
         throw new UserError(
           'bad-config',
-          `unet config: ${key} needs sample_size (latents per side)`,
+          `unet config: ${key} needs sample_size (latents per side), a multiple of gesso_patch_size ${patch}`,
         );
-      return c.sampleSize;
+      return c.sampleSize / patch;
     };
     if (c.positionEmbedding) {
       const side = cellsPerSide('gesso_position_embedding');
@@ -366,13 +383,15 @@ export class UNet2DConditionModel extends Module {
     );
     this.convOut = this.addModule(
       'conv_out',
-      new Conv2d(first, c.outChannels, c.convOutKernel, { padding: (c.convOutKernel - 1) / 2 }),
+      new Conv2d(first, c.outChannels * c.patchSize ** 2, c.convOutKernel, {
+        padding: (c.convOutKernel - 1) / 2,
+      }),
     );
   }
 
-  /** A per-cell map made at sample_size, nearest-resized to `sample`'s size when that differs. */
+  /** A per-cell map made on the patch grid, nearest-resized to `sample`'s size when that differs. */
   private atSizeOf(map: Value, sample: Value): Value {
-    const size = this.config.sampleSize;
+    const size = this.config.sampleSize! / this.config.patchSize;
     return sample.shape[2] === size && sample.shape[3] === size
       ? map
       : op.resizeNearestLike(map, sample);
@@ -411,11 +430,12 @@ export class UNet2DConditionModel extends Module {
     if (c.timeEmbeddingActFn !== null) emb = activation(c.timeEmbeddingActFn)(emb);
 
     const context = inputs.encoderHiddenStates;
+    if (c.patchSize > 1) sample = op.spaceToDepth(sample, c.patchSize);
     sample = this.convIn.forward(p, sample);
     if (c.positionEmbedding)
       sample = op.add(sample, this.atSizeOf(this.param(p, 'position_embedding'), sample));
     if (this.textLayout !== undefined) {
-      const size = c.sampleSize!;
+      const size = c.sampleSize! / c.patchSize;
       const layout = op.reshape(this.textLayout.forward(p, op.reduceMean(context, [1], false)), [
         -1,
         c.blockOutChannels[0]!,
@@ -436,6 +456,7 @@ export class UNet2DConditionModel extends Module {
       sample = block.forward(p, sample, own, emb, context, skips[skips.length - 1]);
     }
     sample = this.act(this.convNormOut.forward(p, sample));
-    return this.convOut.forward(p, sample);
+    sample = this.convOut.forward(p, sample);
+    return c.patchSize > 1 ? op.depthToSpace(sample, c.patchSize) : sample;
   }
 }

@@ -621,7 +621,7 @@ export class StableDiffusionPipeline {
       options.width ?? (imageInput !== undefined ? imageWidth(imageInput) : fromLatents(3));
     const height =
       options.height ?? (imageInput !== undefined ? imageHeight(imageInput) : fromLatents(2));
-    checkSize(width, height, scale);
+    checkSize(width, height, scale * this.unet.config.patchSize);
     if (!Number.isInteger(steps) || steps < 1)
       throw new UserError('bad-steps', `steps must be a positive integer (got ${steps})`);
     if (!Number.isInteger(count) || count < 1)
