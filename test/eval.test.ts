@@ -149,7 +149,7 @@ test(
 );
 
 test(
-  'gesso eval: a latent model also reports its autoencoder ceiling, the score of real images of the same prompts after its VAE',
+  'gesso eval: a latent model also reports its autoencoder ceiling, the score of real images of the same prompts after its VAE, which eval of the vae/ folder alone gives too',
   { skip: existsSync(FEATURES) ? false : 'models/shapes-features is missing' },
   async () => {
     const model = join(repoRoot, 'models', 'shapes-diffusion');
@@ -199,6 +199,40 @@ test(
     // The bundled autoencoder keeps many objects readable (0.54 here, 0.80 at 8 prompts × 2 with
     // seed 1), which a decoder fed wrongly scaled latents does not (0.04).
     assert.ok(ceiling.overall >= 0.4, `ceiling ${ceiling.overall}`);
+
+    // The autoencoder's folder on its own: its round trip of the same real images is the score.
+    const alone = await evaluate({
+      model: join(model, 'vae'),
+      features: FEATURES,
+      seed,
+      promptsPerCategory: 3,
+      imagesPerPrompt: 1,
+      runtime: { cacheDir: false },
+    });
+    assert.deepEqual(alone.fidelity, ceiling);
+    assert.equal(alone.autoencoder, undefined);
+    assert.equal(alone.settings.roundTrip, true);
+    assert.equal(alone.settings.steps, undefined);
+    assert.ok(alone.realism.frechetDistance < report.realism.frechetDistance);
+    assert.ok(alone.size.parameters > 0 && alone.size.parameters < report.size.parameters);
+    assert.match(
+      formatReport(alone),
+      /an autoencoder: real images of the prompts after its round trip/,
+    );
+    await assert.rejects(
+      evaluate({
+        ...{
+          model: join(model, 'vae'),
+          features: FEATURES,
+          seed,
+          promptsPerCategory: 1,
+          imagesPerPrompt: 1,
+        },
+        steps: 3,
+        guidance: 2,
+      }),
+      /shapes-diffusion\/vae is an autoencoder, which samples nothing: leave out --steps, --guidance/,
+    );
   },
 );
 

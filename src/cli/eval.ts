@@ -10,9 +10,13 @@ Measures a model on the shapes world: prompt fidelity per category (a pixel dete
 colour, shape, size, position, count and relations), diversity, realism (a Fréchet distance in the
 feature space of gesso's shapes network), speed and peak memory. For a latent model, also its
 autoencoder's ceiling: real images of the same prompts scored after a round trip through its VAE.
-Prints a table; with --out, writes report.json and a contact sheet per category.
+Given an autoencoder's folder instead (a vae/ folder, or what gesso train --route autoencoder
+writes), scores the real images of the prompts after its round trip: the most a latent model
+trained on it could reach. Prints a table; with --out, writes report.json and a contact sheet per
+category.
 
-  --model DIR|NAME        a model folder, bundled name or Hub id (default: shapes-diffusion)
+  --model DIR|NAME        a model folder, bundled name, Hub id or autoencoder folder
+                          (default: shapes-diffusion)
   --prompts N             prompts per category (default 16)
   --images N              images per prompt, different seeds (default 4)
   --seed N                seeds the prompt set and the generation (default 1)

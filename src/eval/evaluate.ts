@@ -1,12 +1,15 @@
 import { mkdir, stat, readdir } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { render, seededRandom } from '../data/shapes.js';
+import { UserError } from '../errors.js';
 import { writeFileAtomically } from '../io/atomic.js';
 import { contactSheet, fromModelPixels, toUint8 } from '../io/image.js';
 import { encodePng } from '../io/png.js';
+import { readConfig } from '../loaders/component.js';
 import { summarizeSafetensors } from '../loaders/describe.js';
 import { patchify } from '../models/patch-autoencoder.js';
-import type { Vae } from '../pipelines/components.js';
+import { Vae } from '../pipelines/components.js';
 import { loadPipeline } from '../pipelines/index.js';
 import type { RuntimeOptions } from '../runtime/session.js';
 import { concat } from '../tensor/ops.js';
@@ -29,6 +32,11 @@ import { frechetDistance, meanPairwiseDistance } from './statistics.js';
  */
 
 export interface EvalOptions {
+  /**
+   * A model folder, or an autoencoder's folder (a `config.json` of an AutoencoderKL, as
+   * `gesso train --route autoencoder` writes or a model's `vae/`): then the real images of the
+   * prompts after its round trip are what is scored, before any diffusion model is trained on it.
+   */
   readonly model: string;
   /** Folder of the trained feature network (models/shapes-features). */
   readonly features: string;
@@ -116,9 +124,36 @@ async function folderBytes(dir: string): Promise<number> {
   return total;
 }
 
+/** Whether `dir` is an autoencoder's own folder rather than a model's. */
+async function isAutoencoderFolder(dir: string): Promise<boolean> {
+  if (existsSync(join(dir, 'model_index.json')) || !existsSync(join(dir, 'config.json')))
+    return false;
+  const kind = (await readConfig(dir))._class_name;
+  return kind === 'AutoencoderKL' || kind === 'GessoPatchAutoencoder';
+}
+
+/** Draws jobs from..to as NHWC uint8 images: a model's generation, or an autoencoder's round trip. */
+type Draw = (from: number, to: number) => Promise<Tensor<'uint8'>>;
+
 export async function evaluate(options: EvalOptions): Promise<EvalReport> {
-  const pipe = await loadPipeline(options.model, options.runtime ?? {});
-  const extractor = await FeatureExtractor.load(options.features, options.runtime ?? {});
+  const runtime = options.runtime ?? {};
+  const autoencoder = (await isAutoencoderFolder(options.model))
+    ? await Vae.load(options.model, { ...runtime, cacheDir: false })
+    : undefined;
+  if (autoencoder !== undefined) {
+    const sampling = (['steps', 'guidance', 'scheduler', 'strength'] as const).filter(
+      (key) => options[key] !== undefined,
+    );
+    if (sampling.length > 0) {
+      await autoencoder.release();
+      throw new UserError(
+        'bad-request',
+        `${options.model} is an autoencoder, which samples nothing: leave out ${sampling.map((k) => `--${k}`).join(', ')}`,
+      );
+    }
+  }
+  const pipe = autoencoder === undefined ? await loadPipeline(options.model, runtime) : undefined;
+  const extractor = await FeatureExtractor.load(options.features, runtime);
   try {
     const prompts = fidelityPrompts(options.seed, options.promptsPerCategory);
     const jobs: { prompt: FidelityPrompt; seed: number }[] = [];
@@ -132,32 +167,36 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
     const real = render(jobs.map((j) => sceneFor(j.prompt.expect, random)));
     const per = real.size / jobs.length;
     const batch = options.batchSize ?? 16;
-    /** Jobs from..to, generated as one batch. */
-    const draw = (from: number, to: number) =>
-      pipe.generate({
-        prompt: jobs.slice(from, to).map((j) => j.prompt.prompt),
-        seed: jobs.slice(from, to).map((j) => j.seed),
-        ...(options.steps !== undefined ? { steps: options.steps } : {}),
-        ...(options.guidance !== undefined ? { guidance: options.guidance } : {}),
-        ...(options.scheduler !== undefined ? { scheduler: options.scheduler } : {}),
-        ...(options.strength !== undefined
-          ? {
-              image: new Tensor(
-                'uint8',
-                [to - from, ...real.shape.slice(1)],
-                real.data.subarray(from * per, to * per),
-              ),
-              strength: options.strength,
-            }
-          : {}),
-      });
+    const slice = (images: Tensor<'uint8'>, from: number, to: number) =>
+      new Tensor(
+        'uint8',
+        [to - from, ...images.shape.slice(1)],
+        images.data.subarray(from * per, to * per),
+      );
+    const draw: Draw =
+      pipe === undefined
+        ? (from, to) => roundTrip(autoencoder!, slice(real, from, to), batch)
+        : async (from, to) =>
+            toUint8(
+              (
+                await pipe.generate({
+                  prompt: jobs.slice(from, to).map((j) => j.prompt.prompt),
+                  seed: jobs.slice(from, to).map((j) => j.seed),
+                  ...(options.steps !== undefined ? { steps: options.steps } : {}),
+                  ...(options.guidance !== undefined ? { guidance: options.guidance } : {}),
+                  ...(options.scheduler !== undefined ? { scheduler: options.scheduler } : {}),
+                  ...(options.strength !== undefined
+                    ? { image: slice(real, from, to), strength: options.strength }
+                    : {}),
+                })
+              ).images,
+            );
     // The speed is that of a loaded model: building and optimizing its graphs happen before.
     await draw(0, 1);
     const chunks: Tensor<'uint8'>[] = [];
     const started = Date.now();
     for (let i = 0; i < jobs.length; i += batch) {
-      const { images } = await draw(i, Math.min(i + batch, jobs.length));
-      chunks.push(toUint8(images));
+      chunks.push(await draw(i, Math.min(i + batch, jobs.length)));
       options.onProgress?.(Math.min(i + batch, jobs.length), jobs.length);
     }
     const seconds = (Date.now() - started) / 1000;
@@ -172,7 +211,7 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
     const realFeatures = await extractor.embed(real);
     const frechet = frechetDistance(generatedFeatures, realFeatures);
     const ceiling =
-      pipe.vae !== undefined
+      pipe?.vae !== undefined
         ? scoreFidelity(
             jobs.map((j) => j.prompt),
             await roundTrip(pipe.vae, real, batch),
@@ -195,7 +234,7 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
     const diversityReal = spread(realFeatures);
 
     let parameters = 0;
-    for (const part of ['text_encoder', 'unet', 'generator']) {
+    for (const part of autoencoder !== undefined ? ['.'] : ['text_encoder', 'unet', 'generator']) {
       try {
         for (const file of await readdir(join(options.model, part))) {
           if (file.endsWith('.safetensors'))
@@ -213,10 +252,14 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
         seed: options.seed,
         promptsPerCategory: options.promptsPerCategory,
         imagesPerPrompt: options.imagesPerPrompt,
-        steps: options.steps ?? 'model default',
-        guidance: options.guidance ?? 'model default',
-        scheduler: options.scheduler ?? 'model default',
-        ...(options.strength !== undefined ? { strength: options.strength } : {}),
+        ...(autoencoder !== undefined
+          ? { roundTrip: true }
+          : {
+              steps: options.steps ?? 'model default',
+              guidance: options.guidance ?? 'model default',
+              scheduler: options.scheduler ?? 'model default',
+              ...(options.strength !== undefined ? { strength: options.strength } : {}),
+            }),
         images: jobs.length,
       },
       fidelity: scoresOf(fidelity),
@@ -261,13 +304,17 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
     }
     return report;
   } finally {
-    await pipe.release();
+    await (pipe ?? autoencoder)!.release();
     await extractor.release();
   }
 }
 
 export function formatReport(r: EvalReport): string {
   const lines = [`model: ${r.model}`];
+  if (r.settings.roundTrip === true)
+    lines.push(
+      'an autoencoder: real images of the prompts after its round trip (encoder mean, decoder)',
+    );
   if (r.settings.strength !== undefined)
     lines.push(`from real images of the prompts at strength ${String(r.settings.strength)}`);
   for (const c of CATEGORIES)
