@@ -221,13 +221,11 @@ test(
     );
     await assert.rejects(
       evaluate({
-        ...{
-          model: join(model, 'vae'),
-          features: FEATURES,
-          seed,
-          promptsPerCategory: 1,
-          imagesPerPrompt: 1,
-        },
+        model: join(model, 'vae'),
+        features: FEATURES,
+        seed,
+        promptsPerCategory: 1,
+        imagesPerPrompt: 1,
         steps: 3,
         guidance: 2,
       }),
