@@ -12,7 +12,7 @@ import { patchify } from '../models/patch-autoencoder.js';
 import { Vae } from '../pipelines/components.js';
 import { loadPipeline } from '../pipelines/index.js';
 import type { RuntimeOptions } from '../runtime/session.js';
-import { concat } from '../tensor/ops.js';
+import { concat, slice } from '../tensor/ops.js';
 import { Tensor } from '../tensor/tensor.js';
 import { FEATURE_DIM, FeatureExtractor } from './features.js';
 import {
@@ -103,12 +103,10 @@ async function roundTrip(
   images: Tensor<'uint8'>,
   batch: number,
 ): Promise<Tensor<'uint8'>> {
-  const [count, h, w, c] = images.shape as [number, number, number, number];
-  const per = h * w * c;
+  const count = images.shape[0]!;
   const parts: Tensor<'uint8'>[] = [];
   for (let i = 0; i < count; i += batch) {
-    const n = Math.min(batch, count - i);
-    const part = new Tensor('uint8', [n, h, w, c], images.data.subarray(i * per, (i + n) * per));
+    const part = slice(images, 0, i, Math.min(i + batch, count));
     const latents = await vae.encodeMeanScaled(patchify(part, 1));
     parts.push(toUint8(fromModelPixels(await vae.decodeScaled(latents))));
   }
@@ -167,15 +165,9 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
     const real = render(jobs.map((j) => sceneFor(j.prompt.expect, random)));
     const per = real.size / jobs.length;
     const batch = options.batchSize ?? 16;
-    const slice = (images: Tensor<'uint8'>, from: number, to: number) =>
-      new Tensor(
-        'uint8',
-        [to - from, ...images.shape.slice(1)],
-        images.data.subarray(from * per, to * per),
-      );
     const draw: Draw =
       pipe === undefined
-        ? (from, to) => roundTrip(autoencoder!, slice(real, from, to), batch)
+        ? (from, to) => roundTrip(autoencoder!, slice(real, 0, from, to), batch)
         : async (from, to) =>
             toUint8(
               (
@@ -186,7 +178,7 @@ export async function evaluate(options: EvalOptions): Promise<EvalReport> {
                   ...(options.guidance !== undefined ? { guidance: options.guidance } : {}),
                   ...(options.scheduler !== undefined ? { scheduler: options.scheduler } : {}),
                   ...(options.strength !== undefined
-                    ? { image: slice(real, from, to), strength: options.strength }
+                    ? { image: slice(real, 0, from, to), strength: options.strength }
                     : {}),
                 })
               ).images,
