@@ -178,6 +178,48 @@ test('gesso generate --from reproduces an image exactly from its metadata', asyn
   });
 });
 
+test('gesso generate "": an empty prompt draws unconditionally, as in A1111, and --from reads it back', async () => {
+  await withTempDir(async (dir) => {
+    const out = join(dir, 'out');
+    for (const guidance of ['1', '7']) {
+      const r = gesso(
+        'generate',
+        '--model',
+        model,
+        '',
+        '--seed',
+        '7',
+        '--guidance',
+        guidance,
+        '--out',
+        out,
+      );
+      assert.equal(r.status, 0, r.stderr);
+    }
+    const [plain, guided] = ['00000-7.png', '00001-7.png'].map((f) =>
+      decodePng(readFileSync(join(out, f))),
+    );
+    // A1111 writes no prompt line: the parameters start with the settings.
+    assert.match(plain!.text.parameters!, /^Steps: /);
+    assert.equal(parseInfotext(plain!.text.parameters!).prompt, '');
+    // With nothing asked, the conditional and unconditional predictions agree: guidance changes nothing.
+    let largest = 0;
+    plain!.data.forEach((v, i) => (largest = Math.max(largest, Math.abs(v - guided!.data[i]!))));
+    assert.ok(largest <= 1, `guidance 1 and 7 differ by ${largest} levels`);
+
+    const again = gesso(
+      'generate',
+      '--from',
+      join(out, '00000-7.png'),
+      '--model',
+      model,
+      '--out',
+      out,
+    );
+    assert.equal(again.status, 0, again.stderr);
+    assert.deepEqual(decodePng(readFileSync(join(out, '00002-7.png'))).data, plain!.data);
+  });
+});
 test('gesso generate --init-image --mask repaints the white of the mask and keeps the rest exactly', async () => {
   await withTempDir(async (dir) => {
     const size = 64;

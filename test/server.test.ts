@@ -177,6 +177,21 @@ test('AUTOMATIC1111 variation seeds: the seed kept, variation seeds counted, str
   assert.deepEqual(pixels(varied, 1), pixels(plain, 0));
 });
 
+test('AUTOMATIC1111 txt2img without a prompt draws unconditionally, as A1111 does', async () => {
+  const common = { steps: 2, width: 64, height: 64, seed: 3, sampler_name: 'Euler' };
+  const absent = await post('/sdapi/v1/txt2img', common);
+  assert.equal(absent.status, 200, JSON.stringify(absent.body));
+  const empty = await post('/sdapi/v1/txt2img', { ...common, prompt: '' });
+  assert.equal(empty.status, 200, JSON.stringify(empty.body));
+  const image = (r: { body: Record<string, unknown> }) =>
+    decodePng(Buffer.from((r.body.images as string[])[0]!, 'base64'));
+  assert.deepEqual(image(absent).data, image(empty).data);
+  assert.match(image(absent).text.parameters!, /^Steps: 2, Sampler: Euler, /);
+  // Only A1111's routes take it: the OpenAI route still asks for a prompt.
+  const openai = await post('/v1/images/generations', { prompt: ' ' });
+  assert.equal(openai.status, 400);
+});
+
 test('AUTOMATIC1111 txt2img: its response shape, base64 images and info as a JSON string', async () => {
   const r = await post('/sdapi/v1/txt2img', {
     prompt: 'two green triangles',

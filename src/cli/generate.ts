@@ -307,8 +307,8 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   if (values.prompts !== undefined) entries = await readPromptFile(values.prompts);
   else {
     const prompt = values.prompt ?? (positionals.length > 0 ? positionals.join(' ') : from?.prompt);
-    if (prompt === undefined || prompt.trim() === '')
-      throw new UserError('usage', `no prompt given\n${GENERATE_USAGE}`);
+    // An empty prompt given on purpose draws unconditionally, as in A1111 and diffusers.
+    if (prompt === undefined) throw new UserError('usage', `no prompt given\n${GENERATE_USAGE}`);
     entries = [{ prompt }];
   }
 

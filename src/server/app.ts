@@ -84,8 +84,9 @@ function sizeFields(limits: Limits) {
   return { type: 'integer', minimum: 8, maximum: limits.maxSide, multipleOf: 8 } as const;
 }
 
-function checkPrompt(prompt: string, limits: Limits, field = 'prompt'): void {
-  if (prompt.trim() === '') throw new RequestError(400, `${field} is empty`, field);
+/** `allowEmpty`: A1111's routes draw an empty prompt unconditionally, as its web UI does. */
+function checkPrompt(prompt: string, limits: Limits, field = 'prompt', allowEmpty = false): void {
+  if (!allowEmpty && prompt.trim() === '') throw new RequestError(400, `${field} is empty`, field);
   if (prompt.length > limits.maxPromptLength)
     throw new RequestError(
       400,
@@ -432,7 +433,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
   const a1111 = async (request: FastifyRequest, img2img: boolean) => {
     const b = request.body as Record<string, unknown>;
     const prompt = (b.prompt as string | undefined) ?? '';
-    checkPrompt(prompt, limits);
+    checkPrompt(prompt, limits, 'prompt', true);
     refuseUnsupported(b);
     const overrides = b.override_settings as Record<string, unknown> | undefined;
     const clipSkip = clipSkipOf(overrides);
