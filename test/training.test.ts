@@ -124,6 +124,14 @@ test('the word tokenizer ignores case and punctuation and maps unknown words to 
   assert.equal(ids[2], t.unkId);
   assert.equal(ids.length, 12);
   assert.equal(t.decode(t.encode('three blue squares')), 'three blue squares');
+  // Other spellings fall back to the vocabulary's word, and only when it lacks theirs.
+  assert.deepEqual(
+    t.encode('3 red circles in the centre on a grey background'),
+    t.encode('three red circles in the center on a gray background'),
+  );
+  const british = new WordTokenizer([...SHAPES_WORDS, 'grey'], 12);
+  assert.equal(british.decode(british.encode('a grey square')), 'a grey square');
+  assert.equal(t.encode('7 squares')[1], t.unkId); // seven is not a shapes-world word
 });
 
 test('host patchify equals the graph codec, and decoding inverts it', async () => {

@@ -4,11 +4,33 @@ import { UserError } from '../errors.js';
 
 /**
  * gesso's word tokenizer for its own small models: lower-cased words and numbers, punctuation
- * ignored, each word looked up in a fixed vocabulary; a word outside it becomes `<unk>` instead of
+ * ignored, each word looked up in a fixed vocabulary (or as its other spelling: grey, centre, 3); a word outside it becomes `<unk>` instead of
  * an error, so any prompt encodes. Sequences are `<bos> words <eos>` padded with `<pad>`.
  */
 
 export const SPECIAL_TOKENS = ['<pad>', '<bos>', '<eos>', '<unk>'] as const;
+
+/**
+ * Other ways to write a word: British spellings and numerals. Looked up only when the vocabulary
+ * lacks the word as written, so a vocabulary learned from captions that spell `grey` keeps it.
+ */
+const SAME_WORD: Readonly<Record<string, string>> = {
+  grey: 'gray',
+  centre: 'center',
+  colour: 'color',
+  colours: 'colors',
+  0: 'zero',
+  1: 'one',
+  2: 'two',
+  3: 'three',
+  4: 'four',
+  5: 'five',
+  6: 'six',
+  7: 'seven',
+  8: 'eight',
+  9: 'nine',
+  10: 'ten',
+};
 
 export interface WordTokenizerConfig {
   readonly tokenizer_class: 'GessoWordTokenizer';
@@ -79,7 +101,10 @@ export class WordTokenizer {
   }
 
   tokenize(text: string): number[] {
-    return WordTokenizer.words(text).map((w) => this.ids.get(w) ?? this.unkId);
+    return WordTokenizer.words(text).map((w) => {
+      const id = this.ids.get(w) ?? this.ids.get(SAME_WORD[w] ?? '');
+      return id ?? this.unkId;
+    });
   }
 
   encode(text: string, options: { maxLength?: number } = {}): number[] {
