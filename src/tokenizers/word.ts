@@ -4,8 +4,9 @@ import { UserError } from '../errors.js';
 
 /**
  * gesso's word tokenizer for its own small models: lower-cased words and numbers, punctuation
- * ignored, each word looked up in a fixed vocabulary (or as its other spelling: grey, centre, 3); a word outside it becomes `<unk>` instead of
- * an error, so any prompt encodes. Sequences are `<bos> words <eos>` padded with `<pad>`.
+ * ignored, each word looked up in a fixed vocabulary (or as its other spelling: grey, centre, 3);
+ * a word outside it becomes `<unk>` instead of an error, so any prompt encodes. Sequences are
+ * `<bos> words <eos>` padded with `<pad>`.
  */
 
 export const SPECIAL_TOKENS = ['<pad>', '<bos>', '<eos>', '<unk>'] as const;
