@@ -220,6 +220,7 @@ test('gesso generate "": an empty prompt draws unconditionally, as in A1111, and
     assert.deepEqual(decodePng(readFileSync(join(out, '00002-7.png'))).data, plain!.data);
   });
 });
+
 test('gesso generate --init-image --mask repaints the white of the mask and keeps the rest exactly', async () => {
   await withTempDir(async (dir) => {
     const size = 64;
