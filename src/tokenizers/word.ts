@@ -15,23 +15,23 @@ export const SPECIAL_TOKENS = ['<pad>', '<bos>', '<eos>', '<unk>'] as const;
  * Other ways to write a word: British spellings and numerals. Looked up only when the vocabulary
  * lacks the word as written, so a vocabulary learned from captions that spell `grey` keeps it.
  */
-const SAME_WORD: Readonly<Record<string, string>> = {
-  grey: 'gray',
-  centre: 'center',
-  colour: 'color',
-  colours: 'colors',
-  0: 'zero',
-  1: 'one',
-  2: 'two',
-  3: 'three',
-  4: 'four',
-  5: 'five',
-  6: 'six',
-  7: 'seven',
-  8: 'eight',
-  9: 'nine',
-  10: 'ten',
-};
+const SAME_WORD: ReadonlyMap<string, string> = new Map([
+  ['grey', 'gray'],
+  ['centre', 'center'],
+  ['colour', 'color'],
+  ['colours', 'colors'],
+  ['0', 'zero'],
+  ['1', 'one'],
+  ['2', 'two'],
+  ['3', 'three'],
+  ['4', 'four'],
+  ['5', 'five'],
+  ['6', 'six'],
+  ['7', 'seven'],
+  ['8', 'eight'],
+  ['9', 'nine'],
+  ['10', 'ten'],
+]);
 
 export interface WordTokenizerConfig {
   readonly tokenizer_class: 'GessoWordTokenizer';
@@ -102,10 +102,9 @@ export class WordTokenizer {
   }
 
   tokenize(text: string): number[] {
-    return WordTokenizer.words(text).map((w) => {
-      const id = this.ids.get(w) ?? this.ids.get(SAME_WORD[w] ?? '');
-      return id ?? this.unkId;
-    });
+    return WordTokenizer.words(text).map(
+      (w) => this.ids.get(w) ?? this.ids.get(SAME_WORD.get(w) ?? '') ?? this.unkId,
+    );
   }
 
   encode(text: string, options: { maxLength?: number } = {}): number[] {
