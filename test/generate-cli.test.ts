@@ -378,6 +378,13 @@ test('gesso generate: a random seed is reported and recorded', async () => {
     const below = gesso('generate', '--model', model, 'a circle', '--seed', '-2', '--out', dir);
     assert.equal(below.status, 2);
     assert.match(below.stderr, /--seed must be at least -1 \(got -2\)/);
+    // Beyond what a JavaScript number holds exactly: the message repeats the seed as typed.
+    const above = gesso('generate', '--model', model, 'a circle', '--seed', '18446744073709551615');
+    assert.equal(above.status, 2);
+    assert.match(
+      above.stderr,
+      /--seed must be at most 9007199254740991 \(got 18446744073709551615\)/,
+    );
   });
 });
 

@@ -323,6 +323,18 @@ test('bad requests get 4xx with a message that names the problem', async () => {
       /batch_size × n_iter is 9/,
     ],
     ['/sdapi/v1/img2img', { prompt: 'x' }, 400, /img2img needs init_images/],
+    [
+      '/sdapi/v1/txt2img',
+      { prompt: 'x', seed: 18446744073709551615 },
+      400,
+      /seed must be <= 9007199254740991/,
+    ],
+    [
+      '/sdapi/v1/txt2img',
+      { prompt: 'x', subseed: 2 ** 53, subseed_strength: 0.5 },
+      400,
+      /subseed must be <= 9007199254740991/,
+    ],
     ['/sdapi/v1/txt2img', { prompt: 'x', enable_hr: true }, 400, /enable_hr is not supported/],
     ['/sdapi/v1/txt2img', { prompt: 'x', mask: 'bm90' }, 400, /a mask goes with img2img/],
     [

@@ -18,8 +18,8 @@ export function parseNumber(
     throw new UserError('usage', `--${flag} must be ${kind} (got '${value}')`);
   }
   if (options.min !== undefined && n < options.min)
-    throw new UserError('usage', `--${flag} must be at least ${options.min} (got ${n})`);
+    throw new UserError('usage', `--${flag} must be at least ${options.min} (got ${value})`);
   if (options.max !== undefined && n > options.max)
-    throw new UserError('usage', `--${flag} must be at most ${options.max} (got ${n})`);
+    throw new UserError('usage', `--${flag} must be at most ${options.max} (got ${value})`);
   return n;
 }

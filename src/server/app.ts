@@ -413,7 +413,8 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       cfg_scale: { type: 'number', minimum: 0, maximum: 50 },
       width: sizeFields(limits),
       height: sizeFields(limits),
-      seed: { type: 'integer', minimum: -1 },
+      // Beyond 2^53 a JSON number is not the integer sent, so it would seed something else.
+      seed: { type: 'integer', minimum: -1, maximum: 2 ** 53 - 1 },
       batch_size: { type: 'integer', minimum: 1, maximum: limits.maxImages },
       n_iter: { type: 'integer', minimum: 1, maximum: limits.maxImages },
       sampler_name: { type: 'string' },
@@ -423,7 +424,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       mask: { type: ['string', 'null'] },
       inpainting_mask_invert: { type: 'integer', enum: [0, 1] },
       override_settings: { type: 'object' },
-      subseed: { type: 'integer', minimum: -1 },
+      subseed: { type: 'integer', minimum: -1, maximum: 2 ** 53 - 1 },
       subseed_strength: { type: 'number', minimum: 0, maximum: 1 },
       seed_resize_from_w: { type: 'integer', minimum: -1 },
       seed_resize_from_h: { type: 'integer', minimum: -1 },
