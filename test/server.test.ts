@@ -325,7 +325,7 @@ test('bad requests get 4xx with a message that names the problem', async () => {
     ['/sdapi/v1/img2img', { prompt: 'x' }, 400, /img2img needs init_images/],
     [
       '/sdapi/v1/txt2img',
-      { prompt: 'x', seed: 18446744073709551615 },
+      '{"prompt": "x", "seed": 18446744073709551615}',
       400,
       /seed must be <= 9007199254740991/,
     ],
