@@ -225,6 +225,8 @@ export class UNet2DConditionModel extends Module {
   readonly config: UNetConfig;
   private readonly convIn: Conv2d;
   private readonly textLayout: Linear | undefined;
+  /** Cells per side of the patch grid the per-cell additions are made on (when there are any). */
+  private readonly gridSide: number | undefined;
   private readonly timeEmbedding: TimestepEmbedding;
   private readonly addEmbedding: TimestepEmbedding | undefined;
   private readonly downBlocks: UNetDownBlock[];
@@ -256,28 +258,25 @@ export class UNet2DConditionModel extends Module {
       }),
     );
     // Both per-cell additions are made on the patch grid of sample_size latents per side.
-    const cellsPerSide = (key: string): number => {
+    if (c.positionEmbedding || c.textLayout) {
       if (c.sampleSize === null || c.sampleSize % patch !== 0)
         throw new UserError(
           'bad-config',
-          `unet config: ${key} needs sample_size (latents per side), a multiple of gesso_patch_size ${patch}`,
+          `unet config: ${c.positionEmbedding ? 'gesso_position_embedding' : 'gesso_text_layout'} needs sample_size (latents per side), a multiple of gesso_patch_size ${patch}`,
         );
-      return c.sampleSize / patch;
-    };
-    if (c.positionEmbedding) {
-      const side = cellsPerSide('gesso_position_embedding');
-      this.addParameter('position_embedding', [1, first, side, side]);
-    }
-    if (c.textLayout) {
-      const side = cellsPerSide('gesso_text_layout');
-      const zero = { kind: 'constant', value: 0 } as const;
-      this.textLayout = this.addModule(
-        'text_layout',
-        new Linear(c.crossAttentionDim[0]!, first * side ** 2, true, {
-          weight: zero,
-          bias: zero,
-        }),
-      );
+      const side = c.sampleSize / patch;
+      this.gridSide = side;
+      if (c.positionEmbedding) this.addParameter('position_embedding', [1, first, side, side]);
+      if (c.textLayout) {
+        const zero = { kind: 'constant', value: 0 } as const;
+        this.textLayout = this.addModule(
+          'text_layout',
+          new Linear(c.crossAttentionDim[0]!, first * side ** 2, true, {
+            weight: zero,
+            bias: zero,
+          }),
+        );
+      }
     }
     this.timeEmbedding = this.addModule(
       'time_embedding',
@@ -391,7 +390,7 @@ export class UNet2DConditionModel extends Module {
 
   /** A per-cell map made on the patch grid, nearest-resized to `sample`'s size when that differs. */
   private atSizeOf(map: Value, sample: Value): Value {
-    const size = this.config.sampleSize! / this.config.patchSize;
+    const size = this.gridSide!;
     return sample.shape[2] === size && sample.shape[3] === size
       ? map
       : op.resizeNearestLike(map, sample);
@@ -435,7 +434,7 @@ export class UNet2DConditionModel extends Module {
     if (c.positionEmbedding)
       sample = op.add(sample, this.atSizeOf(this.param(p, 'position_embedding'), sample));
     if (this.textLayout !== undefined) {
-      const size = c.sampleSize! / c.patchSize;
+      const size = this.gridSide!;
       const layout = op.reshape(this.textLayout.forward(p, op.reduceMean(context, [1], false)), [
         -1,
         c.blockOutChannels[0]!,
