@@ -182,6 +182,29 @@ test('a conditioning plan encodes each text once and knows what varies', () => {
   assert.equal(plain.composite || plain.scheduled, false);
 });
 
+test('an extra-network tag in an A1111 prompt is refused by name, not encoded as words', () => {
+  for (const [prompt, negative, tag] of [
+    ['a cat <lora:foo:0.8>', '', '<lora:foo:0.8>'],
+    ['a cat', 'blurry, <hypernet:bar:1>', '<hypernet:bar:1>'],
+    ['a cat [<lora:x y:1>:a dog:2]', '', '<lora:x y:1>'],
+  ] as const) {
+    assert.throws(
+      () => conditioningPlan([prompt], [negative], 4, 'a1111'),
+      (e: Error) =>
+        e.message.startsWith(`the ${negative === '' ? 'prompt' : 'negative prompt'} names`) &&
+        e.message.includes(`extra network, ${tag}, `) &&
+        e.message.includes('--lora'),
+      prompt,
+    );
+  }
+  // Angle brackets that are no tag, and every prompt read as plain text, pass as written.
+  for (const prompt of ['a <cat>', 'x < y: z', 'a <:b>'])
+    assert.deepEqual(conditioningPlan([prompt], undefined, 4, 'a1111').texts, [prompt]);
+  assert.deepEqual(conditioningPlan(['a <lora:foo:1>'], undefined, 4, 'plain').texts, [
+    'a <lora:foo:1>',
+  ]);
+});
+
 const sameData = (a: Tensor, b: Tensor) =>
   a.size === b.size && a.data.every((v, i) => v === b.data[i]);
 

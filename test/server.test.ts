@@ -325,6 +325,12 @@ test('bad requests get 4xx with a message that names the problem', async () => {
     ['/sdapi/v1/img2img', { prompt: 'x' }, 400, /img2img needs init_images/],
     [
       '/sdapi/v1/txt2img',
+      { prompt: 'a cat <lora:foo:0.8>' },
+      400,
+      /the prompt names an extra network, <lora:foo:0.8>/,
+    ],
+    [
+      '/sdapi/v1/txt2img',
       '{"prompt": "x", "seed": 18446744073709551615}',
       400,
       /seed must be <= 9007199254740991/,

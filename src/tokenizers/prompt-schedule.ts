@@ -1,3 +1,5 @@
+import { UserError } from '../errors.js';
+
 /**
  * AUTOMATIC1111's prompts that change while sampling, and prompts composed of parts.
  *
@@ -260,6 +262,22 @@ export interface ConditioningPlan {
   readonly scheduled: boolean;
 }
 
+/** A1111's extra-network tag, `re_extra_net` in its extra_networks.py: `<lora:name:weight>`. */
+const EXTRA_NETWORK = /<([\p{L}\p{N}_]+):([^>]+)>/u;
+
+/**
+ * A1111 takes such a tag out of the prompt and loads the network it names from its own folders;
+ * encoded as text instead, it would steer the image in silence.
+ */
+function refuseExtraNetworks(prompt: string, which: 'prompt' | 'negative prompt'): void {
+  const tag = EXTRA_NETWORK.exec(prompt);
+  if (tag !== null)
+    throw new UserError(
+      'bad-request',
+      `the ${which} names an extra network, ${tag[0]}, and gesso does not load networks named in prompts; remove the tag (gesso generate merges a LoRA with --lora FILE[:SCALE])`,
+    );
+}
+
 /**
  * The conditioning of a batch as AUTOMATIC1111 reads prompts (`syntax` 'a1111': editing,
  * alternation and `AND` in prompts, editing and alternation in negative prompts) or as plain
@@ -285,6 +303,11 @@ export function conditioningPlan(
     });
   const scheduleOf = (text: string): PromptSchedule =>
     syntax === 'a1111' ? promptSchedule(text, steps) : [[steps, text]];
+  if (syntax === 'a1111') {
+    for (const text of prompts) refuseExtraNetworks(text, 'prompt');
+    for (const text of negatives ?? [])
+      if (text !== null) refuseExtraNetworks(text, 'negative prompt');
+  }
   const images = prompts.map((prompt, i): ImageConditions => {
     const parts = syntax === 'a1111' ? composablePrompt(prompt) : [{ text: prompt, weight: 1 }];
     const negative = negatives?.[i];
