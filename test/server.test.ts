@@ -177,6 +177,56 @@ test('AUTOMATIC1111 variation seeds: the seed kept, variation seeds counted, str
   assert.deepEqual(pixels(varied, 1), pixels(plain, 0));
 });
 
+test('AUTOMATIC1111 schedule types (its scheduler field): Karras, Uniform and Automatic as A1111 1.9 reads them', async () => {
+  const common = { prompt: 'a red circle', steps: 3, width: 64, height: 64, seed: 8 };
+  const pixels = (r: { body: Record<string, unknown> }) =>
+    decodePng(Buffer.from((r.body.images as string[])[0]!, 'base64')).data;
+  const sampled = async (body: Record<string, unknown>) => {
+    const r = await post('/sdapi/v1/txt2img', { ...common, ...body });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    const info = JSON.parse(r.body.info as string) as { sampler_name: string };
+    return { sampler: info.sampler_name, pixels: pixels(r) };
+  };
+  const karras = await sampled({ sampler_name: 'DPM++ 2M Karras' });
+  const plain = await sampled({ sampler_name: 'DPM++ 2M' });
+  assert.notDeepEqual(karras.pixels, plain.pixels);
+  for (const [body, expected] of [
+    [{ sampler_name: 'DPM++ 2M', scheduler: 'Karras' }, karras],
+    // A1111 1.9 samples DPM++ 2M with Karras sigmas unless told otherwise.
+    [{ sampler_name: 'DPM++ 2M', scheduler: 'Automatic' }, karras],
+    [{ sampler_name: 'DPM++ 2M Karras', scheduler: 'uniform' }, plain],
+    [{ sampler_name: 'DPM++ 2M', scheduler: '' }, plain],
+  ] as const) {
+    const got = await sampled(body);
+    assert.equal(got.sampler, expected.sampler, JSON.stringify(body));
+    assert.deepEqual(got.pixels, expected.pixels, JSON.stringify(body));
+  }
+  assert.equal(
+    (await sampled({ sampler_name: 'Euler', scheduler: 'Karras' })).sampler,
+    'Euler Karras',
+  );
+
+  for (const [body, message] of [
+    [{ sampler_name: 'Euler a', scheduler: 'Karras' }, /Karras sigmas for .*not for Euler a/],
+    [{ sampler_name: 'DPM++ 2M SDE', scheduler: 'Automatic' }, /with exponential sigmas/],
+    [{ sampler_name: 'Euler', scheduler: 'Exponential' }, /unknown schedule type 'Exponential'/],
+    [{ scheduler: 'Karras' }, /scheduler 'Karras' needs the sampler_name/],
+  ] as const) {
+    const r = await post('/sdapi/v1/txt2img', { ...common, ...body });
+    assert.equal(r.status, 400, JSON.stringify(body));
+    assert.match(r.body.detail as string, message);
+  }
+  const types = (await (await fetch(`${base}/sdapi/v1/schedulers`)).json()) as { label: string }[];
+  assert.deepEqual(
+    types.map((t) => t.label),
+    ['Automatic', 'Uniform', 'Karras'],
+  );
+  // send_images false: A1111 answers an empty list (the images are still made and kept).
+  const unsent = await post('/sdapi/v1/txt2img', { ...common, send_images: false });
+  assert.equal(unsent.status, 200);
+  assert.deepEqual(unsent.body.images, []);
+});
+
 test('AUTOMATIC1111 txt2img without a prompt draws unconditionally, as A1111 does', async () => {
   const common = { steps: 2, width: 64, height: 64, seed: 3, sampler_name: 'Euler' };
   const absent = await post('/sdapi/v1/txt2img', common);

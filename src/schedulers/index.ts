@@ -100,6 +100,56 @@ export function isSchedulerName(name: string): boolean {
   return NAMES[normalizeSchedulerName(name)] !== undefined || CLASSES[name] !== undefined;
 }
 
+/** A1111 (1.9 on) `scheduler` values gesso has: the sampler's own default, and two sigma spacings. */
+export const A1111_SCHEDULE_TYPES = ['Automatic', 'Uniform', 'Karras'] as const;
+
+/**
+ * The spacing A1111 gives a sampler whose schedule type is Automatic, where it is not Uniform
+ * (`samplers_k_diffusion` in its sd_samplers_kdiffusion.py). Before 1.9 the name alone decided.
+ */
+const A1111_DEFAULT_SPACING: Readonly<Record<string, string>> = {
+  dpmpp_2m: 'karras',
+  dpmpp_2m_sde: 'exponential',
+};
+
+/**
+ * The gesso scheduler for an A1111 sampler name and schedule type (the request's `scheduler`
+ * field since A1111 1.9, which names the sigma spacing apart from the sampler): `DPM++ 2M` with
+ * `Karras` is `dpmpp_2m_karras`. Spacings gesso does not have are refused by name.
+ */
+export function withScheduleType(sampler: string, scheduleType: string): string {
+  const type = scheduleType.trim().toLowerCase();
+  const name = normalizeSchedulerName(sampler);
+  if (NAMES[name] === undefined) {
+    if (type === 'automatic') return sampler;
+    throw new UserError(
+      'unknown-scheduler',
+      `schedule type '${scheduleType}' goes with an A1111 sampler name, not '${sampler}'`,
+    );
+  }
+  const base = name.replace(/_karras$/, '');
+  const karras = NAMES[`${base}_karras`] !== undefined ? `${base}_karras` : undefined;
+  const spacing =
+    type === 'automatic'
+      ? name !== base
+        ? 'karras'
+        : (A1111_DEFAULT_SPACING[base] ?? 'uniform')
+      : type;
+  if (spacing === 'uniform') return base;
+  if (spacing === 'karras' && karras !== undefined) return karras;
+  const withKarras = Object.keys(NAMES)
+    .filter((n) => n.endsWith('_karras'))
+    .map((n) => displayName(n.replace(/_karras$/, '')));
+  throw new UserError(
+    'unknown-scheduler',
+    type === 'automatic'
+      ? `A1111 samples ${displayName(base)} with ${spacing} sigmas when the schedule type is Automatic, and gesso has no ${spacing} spacing; ask for schedule type Karras or Uniform`
+      : spacing === 'karras'
+        ? `gesso has Karras sigmas for ${withKarras.join(', ')}, not for ${displayName(base)}; ask for schedule type Uniform or another sampler`
+        : `unknown schedule type '${scheduleType}'; gesso has ${A1111_SCHEDULE_TYPES.join(', ')}`,
+  );
+}
+
 /** The A1111 display name for a gesso scheduler name (for PNG metadata and the A1111 API). */
 export function displayName(name: string): string {
   const names: Record<string, string> = {

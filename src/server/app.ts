@@ -9,7 +9,13 @@ import { infotextFor } from '../generation/outputs.js';
 import { listModels } from '../generation/models.js';
 import { decodeImage } from '../io/image.js';
 import type { RuntimeOptions } from '../runtime/session.js';
-import { displayName, isSchedulerName, SCHEDULER_NAMES } from '../schedulers/index.js';
+import {
+  A1111_SCHEDULE_TYPES,
+  displayName,
+  isSchedulerName,
+  SCHEDULER_NAMES,
+  withScheduleType,
+} from '../schedulers/index.js';
 import { JobQueue, jobView, type Job, type JobEvent, type JobRequest } from './jobs.js';
 import { ModelManager } from './models.js';
 
@@ -419,6 +425,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       n_iter: { type: 'integer', minimum: 1, maximum: limits.maxImages },
       sampler_name: { type: 'string' },
       sampler_index: { type: 'string' },
+      scheduler: { type: 'string' },
       denoising_strength: { type: 'number', minimum: 0, maximum: 1 },
       init_images: { type: 'array', items: { type: 'string' }, maxItems: 1 },
       mask: { type: ['string', 'null'] },
@@ -452,9 +459,20 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
         400,
         `batch_size × n_iter is ${batchSize * iterations}; this server makes at most ${limits.maxImages} images a request`,
       );
-    const scheduler = checkScheduler(
+    const sampler = checkScheduler(
       (b.sampler_name as string | undefined) ?? (b.sampler_index as string | undefined),
     );
+    const scheduleType = (b.scheduler as string | undefined) ?? '';
+    if (sampler === undefined && !['', 'automatic'].includes(scheduleType.toLowerCase()))
+      throw new RequestError(
+        400,
+        `scheduler '${scheduleType}' needs the sampler_name it goes with`,
+        'scheduler',
+      );
+    const scheduler =
+      sampler !== undefined && scheduleType !== ''
+        ? withScheduleType(sampler, scheduleType)
+        : sampler;
     const seed = b.seed as number | undefined;
     let init: Awaited<ReturnType<typeof decodeImage>> | undefined;
     if (img2img) {
@@ -537,7 +555,8 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       version: 'gesso',
     };
     return {
-      images: await readImages(finished),
+      // send_images false: the client reads the images elsewhere (A1111 answers an empty list).
+      images: b.send_images === false ? [] : await readImages(finished),
       parameters: { ...b, ...(img2img ? { init_images: null } : {}) },
       info: JSON.stringify(info),
     };
@@ -589,6 +608,16 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
 
   app.get('/sdapi/v1/samplers', async () =>
     SCHEDULER_NAMES.map((name) => ({ name: displayName(name), aliases: [name], options: {} })),
+  );
+
+  app.get('/sdapi/v1/schedulers', async () =>
+    A1111_SCHEDULE_TYPES.map((label) => ({
+      name: label.toLowerCase(),
+      label,
+      aliases: null,
+      default_rho: label === 'Karras' ? 7 : -1,
+      need_inner_model: false,
+    })),
   );
 
   app.get('/sdapi/v1/options', async () => ({
