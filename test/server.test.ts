@@ -227,6 +227,44 @@ test('AUTOMATIC1111 schedule types (its scheduler field): Karras, Uniform and Au
   assert.deepEqual(unsent.body.images, []);
 });
 
+test('AUTOMATIC1111 png-info: the parameters chunk, other text chunks, and the pairs parsed', async () => {
+  const made = await post('/sdapi/v1/txt2img', {
+    prompt: 'a red circle, on gray',
+    negative_prompt: 'blurry',
+    steps: 2,
+    width: 64,
+    height: 48,
+    seed: 5,
+    sampler_name: 'Euler',
+  });
+  assert.equal(made.status, 200, JSON.stringify(made.body));
+  const image = (made.body.images as string[])[0]!;
+  const info = decodePng(Buffer.from(image, 'base64')).text.parameters!;
+  const r = await post('/sdapi/v1/png-info', { image: `data:image/png;base64,${image}` });
+  assert.equal(r.status, 200, JSON.stringify(r.body));
+  assert.equal(r.body.info, info);
+  assert.deepEqual(r.body.items, {});
+  const parameters = r.body.parameters as Record<string, string>;
+  assert.equal(parameters.Prompt, 'a red circle, on gray');
+  assert.equal(parameters['Negative prompt'], 'blurry');
+  assert.equal(parameters.Steps, '2');
+  assert.equal(parameters.Sampler, 'Euler');
+  assert.equal(parameters.Seed, '5');
+  assert.deepEqual([parameters['Size-1'], parameters['Size-2']], ['64', '48']);
+  assert.equal(parameters.Size, undefined);
+
+  const plain = encodePng(
+    { width: 1, height: 1, channels: 3, data: new Uint8Array(3) },
+    { Software: 'paint' },
+  ).toString('base64');
+  const bare = await post('/sdapi/v1/png-info', { image: plain });
+  assert.equal(bare.status, 200);
+  assert.deepEqual(bare.body, { info: '', items: { Software: 'paint' }, parameters: {} });
+  const notPng = await post('/sdapi/v1/png-info', { image: 'bm90IGFuIGltYWdl' });
+  assert.equal(notPng.status, 400);
+  assert.match(notPng.body.detail as string, /image is not a valid PNG file/);
+});
+
 test('AUTOMATIC1111 txt2img without a prompt draws unconditionally, as A1111 does', async () => {
   const common = { steps: 2, width: 64, height: 64, seed: 3, sampler_name: 'Euler' };
   const absent = await post('/sdapi/v1/txt2img', common);

@@ -8,6 +8,8 @@ import { isUserError } from '../errors.js';
 import { infotextFor } from '../generation/outputs.js';
 import { listModels } from '../generation/models.js';
 import { decodeImage } from '../io/image.js';
+import { parseInfotext } from '../io/infotext.js';
+import { readPngText } from '../io/png.js';
 import type { RuntimeOptions } from '../runtime/session.js';
 import {
   A1111_SCHEDULE_TYPES,
@@ -608,6 +610,39 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
 
   app.get('/sdapi/v1/samplers', async () =>
     SCHEDULER_NAMES.map((name) => ({ name: displayName(name), aliases: [name], options: {} })),
+  );
+
+  // A1111's PNG Info: the parameters chunk as written, its other text chunks, and the pairs parsed
+  // as its parse_generation_parameters names them (a size `WxH` as `Size-1` and `Size-2`).
+  app.post(
+    '/sdapi/v1/png-info',
+    {
+      schema: {
+        body: {
+          type: 'object',
+          required: ['image'],
+          properties: { image: { type: 'string', minLength: 1 } },
+        },
+      },
+    },
+    async (request) => {
+      const { parameters: info = '', ...items } = readPngText(
+        base64Image((request.body as { image: string }).image),
+        'image',
+      );
+      const parameters: Record<string, string> = {};
+      if (info !== '') {
+        const parsed = parseInfotext(info);
+        parameters.Prompt = parsed.prompt;
+        parameters['Negative prompt'] = parsed.negativePrompt;
+        for (const [key, value] of parsed.params) {
+          const size = /^(\d+)x(\d+)$/.exec(value);
+          if (size === null) parameters[key] = value;
+          else [parameters[`${key}-1`], parameters[`${key}-2`]] = [size[1]!, size[2]!];
+        }
+      }
+      return { info, items, parameters };
+    },
   );
 
   app.get('/sdapi/v1/schedulers', async () =>
