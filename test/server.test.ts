@@ -265,6 +265,34 @@ test('AUTOMATIC1111 png-info: the parameters chunk, other text chunks, and the p
   assert.match(notPng.body.detail as string, /image is not a valid PNG file/);
 });
 
+test('AUTOMATIC1111 options: CLIP_stop_at_last_layers set on the server applies to later requests', async () => {
+  const options = async () =>
+    (await (await fetch(`${base}/sdapi/v1/options`)).json()) as Record<string, unknown>;
+  assert.equal((await options()).CLIP_stop_at_last_layers, 1);
+  const request = { prompt: 'a red circle', steps: 2, width: 64, height: 64, seed: 2 };
+  try {
+    assert.equal((await post('/sdapi/v1/options', { CLIP_stop_at_last_layers: 2 })).status, 200);
+    assert.equal((await options()).CLIP_stop_at_last_layers, 2);
+    // This text encoder has one layer, so skipping one is refused: the setting reached the request.
+    const skipped = await post('/sdapi/v1/txt2img', request);
+    assert.equal(skipped.status, 400);
+    assert.match(skipped.body.detail as string, /clip skip 1 reaches past this text encoder/);
+    // A request's own override_settings wins over the server's.
+    const own = await post('/sdapi/v1/txt2img', {
+      ...request,
+      override_settings: { CLIP_stop_at_last_layers: 1 },
+    });
+    assert.equal(own.status, 200, JSON.stringify(own.body));
+    const bad = await post('/sdapi/v1/options', { CLIP_stop_at_last_layers: 0 });
+    assert.equal(bad.status, 400);
+    assert.match(bad.body.detail as string, /CLIP_stop_at_last_layers must be a whole number/);
+    assert.equal((await options()).CLIP_stop_at_last_layers, 2);
+  } finally {
+    await post('/sdapi/v1/options', { CLIP_stop_at_last_layers: 1 });
+  }
+  assert.equal((await post('/sdapi/v1/txt2img', request)).status, 200);
+});
+
 test('AUTOMATIC1111 txt2img without a prompt draws unconditionally, as A1111 does', async () => {
   const common = { steps: 2, width: 64, height: 64, seed: 3, sampler_name: 'Euler' };
   const absent = await post('/sdapi/v1/txt2img', common);

@@ -157,17 +157,16 @@ function variationOf(
   };
 }
 
-/** Clip skip from A1111's override_settings (CLIP_stop_at_last_layers: 1 is the last layer). */
-function clipSkipOf(overrides: Record<string, unknown> | undefined): number | undefined {
-  const layers = overrides?.CLIP_stop_at_last_layers;
+/** A1111's CLIP_stop_at_last_layers (1: the last layer), checked; `where` names the field. */
+function clipStopOf(layers: unknown, where: string): number | undefined {
   if (layers === undefined) return undefined;
   if (typeof layers !== 'number' || !Number.isInteger(layers) || layers < 1 || layers > 12)
     throw new RequestError(
       400,
-      `override_settings.CLIP_stop_at_last_layers must be a whole number from 1 to 12 (got ${JSON.stringify(layers)})`,
-      'override_settings',
+      `${where}CLIP_stop_at_last_layers must be a whole number from 1 to 12 (got ${JSON.stringify(layers)})`,
+      where === '' ? 'CLIP_stop_at_last_layers' : 'override_settings',
     );
-  return layers - 1;
+  return layers;
 }
 
 /** The bytes of an A1111 image field: base64, with or without a `data:image/...;base64,` prefix. */
@@ -192,6 +191,8 @@ function settled(queue: JobQueue, job: Job): Promise<Job> {
 
 export async function createServer(options: ServerOptions): Promise<GessoServer> {
   const limits: Limits = { ...DEFAULT_LIMITS, ...options.limits };
+  /** A1111 settings the server keeps between requests (GET and POST /sdapi/v1/options). */
+  const settings = { clipStop: 1 };
   const models = new ModelManager(
     options.model,
     { offThread: true, ...options.runtime },
@@ -446,7 +447,10 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     checkPrompt(prompt, limits, 'prompt', true);
     refuseUnsupported(b);
     const overrides = b.override_settings as Record<string, unknown> | undefined;
-    const clipSkip = clipSkipOf(overrides);
+    // The request's own setting, else the server's (POST /sdapi/v1/options), as A1111 does.
+    const clipStop =
+      clipStopOf(overrides?.CLIP_stop_at_last_layers, 'override_settings.') ?? settings.clipStop;
+    const clipSkip = clipStop > 1 ? clipStop - 1 : undefined;
     const checkpoint = overrides?.sd_model_checkpoint;
     if (checkpoint !== undefined && checkpoint !== models.name)
       throw new RequestError(
@@ -657,6 +661,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
 
   app.get('/sdapi/v1/options', async () => ({
     sd_model_checkpoint: models.name,
+    CLIP_stop_at_last_layers: settings.clipStop,
     samples_format: 'png',
   }));
 
@@ -664,10 +669,13 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     '/sdapi/v1/options',
     { schema: { body: { type: 'object', additionalProperties: true } } },
     async (request) => {
-      const checkpoint = (request.body as Record<string, unknown>).sd_model_checkpoint;
+      const body = request.body as Record<string, unknown>;
+      const clipStop = clipStopOf(body.CLIP_stop_at_last_layers, '');
+      const checkpoint = body.sd_model_checkpoint;
+      if (checkpoint !== undefined && typeof checkpoint !== 'string')
+        throw new RequestError(400, 'sd_model_checkpoint must be a model name');
+      if (clipStop !== undefined) settings.clipStop = clipStop;
       if (checkpoint !== undefined) {
-        if (typeof checkpoint !== 'string')
-          throw new RequestError(400, 'sd_model_checkpoint must be a model name');
         await queue.exclusive(() => models.use(checkpoint));
       }
       return null;
