@@ -490,6 +490,18 @@ test('bad requests get 4xx with a message that names the problem', async () => {
       /model 'no-such-model' does not exist/,
     ],
     ['/v1/images/generations', { prompt: 'x', n: 9 }, 400, /n must be <= 4/],
+    [
+      '/v1/images/generations',
+      { prompt: 'x', output_format: 'jpeg' },
+      400,
+      /output_format 'jpeg' is not supported: gesso answers PNG/,
+    ],
+    [
+      '/v1/images/generations',
+      { prompt: 'x', background: 'transparent' },
+      400,
+      /background 'transparent' is not supported/,
+    ],
   ];
   for (const [path, body, status, message] of cases) {
     const r = await post(path, body);

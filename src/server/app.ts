@@ -705,6 +705,19 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       const b = request.body as Record<string, unknown>;
       const prompt = b.prompt as string;
       checkPrompt(prompt, limits);
+      // gpt-image-1's output fields: what gesso cannot give is refused, not answered with a PNG.
+      if (b.output_format !== undefined && b.output_format !== 'png')
+        throw new RequestError(
+          400,
+          `output_format '${String(b.output_format)}' is not supported: gesso answers PNG, whose text chunk carries the generation parameters; ask for png or leave it out`,
+          'output_format',
+        );
+      if (b.background === 'transparent')
+        throw new RequestError(
+          400,
+          "background 'transparent' is not supported: gesso's models draw opaque images; ask for opaque or auto",
+          'background',
+        );
       const model = b.model as string | undefined;
       if (model !== undefined && model !== models.name && !OPENAI_MODELS.has(model)) {
         const known = listModels().map((m) => m.name);
