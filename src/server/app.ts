@@ -169,6 +169,9 @@ function clipStopOf(layers: unknown, where: string): number | undefined {
   return layers;
 }
 
+/** Beyond 2^53 a JSON number is not the integer sent, so it would seed something else. */
+const MAX_SEED = Number.MAX_SAFE_INTEGER;
+
 /** The bytes of an A1111 image field: base64, with or without a `data:image/...;base64,` prefix. */
 function base64Image(field: string): Buffer {
   return Buffer.from(field.replace(/^data:image\/\w+;base64,/, ''), 'base64');
@@ -303,7 +306,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
             sampler: { type: 'string' },
             width: sizeFields(limits),
             height: sizeFields(limits),
-            seed: { type: 'integer', minimum: 0, maximum: 2 ** 53 - 1 },
+            seed: { type: 'integer', minimum: 0, maximum: MAX_SEED },
             count: { type: 'integer', minimum: 1, maximum: limits.maxImages },
             batch_size: { type: 'integer', minimum: 1, maximum: limits.maxImages },
           },
@@ -422,8 +425,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       cfg_scale: { type: 'number', minimum: 0, maximum: 50 },
       width: sizeFields(limits),
       height: sizeFields(limits),
-      // Beyond 2^53 a JSON number is not the integer sent, so it would seed something else.
-      seed: { type: 'integer', minimum: -1, maximum: 2 ** 53 - 1 },
+      seed: { type: 'integer', minimum: -1, maximum: MAX_SEED },
       batch_size: { type: 'integer', minimum: 1, maximum: limits.maxImages },
       n_iter: { type: 'integer', minimum: 1, maximum: limits.maxImages },
       sampler_name: { type: 'string' },
@@ -434,7 +436,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       mask: { type: ['string', 'null'] },
       inpainting_mask_invert: { type: 'integer', enum: [0, 1] },
       override_settings: { type: 'object' },
-      subseed: { type: 'integer', minimum: -1, maximum: 2 ** 53 - 1 },
+      subseed: { type: 'integer', minimum: -1, maximum: MAX_SEED },
       subseed_strength: { type: 'number', minimum: 0, maximum: 1 },
       seed_resize_from_w: { type: 'integer', minimum: -1 },
       seed_resize_from_h: { type: 'integer', minimum: -1 },
