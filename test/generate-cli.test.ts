@@ -1,13 +1,14 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { decodePng, encodePng } from '../src/io/png.js';
 import { parseInfotext } from '../src/io/infotext.js';
 import { DiffusionTask } from '../src/training/diffusion.js';
 import { Trainer } from '../src/training/trainer.js';
-import { options, TINY, withTempDir, runGesso, GESSO_BIN } from './helpers.js';
+import { options, TINY, withTempDir, runGesso, GESSO_BIN, writeRandomLora } from './helpers.js';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 
@@ -329,6 +330,146 @@ test('gesso generate --subseed: variation seeds as A1111 counts them, written to
   });
 });
 
+test('gesso generate: <lora:NAME:WEIGHT> in the prompt merges NAME.safetensors from --lora-dir, as --lora does, and is recorded and read back', async () => {
+  await withTempDir(async (dir) => {
+    const loraDir = join(dir, 'loras');
+    mkdirSync(join(loraDir, 'styles'), { recursive: true });
+    const both = join(loraDir, 'styles', 'both.safetensors');
+    await writeRandomLora(model, both, ['unet', 'text_encoder']);
+    await writeRandomLora(model, join(dir, 'unet-only.safetensors'), ['unet']);
+    await writeRandomLora(model, join(dir, 'te-only.safetensors'), ['text_encoder']);
+    const out = join(dir, 'out');
+    const draw = (name: string, prompt: string, ...extra: string[]) => {
+      const r = gesso(
+        'generate',
+        '--model',
+        model,
+        prompt,
+        '--seed',
+        '7',
+        '--out',
+        join(out, name),
+        ...extra,
+      );
+      assert.equal(r.status, 0, r.stderr);
+      return decodePng(readFileSync(join(out, name)));
+    };
+    const plain = draw('plain.png', 'a red circle');
+    // The tag leaves the prompt (put first, nothing else of the prompt changes).
+    const tagged = draw('tagged.png', '<lora:both:0.5>a red circle', '--lora-dir', loraDir);
+    const flag = draw('flag.png', 'a red circle', '--lora', `${both}:0.5`);
+    assert.deepEqual(tagged.data, flag.data);
+    assert.notDeepEqual(tagged.data, plain.data);
+    // Text-encoder and UNet weights apart, positional and named: te 0 is the UNet's layer alone.
+    const unetPart = draw('unet.png', 'a red circle', '--lora', join(dir, 'unet-only.safetensors'));
+    const tePart = draw('te.png', 'a red circle', '--lora', join(dir, 'te-only.safetensors'));
+    assert.notDeepEqual(unetPart.data, tePart.data);
+    assert.deepEqual(
+      draw('u1.png', '<lora:both:0:1>a red circle', '--lora-dir', loraDir).data,
+      unetPart.data,
+    );
+    assert.deepEqual(
+      draw('u2.png', '<lora:both:unet=1:te=0>a red circle', '--lora-dir', loraDir).data,
+      unetPart.data,
+    );
+    assert.deepEqual(
+      draw('t1.png', '<lyco:both:1:0>a red circle', '--lora-dir', loraDir).data,
+      tePart.data,
+    );
+
+    // A1111's infotext: the prompt as typed, and the file's hash over its tensor bytes.
+    const bytes = readFileSync(both);
+    const dataStart = 8 + Number(bytes.readBigUInt64LE(0));
+    const hash = createHash('sha256').update(bytes.subarray(dataStart)).digest('hex').slice(0, 12);
+    const info = parseInfotext(tagged.text.parameters!);
+    assert.equal(info.prompt, '<lora:both:0.5>a red circle');
+    assert.deepEqual(
+      info.params.find(([k]) => k === 'Lora hashes'),
+      ['Lora hashes', `both: ${hash}`],
+    );
+    assert.match(tagged.text.parameters!, /Lora hashes: "both: [0-9a-f]{12}"/);
+    const redraw = (name: string) =>
+      gesso(
+        'generate',
+        '--from',
+        join(out, 'tagged.png'),
+        '--model',
+        model,
+        '--lora-dir',
+        loraDir,
+        '--out',
+        join(out, name),
+      );
+    const again = redraw('again.png');
+    assert.equal(again.status, 0, again.stderr);
+    assert.deepEqual(decodePng(readFileSync(join(out, 'again.png'))).data, tagged.data);
+
+    // A file changed since: drawn with what is there now, and said so.
+    await writeRandomLora(model, both, ['unet']);
+    const changed = redraw('changed.png');
+    assert.equal(changed.status, 0, changed.stderr);
+    assert.match(
+      changed.stderr,
+      new RegExp(
+        `was made with LoRAs both: ${hash}; .* has both: [0-9a-f]{12}, so the image may differ`,
+      ),
+    );
+    const redrawn = decodePng(readFileSync(join(out, 'changed.png'))).data;
+    assert.notDeepEqual(redrawn, tagged.data);
+    assert.deepEqual(
+      redrawn,
+      draw('now.png', '<lora:both:0.5>a red circle', '--lora-dir', loraDir).data,
+    );
+    await writeRandomLora(model, both, ['unet', 'text_encoder']);
+
+    // Prompts with and without LoRAs in one run: each drawn with its own.
+    const list = join(dir, 'prompts.txt');
+    writeFileSync(
+      list,
+      '{"prompt": "<lora:both:0.5>a red circle", "seed": 7}\n{"prompt": "a red circle", "seed": 7}\n',
+    );
+    const mixed = gesso(
+      'generate',
+      '--model',
+      model,
+      '--prompts',
+      list,
+      '--lora-dir',
+      loraDir,
+      '--seed',
+      '7',
+      '--batch-size',
+      '2',
+      '--out',
+      join(out, 'mixed'),
+    );
+    assert.equal(mixed.status, 0, mixed.stderr);
+    assert.deepEqual(decodePng(readFileSync(join(out, 'mixed', '00000-7.png'))).data, tagged.data);
+    assert.deepEqual(decodePng(readFileSync(join(out, 'mixed', '00001-7.png'))).data, plain.data);
+
+    const mistakes: [string[], RegExp][] = [
+      [['<lora:both:1>x'], /no LoRA folder was given; pass --lora-dir DIR .*both\.safetensors/],
+      [
+        ['<lora:nope:1>x', '--lora-dir', loraDir],
+        /<lora:nope:1>: no LoRA named 'nope' in .*it has: both/,
+      ],
+      [
+        ['<lora:both:lots>x', '--lora-dir', loraDir],
+        /<lora:both:lots>: the weight 'lots' is not a number/,
+      ],
+      [['<lora:both:1:1:8>x', '--lora-dir', loraDir], /not a dyn rank/],
+      [['<hypernet:x:1> a cat', '--lora-dir', loraDir], /loads no 'hypernet' networks/],
+      [['x', '--lora-dir', join(dir, 'missing')], /the LoRA folder .*missing cannot be read/],
+    ];
+    for (const [args, message] of mistakes) {
+      const r = gesso('generate', '--model', model, ...args, '--out', join(dir, 'wrong'));
+      assert.equal(r.status, 2, `${args.join(' ')}: ${r.stderr}`);
+      assert.match(r.stderr, message, args.join(' '));
+      assert.doesNotMatch(r.stderr, /\n\s+at /);
+    }
+  });
+});
+
 test('gesso generate --prompts: plain lines and JSON lines with their own options', async () => {
   await withTempDir(async (dir) => {
     const file = join(dir, 'prompts.txt');
@@ -418,6 +559,10 @@ test('gesso generate: user mistakes exit 2 with one line that says what to do, a
         /names one file but this run makes 2 images/,
       ],
       [['--model', model], /no prompt given/],
+      [
+        ['--model', 'shapes-gan', 'x', '--lora', join(dir, 'style.safetensors')],
+        /shapes-gan is a GAN; LoRAs merge into Stable Diffusion models/,
+      ],
     ];
     for (const [args, message] of cases) {
       const r = gesso('generate', ...args, ...(args.includes('--out') ? [] : ['--out', out]));

@@ -5,7 +5,9 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { SafetensorsFile, writeSafetensors } from '../src/io/safetensors.js';
 import { createScheduler, type SchedulerConfig } from '../src/schedulers/index.js';
+import { TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { DiffusionTask, type DiffusionRecipe } from '../src/training/diffusion.js';
 import { Trainer, type TrainerOptions } from '../src/training/trainer.js';
@@ -165,6 +167,42 @@ export async function tinyModel(dir: string): Promise<string> {
   await task.exportModel(dir, trainer.weights('ema'), { defaults: { steps: 3, guidance: 2 } });
   await trainer.release();
   return dir;
+}
+
+/**
+ * A kohya-format LoRA for a model folder: one random rank-2 layer on the first attention query
+ * of each component named. A layer depends only on its component, so files holding the same
+ * component agree on it.
+ */
+export async function writeRandomLora(
+  modelDir: string,
+  path: string,
+  components: readonly ('unet' | 'text_encoder')[],
+): Promise<void> {
+  const tensors: Record<string, Tensor> = {};
+  for (const component of components) {
+    const [file, prefix, pattern, seed] =
+      component === 'unet'
+        ? ['diffusion_pytorch_model.safetensors', 'lora_unet_', /attn2\.to_q\.weight$/, 40]
+        : ['model.safetensors', 'lora_te_', /q_proj\.weight$/, 41];
+    const [key, shape] = await SafetensorsFile.with(join(modelDir, component, file), async (f) => {
+      const name = f.names.find((n) => pattern.test(n));
+      assert.ok(name !== undefined, `${component} has no weight matching ${pattern}`);
+      return [name, f.tensors.get(name)!.shape] as const;
+    });
+    const g = new TorchGenerator(seed);
+    const inner = shape.slice(1).reduce((a, b) => a * b, 1);
+    const layer = `${prefix}${key.slice(0, -'.weight'.length).replace(/\./g, '_')}`;
+    tensors[`${layer}.lora_down.weight`] = Tensor.float32(
+      [2, ...shape.slice(1)],
+      g.randn([2, inner]).data,
+    );
+    tensors[`${layer}.lora_up.weight`] = Tensor.float32(
+      [shape[0]!, 2, ...shape.slice(2).map(() => 1)],
+      g.randn([shape[0]!, 2]).data,
+    );
+  }
+  await writeSafetensors(path, tensors);
 }
 
 /**

@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { loraSetKey, promptLoras } from '../src/generation/networks.js';
 import test from 'node:test';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import {
@@ -183,19 +184,29 @@ test('a conditioning plan encodes each text once and knows what varies', () => {
 });
 
 test('an extra-network tag in an A1111 prompt is refused by name, not encoded as words', () => {
-  for (const [prompt, negative, tag] of [
-    ['a cat <lora:foo:0.8>', '', '<lora:foo:0.8>'],
-    ['a cat', 'blurry, <hypernet:bar:1>', '<hypernet:bar:1>'],
-    ['a cat [<lora:x y:1>:a dog:2]', '', '<lora:x y:1>'],
+  for (const [prompt, negative, message] of [
+    [
+      'a cat <lora:foo:0.8>',
+      '',
+      /the prompt names an extra network, <lora:foo:0.8>, that was not loaded; .*--lora-dir DIR/,
+    ],
+    [
+      'a cat <hypernet:h:1>',
+      '',
+      /the prompt names an extra network, <hypernet:h:1>, and gesso loads no 'hypernet' networks/,
+    ],
+    [
+      'a cat',
+      'blurry, <hypernet:bar:1>',
+      /the negative prompt names an extra network, <hypernet:bar:1>, and gesso loads networks only from the prompt/,
+    ],
+    [
+      'a cat [<lora:x y:1>:a dog:2]',
+      '',
+      /the prompt names an extra network, <lora:x y:1>, that was not loaded/,
+    ],
   ] as const) {
-    assert.throws(
-      () => conditioningPlan([prompt], [negative], 4, 'a1111'),
-      (e: Error) =>
-        e.message.startsWith(`the ${negative === '' ? 'prompt' : 'negative prompt'} names`) &&
-        e.message.includes(`extra network, ${tag}, `) &&
-        e.message.includes('--lora'),
-      prompt,
-    );
+    assert.throws(() => conditioningPlan([prompt], [negative], 4, 'a1111'), message, prompt);
   }
   // Angle brackets that are no tag, and every prompt read as plain text, pass as written.
   for (const prompt of ['a <cat>', 'x < y: z', 'a <:b>'])
@@ -203,6 +214,33 @@ test('an extra-network tag in an A1111 prompt is refused by name, not encoded as
   assert.deepEqual(conditioningPlan(['a <lora:foo:1>'], undefined, 4, 'plain').texts, [
     'a <lora:foo:1>',
   ]);
+});
+
+test('LoRA tags: taken out of the prompt with their weights as A1111 reads them; other tags stay', () => {
+  const { prompt, loras } = promptLoras(
+    'a <lora:x:0.5> cat <lyco:y:te=0.2:unet=1.5> <lora:z> <hypernet:h:1> <lora:w:0.3:0.9>',
+  );
+  assert.equal(prompt, 'a  cat   <hypernet:h:1> ');
+  assert.deepEqual(
+    loras.map((l) => [l.name, l.textEncoderScale, l.unetScale]),
+    [
+      ['x', 0.5, 0.5],
+      ['y', 0.2, 1.5],
+      ['z', 1, 1],
+      ['w', 0.3, 0.9],
+    ],
+  );
+  assert.equal(loraSetKey('<lora:x:0.5>a'), loraSetKey('b <lora:x:.5>'));
+  assert.notEqual(loraSetKey('<lora:x:0.5>a'), loraSetKey('<lora:x:0.6>a'));
+  assert.equal(loraSetKey('a cat'), '[]');
+  for (const [text, message] of [
+    ['<lora::1>', /names no LoRA/],
+    ['<lora:x:1:2:3>', /not a dyn rank/],
+    ['<lora:x:dyn=4>', /not a dyn rank/],
+    ['<lora:x:strength=1>', /unknown argument strength=/],
+    ['<lora:x:abc>', /the weight 'abc' is not a number/],
+  ] as const)
+    assert.throws(() => promptLoras(text), message, text);
 });
 
 const sameData = (a: Tensor, b: Tensor) =>

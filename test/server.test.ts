@@ -1,15 +1,16 @@
 import assert from 'node:assert/strict';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import OpenAI from 'openai';
+import { toUint8 } from '../src/io/image.js';
 import { decodePng, encodePng, readPngText } from '../src/io/png.js';
 import { parseInfotext } from '../src/io/infotext.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { createServer, type GessoServer } from '../src/server/app.js';
 import { ModelManager } from '../src/server/models.js';
-import { fixtures, golden, needsGolden, tinyModel } from './helpers.js';
+import { fixtures, golden, needsGolden, tinyModel, writeRandomLora } from './helpers.js';
 
 let root = '';
 let model = '';
@@ -443,7 +444,25 @@ test('bad requests get 4xx with a message that names the problem', async () => {
       '/sdapi/v1/txt2img',
       { prompt: 'a cat <lora:foo:0.8>' },
       400,
-      /the prompt names an extra network, <lora:foo:0.8>/,
+      /the prompt names a LoRA, <lora:foo:0.8>, and no LoRA folder was given; pass --lora-dir/,
+    ],
+    [
+      '/sdapi/v1/txt2img',
+      { prompt: 'x', negative_prompt: 'ugly <lora:foo:1>' },
+      400,
+      /the negative prompt names an extra network, <lora:foo:1>, and gesso loads networks only from the prompt/,
+    ],
+    [
+      '/api/jobs',
+      { prompt: 'a cat <hypernet:foo:1>' },
+      400,
+      /names an extra network, <hypernet:foo:1>, and gesso loads no 'hypernet' networks/,
+    ],
+    [
+      '/v1/images/generations',
+      { prompt: 'a cat <lora:foo>' },
+      400,
+      /the prompt names a LoRA, <lora:foo>, and no LoRA folder was given/,
     ],
     [
       '/sdapi/v1/txt2img',
@@ -512,6 +531,76 @@ test('bad requests get 4xx with a message that names the problem', async () => {
   assert.equal(missing.status, 404);
   const image = await fetch(`${base}/api/images/..%2Fsecret`);
   assert.equal(image.status, 404);
+});
+
+test('LoRAs named in prompts: merged from --lora-dir per job, listed, recorded; unknown names refused', async () => {
+  const loraDir = join(root, 'loras');
+  await mkdir(loraDir, { recursive: true });
+  await writeRandomLora(model, join(loraDir, 'style.safetensors'), ['unet', 'text_encoder']);
+  const { s, address } = await start({ loraDir, out: join(root, 'lora-out') });
+  try {
+    const listed = (await (await fetch(`${address}/sdapi/v1/loras`)).json()) as {
+      name: string;
+      path: string;
+    }[];
+    assert.deepEqual(
+      listed.map((l) => [l.name, l.path]),
+      [['style', join(loraDir, 'style.safetensors')]],
+    );
+    const draw = async (prompt: string) => {
+      const res = await fetch(`${address}/sdapi/v1/txt2img`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ prompt, seed: 3, steps: 3, cfg_scale: 2, width: 64, height: 64 }),
+      });
+      const body = (await res.json()) as { images: string[]; info: string; detail?: string };
+      assert.equal(res.status, 200, body.detail);
+      const png = decodePng(Buffer.from(body.images[0]!, 'base64'));
+      return { data: png.data, parameters: png.text.parameters! };
+    };
+    const styled = await draw('<lora:style:0.8>a red circle');
+    const plain = await draw('a red circle');
+    const again = await draw('<lora:style:0.8>a red circle');
+    const weaker = await draw('<lora:style:0.4>a red circle');
+    assert.notDeepEqual(styled.data, plain.data);
+    assert.deepEqual(again.data, styled.data);
+    assert.notDeepEqual(weaker.data, styled.data);
+    assert.match(styled.parameters, /^<lora:style:0.8>a red circle\n/);
+    assert.match(styled.parameters, /, Lora hashes: "style: [0-9a-f]{12}", /);
+    assert.doesNotMatch(plain.parameters, /Lora hashes/);
+
+    // The same merge as the library's: the pipeline loaded with the file at that scale.
+    const pipe = await StableDiffusionPipeline.fromPretrained(model, {
+      cacheDir: join(root, 'cache'),
+      loras: [{ path: join(loraDir, 'style.safetensors'), scale: 0.8 }],
+    });
+    try {
+      const direct = await pipe.generate({
+        prompt: 'a red circle',
+        seed: 3,
+        steps: 3,
+        guidance: 2,
+        width: 64,
+        height: 64,
+      });
+      assert.deepEqual(toUint8(direct.images).data, styled.data);
+    } finally {
+      await pipe.release();
+    }
+
+    const missing = await fetch(`${address}/sdapi/v1/txt2img`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ prompt: 'a cat <lora:nope:1>' }),
+    });
+    assert.equal(missing.status, 400);
+    assert.match(
+      ((await missing.json()) as { detail: string }).detail,
+      /<lora:nope:1>: no LoRA named 'nope' in .*loras \(it has: style\)/,
+    );
+  } finally {
+    await s.close();
+  }
 });
 
 test('API keys: required when configured, accepted as a bearer token', async () => {

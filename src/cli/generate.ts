@@ -20,6 +20,12 @@ import { parseNumber } from './args.js';
 import { formatBytes, progressBar, ProgressLine } from './format.js';
 import { DEFAULT_MODEL, resolveModel } from '../generation/models.js';
 import {
+  LoraFolder,
+  loraSetKey,
+  resolvePromptLoras,
+  type ResolvedLoras,
+} from '../generation/networks.js';
+import {
   infotextFor,
   modelTraits,
   OutputFolder,
@@ -67,6 +73,8 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
                           alongside override what it says)
   --lora FILE[:SCALE]     merge a LoRA (diffusers/PEFT or kohya .safetensors) into the model,
                           scaled by SCALE (default 1); repeatable
+  --lora-dir DIR          where prompts' <lora:NAME:WEIGHT> tags find NAME.safetensors (as
+                          A1111's --lora-dir; subfolders too)
   --fast-decode           decode with the tiny autoencoder (TAESD): much faster, a little softer
   --tiny-vae MODEL        its folder or Hub id (default madebyollin/taesd, taesdxl for SDXL)
   --low-memory            keep only the running model resident (text encoder, UNet, VAE in turn);
@@ -266,6 +274,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       from: { type: 'string' },
       variant: { type: 'string' },
       lora: { type: 'string', multiple: true },
+      'lora-dir': { type: 'string' },
       'fast-decode': { type: 'boolean', default: false },
       'low-memory': { type: 'boolean', default: false },
       'keep-loaded': { type: 'boolean', default: false },
@@ -402,8 +411,22 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       throw new UserError('usage', `--lora ${spec}: the scale is not a number`);
     return { path: m[1]!, scale };
   });
-  const pipe = await loadPipeline(modelPath, {
-    ...(loras.length > 0 ? { loras } : {}),
+  // The LoRAs each prompt's tags name, found before anything loads so a wrong name fails first.
+  const loraFolder =
+    values['lora-dir'] !== undefined ? new LoraFolder(values['lora-dir']) : undefined;
+  await loraFolder?.files();
+  const promptLoras = new Map<string, ResolvedLoras>();
+  for (const { prompt } of entries)
+    if (!promptLoras.has(prompt))
+      promptLoras.set(prompt, await resolvePromptLoras(prompt, loraFolder));
+  // A LoRA file changed since the image was made draws a different picture: say so.
+  const madeWith = from?.params.find(([key]) => key === 'Lora hashes')?.[1];
+  const nowWith = from !== undefined ? promptLoras.get(from.prompt)?.hashes : undefined;
+  if (madeWith !== undefined && nowWith !== undefined && madeWith !== nowWith)
+    process.stderr.write(
+      `note: ${values.from} was made with LoRAs ${madeWith}; ${values['lora-dir']} has ${nowWith}, so the image may differ\n`,
+    );
+  const pipelineOptions = {
     ...(values.variant !== undefined ? { variant: values.variant } : {}),
     ...(values['low-memory']
       ? { lowMemory: true }
@@ -413,7 +436,22 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     ...(quantize !== undefined ? { quantize } : {}),
     ...(threads !== undefined ? { threads } : {}),
     ...(provider !== undefined ? { executionProvider: provider } : {}),
-  });
+  };
+  // One model loaded at a time, with the --lora files and the LoRAs its prompt's tags name.
+  let tinyVaePath: string | undefined;
+  const loadFor = async (prompt: string): Promise<TextToImage> => {
+    const all = [...loras, ...promptLoras.get(prompt)!.specs];
+    const loaded = await loadPipeline(modelPath, {
+      ...pipelineOptions,
+      ...(all.length > 0 ? { loras: all } : {}),
+    });
+    if (tinyVaePath !== undefined && loaded instanceof StableDiffusionPipeline)
+      await loaded.loadTinyVae(tinyVaePath);
+    return loaded;
+  };
+  let pipe = await loadFor(entries[0]!.prompt);
+  let pipeLoras = loraSetKey(entries[0]!.prompt);
+  let released = false;
   // The tiny autoencoder: as asked, as the --from image recorded, else TAESD for the family.
   const fastDecode = values['fast-decode'] || (values['tiny-vae'] ?? from?.vae) !== undefined;
   let tinyVaeName: string | undefined;
@@ -424,7 +462,8 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       values['tiny-vae'] ??
       from?.vae ??
       (pipe.textEncoder2 !== undefined ? 'madebyollin/taesdxl' : 'madebyollin/taesd');
-    await pipe.loadTinyVae(await resolveModel(tinyVaeName));
+    tinyVaePath = await resolveModel(tinyVaeName);
+    await pipe.loadTinyVae(tinyVaePath);
   }
   const controller = new AbortController();
   const onSigint = () => {
@@ -476,6 +515,9 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
           model: shownModel,
           model_path: resolve(modelPath),
           ...(loras.length > 0 ? { loras: loras.map((l) => `${l.path}:${l.scale}`) } : {}),
+          ...(promptLoras.get(entry.prompt)!.hashes !== undefined
+            ? { lora_hashes: promptLoras.get(entry.prompt)!.hashes! }
+            : {}),
           route,
           ...(clipSkip !== undefined ? { clip_skip: clipSkip } : {}),
           ...(tinyVaeName !== undefined ? { vae: tinyVaeName } : {}),
@@ -550,6 +592,15 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
         sameBatch(jobs[index + batch.length]!, first)
       )
         batch.push(jobs[index + batch.length]!);
+      const batchLoras = loraSetKey(first.prompt);
+      if (batchLoras !== pipeLoras) {
+        // Released before the next loads: two copies of a model may not fit.
+        released = true;
+        await pipe.release();
+        pipe = await loadFor(first.prompt);
+        released = false;
+        pipeLoras = batchLoras;
+      }
       const label =
         batch.length === 1
           ? `image ${index + 1}/${jobs.length}`
@@ -602,6 +653,6 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     return 0;
   } finally {
     process.off('SIGINT', onSigint);
-    await pipe.release();
+    if (!released) await pipe.release();
   }
 }

@@ -8,7 +8,7 @@ export const SERVE_USAGE = `usage: gesso serve [options]
 
 Runs gesso as a service: the web page at /, gesso's jobs API (/api/jobs, with server-sent events),
 AUTOMATIC1111's API (/sdapi/v1/txt2img, img2img, progress, interrupt, sd-models, samplers,
-options) and OpenAI's Images API (/v1/images/generations).
+schedulers, loras, png-info, options) and OpenAI's Images API (/v1/images/generations).
 
   --host HOST             address to listen on (default 127.0.0.1: this machine only)
   --port N                port (default 7860, as AUTOMATIC1111)
@@ -22,6 +22,8 @@ options) and OpenAI's Images API (/v1/images/generations).
   --max-images N          most images a request (default ${DEFAULT_LIMITS.maxImages})
   --max-prompt-length N   longest prompt in characters (default ${DEFAULT_LIMITS.maxPromptLength})
   --preview-every N       a preview image every N steps (default 5; 0: none)
+  --lora-dir DIR          where prompts' <lora:NAME:WEIGHT> tags find NAME.safetensors (as
+                          A1111's --lora-dir; subfolders too)
   --tiny-vae MODEL        decode previews with this tiny autoencoder (TAESD folder or Hub id,
                           such as madebyollin/taesd); default: the model's own VAE
   --threads N             compute threads
@@ -44,6 +46,7 @@ export async function serveCommand(args: readonly string[]): Promise<number> {
       'preview-every': { type: 'string' },
       threads: { type: 'string' },
       'tiny-vae': { type: 'string' },
+      'lora-dir': { type: 'string' },
       quiet: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -79,10 +82,12 @@ export async function serveCommand(args: readonly string[]): Promise<number> {
       parseNumber('preview-every', values['preview-every'], { integer: true, min: 0 }) ?? 5,
     ...(threads !== undefined ? { runtime: { threads } } : {}),
     ...(values['tiny-vae'] !== undefined ? { tinyVae: values['tiny-vae'] } : {}),
+    ...(values['lora-dir'] !== undefined ? { loraDir: values['lora-dir'] } : {}),
     logger: !values.quiet,
   });
   // Load the model before taking requests, so a bad name fails now with a clear message.
   await server.models.pipeline();
+  await server.models.loras?.files();
   let address: string;
   try {
     address = await server.app.listen({ host: values.host, port });

@@ -8,6 +8,7 @@ import { GanPipeline, StableDiffusionPipeline, type TextToImage } from '../pipel
 import type { GenerateResult } from '../pipelines/stable-diffusion.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { displayName } from '../schedulers/index.js';
+import { loraSetKey, promptLoras } from './networks.js';
 
 /**
  * What gesso writes for each image (the CLI and the server alike): an A1111-style file name, the `parameters` text
@@ -39,6 +40,8 @@ export interface ImageSettings {
   readonly clip_skip?: number;
   /** LoRAs merged into the model, as `path:scale`. */
   readonly loras?: readonly string[];
+  /** The LoRAs the prompt's `<lora:…>` tags named, as A1111's `Lora hashes` (`name: hash`). */
+  readonly lora_hashes?: string;
   readonly init_image?: string;
   readonly strength?: number;
   /** Inpainting: the mask image. */
@@ -69,6 +72,7 @@ export function infotextFor(s: ImageSettings, modelName: string): string {
   if (s.clip_skip !== undefined && s.clip_skip > 0)
     params.push(['Clip skip', String(s.clip_skip + 1)]);
   if (s.vae !== undefined) params.push(['VAE', s.vae]);
+  if (s.lora_hashes !== undefined) params.push(['Lora hashes', s.lora_hashes]);
   params.push(['Version', 'gesso']);
   return formatInfotext({ prompt: s.prompt, negativePrompt: s.negative_prompt, params });
 }
@@ -234,7 +238,11 @@ export interface RenderOptions {
   readonly onProgress?: (step: number, steps: number, latents: Tensor<'float32'>) => void;
 }
 
-/** Draws one batch of images that share their sampling settings (see `sameBatch`). */
+/**
+ * Draws one batch of images that share their sampling settings (see `sameBatch`). The prompts'
+ * `<lora:…>` tags are taken out here: `pipe` must have been loaded with the LoRAs they name
+ * (`resolvePromptLoras`).
+ */
 export async function renderBatch(
   pipe: TextToImage,
   traits: ModelTraits,
@@ -243,7 +251,7 @@ export async function renderBatch(
 ): Promise<GenerateResult> {
   const first = batch[0]!;
   return pipe.generate({
-    prompt: batch.map((j) => j.prompt),
+    prompt: batch.map((j) => promptLoras(j.prompt).prompt),
     // No negative prompt at all is not the same as "" for SDXL (zeros): pass none then.
     ...(batch.some((j) => j.negative_prompt !== '')
       ? { negativePrompt: batch.map((j) => j.negative_prompt) }
@@ -280,9 +288,13 @@ export async function renderBatch(
   });
 }
 
-/** Whether two images can be drawn in one batch (the same steps, guidance, sampler and size). */
+/**
+ * Whether two images can be drawn in one batch (the same steps, guidance, sampler, size and
+ * LoRAs).
+ */
 export function sameBatch(a: ImageSettings, b: ImageSettings): boolean {
   return (
+    loraSetKey(a.prompt) === loraSetKey(b.prompt) &&
     a.steps === b.steps &&
     a.guidance === b.guidance &&
     a.scheduler === b.scheduler &&

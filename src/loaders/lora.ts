@@ -20,7 +20,10 @@ import { Tensor } from '../tensor/tensor.js';
 
 export interface LoraSpec {
   readonly path: string;
+  /** The UNet's scale, and the text encoders' unless `textEncoderScale` is given. */
   readonly scale: number;
+  /** A1111's `te` multiplier, `<lora:name:te:unet>`. */
+  readonly textEncoderScale?: number;
 }
 
 /** Which model component a LoRA layer belongs to. */
@@ -36,6 +39,7 @@ interface LoraLayer {
 export interface LoraFile {
   readonly path: string;
   readonly scale: number;
+  readonly textEncoderScale: number;
   /** Module path as written in the file (dots or kohya's underscores), per component. */
   readonly layers: ReadonlyMap<LoraComponent, ReadonlyMap<string, LoraLayer>>;
   readonly fingerprint: string;
@@ -115,8 +119,9 @@ export async function readLora(spec: LoraSpec): Promise<LoraFile> {
   return {
     path: spec.path,
     scale: spec.scale,
+    textEncoderScale: spec.textEncoderScale ?? spec.scale,
     layers,
-    fingerprint: `${spec.path}:${info.size}:${info.mtimeMs}:${spec.scale}`,
+    fingerprint: `${spec.path}:${info.size}:${info.mtimeMs}:${spec.scale}:${spec.textEncoderScale ?? spec.scale}`,
   };
 }
 
@@ -175,7 +180,8 @@ export async function mergeLoras(
           'bad-lora',
           `${lora.path}: layer '${module}' is ${out}×${inner}, the weight ${key} has shape [${record.shape.join(', ')}]`,
         );
-      const factor = lora.scale * ((layer.alpha ?? rank) / rank);
+      const scale = component === 'unet' ? lora.scale : lora.textEncoderScale;
+      const factor = scale * ((layer.alpha ?? rank) / rank);
       const up = layer.up.data;
       const down = layer.down.data;
       for (let o = 0; o < out; o++) {

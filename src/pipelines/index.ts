@@ -1,4 +1,5 @@
 import { statSync } from 'node:fs';
+import { UserError } from '../errors.js';
 import { readConfig } from '../loaders/component.js';
 import type { ComponentOptions, Vae } from './components.js';
 import { GanPipeline } from './gan.js';
@@ -32,7 +33,15 @@ export async function loadPipeline(
   if (/\.safetensors$/i.test(path) && statSync(path, { throwIfNoEntry: false })?.isFile() === true)
     return StableDiffusionPipeline.fromSingleFile(path, options);
   const index = await readConfig(path, 'model_index.json');
-  if (index._class_name === 'GessoGanPipeline') return GanPipeline.fromPretrained(path, options);
+  if (index._class_name === 'GessoGanPipeline') {
+    // A LoRA is a delta for a UNet and CLIP text encoders; a GAN has neither.
+    if ((options.loras?.length ?? 0) > 0)
+      throw new UserError(
+        'usage',
+        `${path} is a GAN; LoRAs merge into Stable Diffusion models (a UNet and CLIP text encoders)`,
+      );
+    return GanPipeline.fromPretrained(path, options);
+  }
   return StableDiffusionPipeline.fromPretrained(path, options);
 }
 

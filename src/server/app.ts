@@ -5,11 +5,13 @@ import { fileURLToPath } from 'node:url';
 import cors from '@fastify/cors';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { isUserError } from '../errors.js';
+import { LoraFolder, resolvePromptLoras } from '../generation/networks.js';
 import { infotextFor } from '../generation/outputs.js';
 import { listModels } from '../generation/models.js';
 import { decodeImage } from '../io/image.js';
 import { parseInfotext } from '../io/infotext.js';
 import { readPngText } from '../io/png.js';
+import { refuseExtraNetworks } from '../tokenizers/prompt-schedule.js';
 import type { RuntimeOptions } from '../runtime/session.js';
 import {
   A1111_SCHEDULE_TYPES,
@@ -57,6 +59,8 @@ export interface ServerOptions {
   readonly previewEvery?: number;
   /** A tiny autoencoder (TAESD folder or Hub id) that decodes the previews fast. */
   readonly tinyVae?: string;
+  /** The folder prompts' `<lora:NAME:WEIGHT>` tags find their files in (A1111's --lora-dir). */
+  readonly loraDir?: string;
   /**
    * ONNX Runtime's settings. Models load and run off the server's thread unless `offThread` is
    * false here, so requests are answered while a model loads or a step runs.
@@ -200,8 +204,15 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     options.model,
     { offThread: true, ...options.runtime },
     options.tinyVae,
+    options.loraDir !== undefined ? new LoraFolder(options.loraDir) : undefined,
   );
   const queue = await JobQueue.open(options.out, models, options.previewEvery ?? 5);
+  // A LoRA the folder lacks, or a tag gesso does not load, is the request's mistake: refused
+  // now, not when its job runs.
+  const checkNetworks = async (prompt: string, negative = '') => {
+    await resolvePromptLoras(prompt, models.loras);
+    refuseExtraNetworks(negative, 'negative prompt');
+  };
   const keys = new Set(options.apiKeys ?? []);
   const app = Fastify({
     logger: options.logger === true ? { level: 'info' } : false,
@@ -316,6 +327,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     async (request, reply) => {
       const b = request.body as Record<string, unknown>;
       checkPrompt(b.prompt as string, limits);
+      await checkNetworks(b.prompt as string, b.negative_prompt as string | undefined);
       const scheduler = checkScheduler(b.sampler as string | undefined);
       const job = queue.submit({
         prompt: b.prompt as string,
@@ -447,6 +459,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     const b = request.body as Record<string, unknown>;
     const prompt = (b.prompt as string | undefined) ?? '';
     checkPrompt(prompt, limits, 'prompt', true);
+    await checkNetworks(prompt, b.negative_prompt as string | undefined);
     refuseUnsupported(b);
     const overrides = b.override_settings as Record<string, unknown> | undefined;
     // The request's own setting, else the server's (POST /sdapi/v1/options), as A1111 does.
@@ -614,6 +627,10 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     })),
   );
 
+  // The LoRAs prompts can name (the folder is read on each request, so refreshing is a no-op).
+  app.get('/sdapi/v1/loras', async () => (await models.loras?.list()) ?? []);
+  app.post('/sdapi/v1/refresh-loras', async () => null);
+
   app.get('/sdapi/v1/samplers', async () =>
     SCHEDULER_NAMES.map((name) => ({ name: displayName(name), aliases: [name], options: {} })),
   );
@@ -707,6 +724,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       const b = request.body as Record<string, unknown>;
       const prompt = b.prompt as string;
       checkPrompt(prompt, limits);
+      await checkNetworks(prompt);
       // gpt-image-1's output fields: what gesso cannot give is refused, not answered with a PNG.
       if (b.output_format !== undefined && b.output_format !== 'png')
         throw new RequestError(

@@ -11,6 +11,7 @@ import {
   saveBatch,
   type ImageSettings,
 } from '../generation/outputs.js';
+import { resolvePromptLoras } from '../generation/networks.js';
 import { toUint8 } from '../io/image.js';
 import { writeFileAtomically } from '../io/atomic.js';
 import { encodePng } from '../io/png.js';
@@ -263,7 +264,8 @@ export class JobQueue extends EventEmitter {
     job.state = 'running';
     this.announce({ type: 'started', job });
     try {
-      const pipe = await this.models.pipeline();
+      const loras = await resolvePromptLoras(job.request.prompt, this.models.loras);
+      const pipe = await this.models.pipeline(loras.specs);
       const traits = modelTraits(pipe);
       const r = job.request;
       const seed0 = r.seed ?? Math.floor(Math.random() * 2 ** 32);
@@ -287,6 +289,7 @@ export class JobQueue extends EventEmitter {
         ...(image !== undefined ? { init_image: 'uploaded', strength: r.strength ?? 0.75 } : {}),
         ...(mask !== undefined ? { mask: 'uploaded' } : {}),
         ...(r.clip_skip !== undefined ? { clip_skip: r.clip_skip } : {}),
+        ...(loras.hashes !== undefined ? { lora_hashes: loras.hashes } : {}),
       }));
       const batches: ImageSettings[][] = [];
       for (const s of job.settings) {

@@ -263,18 +263,60 @@ export interface ConditioningPlan {
 }
 
 /** A1111's extra-network tag, `re_extra_net` in its extra_networks.py: `<lora:name:weight>`. */
-const EXTRA_NETWORK = /<([\p{L}\p{N}_]+):([^>]+)>/u;
+const EXTRA_NETWORK = /<([\p{L}\p{N}_]+):([^>]+)>/gu;
+
+/** The tag types A1111 reads as LoRAs (`lyco` is LyCORIS's old name for the same tag). */
+export const LORA_KINDS: ReadonlySet<string> = new Set(['lora', 'lyco']);
+
+/** One extra-network tag, its arguments split as A1111's ExtraNetworkParams splits them. */
+export interface ExtraNetworkTag {
+  /** As written, `<lora:name:0.8>`. */
+  readonly tag: string;
+  /** The network type: `lora`, `hypernet`, … */
+  readonly kind: string;
+  /** The `:`-separated arguments without an `=` (the name first). */
+  readonly positional: readonly string[];
+  /** The `key=value` arguments. */
+  readonly named: Readonly<Record<string, string>>;
+}
 
 /**
- * A1111 takes such a tag out of the prompt and loads the network it names from its own folders;
- * encoded as text instead, it would steer the image in silence.
+ * A1111's extra_networks.parse_prompt: the prompt with every extra-network tag taken out (as
+ * A1111 takes them out before the prompt is read), and the tags in order.
  */
-function refuseExtraNetworks(prompt: string, which: 'prompt' | 'negative prompt'): void {
-  const tag = EXTRA_NETWORK.exec(prompt);
-  if (tag !== null)
+export function takeExtraNetworks(prompt: string): {
+  readonly prompt: string;
+  readonly tags: readonly ExtraNetworkTag[];
+} {
+  const tags: ExtraNetworkTag[] = [];
+  const rest = prompt.replace(EXTRA_NETWORK, (tag, kind: string, args: string) => {
+    const positional: string[] = [];
+    const named: Record<string, string> = {};
+    for (const item of args.split(':')) {
+      const parts = item.split('=');
+      if (parts.length === 2) named[parts[0]!] = parts[1]!;
+      else positional.push(item);
+    }
+    tags.push({ tag, kind, positional, named });
+    return '';
+  });
+  return { prompt: rest, tags };
+}
+
+/**
+ * A tag left in a prompt the model is given would be encoded as words and steer the image in
+ * silence; the command line and the server take LoRA tags out and merge their files first.
+ */
+export function refuseExtraNetworks(prompt: string, which: 'prompt' | 'negative prompt'): void {
+  const tag = takeExtraNetworks(prompt).tags[0];
+  if (tag !== undefined)
     throw new UserError(
       'bad-request',
-      `the ${which} names an extra network, ${tag[0]}, and gesso does not load networks named in prompts; remove the tag (gesso generate merges a LoRA with --lora FILE[:SCALE])`,
+      which === 'prompt' && LORA_KINDS.has(tag.kind)
+        ? `the prompt names an extra network, ${tag.tag}, that was not loaded; gesso generate and gesso serve load <lora:NAME:WEIGHT> from --lora-dir DIR (or merge a file with --lora FILE[:SCALE])`
+        : which === 'prompt'
+          ? `the prompt names an extra network, ${tag.tag}, and gesso loads no '${tag.kind}' networks; remove the tag (LoRAs: <lora:NAME:WEIGHT> with --lora-dir DIR)`
+          : `the negative prompt names an extra network, ${tag.tag}, and gesso loads networks only from the prompt; remove the tag`,
     );
 }
 
