@@ -32,6 +32,7 @@ import {
   renderBatch,
   saveBatch,
   sameBatch,
+  seedCounter,
   readParameters,
   settingsFromInfotext,
   type ImageSettings,
@@ -487,25 +488,16 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     for (const name of [schedulerFlag, ...entries.map((e) => e.scheduler)])
       if (name !== undefined && !isSchedulerName(name)) throw unknownScheduler(name);
     // Every image to draw, with its own seed or its own variation seed.
-    let nextSeed = seedFlag ?? Math.floor(Math.random() * 2 ** 32);
-    let nextSubseed =
-      subseedStrength !== 0 ? (subseedFlag ?? Math.floor(Math.random() * 2 ** 32)) : undefined;
-    // With a variation strength, A1111 keeps the seed and counts the variation seeds instead.
-    const seedStep = subseedStrength !== 0 ? 0 : 1;
+    const nextSeeds = seedCounter(seedFlag, subseedFlag, subseedStrength);
     const seedWasRandom = seedFlag === undefined;
     const jobs: ImageSettings[] = [];
     for (const entry of entries) {
       const n = entry.count ?? count;
-      const base = entry.seed;
       for (let k = 0; k < n; k++) {
-        const seed = base !== undefined ? base + k * seedStep : (nextSeed += seedStep) - seedStep;
         jobs.push({
           prompt: entry.prompt,
           negative_prompt: entry.negativePrompt ?? negativeFlag ?? from?.negativePrompt ?? '',
-          seed,
-          ...(nextSubseed !== undefined
-            ? { subseed: nextSubseed++, subseed_strength: subseedStrength }
-            : {}),
+          ...nextSeeds(entry.seed !== undefined ? { seed: entry.seed, index: k } : undefined),
           ...(seedResizeFrom !== undefined ? { seed_resize_from: seedResizeFrom } : {}),
           steps: entry.steps ?? stepsFlag ?? pipe.defaults.steps,
           guidance: entry.guidance ?? guidanceFlag ?? pipe.defaults.guidance,

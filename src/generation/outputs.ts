@@ -6,6 +6,7 @@ import { writePng } from '../io/image.js';
 import { readPngText } from '../io/png.js';
 import { GanPipeline, StableDiffusionPipeline, type TextToImage } from '../pipelines/index.js';
 import type { GenerateResult } from '../pipelines/stable-diffusion.js';
+import { randomSeed } from '../tensor/rng.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { displayName } from '../schedulers/index.js';
 import { loraSetKey, promptLoras } from './networks.js';
@@ -48,6 +49,32 @@ export interface ImageSettings {
   readonly mask?: string;
   /** The tiny autoencoder the image was decoded with (--fast-decode), as the user named it. */
   readonly vae?: string;
+}
+
+/**
+ * Counts a run's seeds as A1111 does: each further image adds 1 to the seed, or, with a variation
+ * strength, every image keeps the seed and the variation seed counts instead. Absent seeds are
+ * drawn at random. `next(own)` gives an image's seeds; `own` is a seed its prompt fixed, counted
+ * from by `index` without moving the run's count.
+ */
+export function seedCounter(
+  seed: number | undefined,
+  subseed: number | undefined,
+  strength: number,
+): (own?: {
+  seed: number;
+  index: number;
+}) => Pick<ImageSettings, 'seed' | 'subseed' | 'subseed_strength'> {
+  const step = strength !== 0 ? 0 : 1;
+  let nextSeed = seed ?? randomSeed();
+  let nextSubseed = strength !== 0 ? (subseed ?? randomSeed()) : undefined;
+  return (own) => {
+    const imageSeed = own !== undefined ? own.seed + own.index * step : (nextSeed += step) - step;
+    return {
+      seed: imageSeed,
+      ...(nextSubseed !== undefined ? { subseed: nextSubseed++, subseed_strength: strength } : {}),
+    };
+  };
 }
 
 /** The A1111 infotext of an image's settings: prompt, negative prompt, then the parameter line. */

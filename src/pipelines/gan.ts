@@ -8,7 +8,7 @@ import { WeightSet } from '../nn/weights.js';
 import { Session } from '../runtime/session.js';
 import { fromModelPixels } from '../io/image.js';
 import { concat } from '../tensor/ops.js';
-import { TorchGenerator } from '../tensor/rng.js';
+import { randomSeed, TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
 import { TextEncoder, Vae, type ComponentOptions } from './components.js';
@@ -106,7 +106,7 @@ export class GanPipeline {
     }
     const count = options.count ?? 1;
     const all = prompts.flatMap((p) => new Array<string>(count).fill(p));
-    const seed = options.seed ?? Math.floor(Math.random() * 2 ** 32);
+    const seed = options.seed ?? randomSeed();
     const seeds = typeof seed === 'number' ? new Array<number>(all.length).fill(seed) : [...seed];
     if (seeds.length !== all.length)
       throw new UserError('bad-request', `${seeds.length} seeds for ${all.length} images`);

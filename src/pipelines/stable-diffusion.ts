@@ -8,7 +8,7 @@ import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedu
 import { availableMemoryBytes } from '../runtime/cpu.js';
 import { fromModelPixels } from '../io/image.js';
 import { concat, map } from '../tensor/ops.js';
-import { TorchGenerator } from '../tensor/rng.js';
+import { randomSeed, TorchGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 import { ClipTokenizer, loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
 import { applyEmphasis, promptChunks } from '../tokenizers/prompt.js';
@@ -195,10 +195,6 @@ function eachTimes<T>(list: readonly T[], count: number): T[] {
 
 function asList(value: string | readonly string[]): string[] {
   return typeof value === 'string' ? [value] : [...value];
-}
-
-function randomSeed(): number {
-  return Math.floor(Math.random() * 2 ** 32);
 }
 
 /** diffusers' guidance-scale embedding for LCM-distilled UNets (`get_guidance_scale_embedding`). */

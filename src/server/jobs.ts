@@ -9,6 +9,7 @@ import {
   renderBatch,
   sameBatch,
   saveBatch,
+  seedCounter,
   type ImageSettings,
 } from '../generation/outputs.js';
 import { resolvePromptLoras } from '../generation/networks.js';
@@ -268,15 +269,12 @@ export class JobQueue extends EventEmitter {
       const pipe = await this.models.pipeline(loras.specs);
       const traits = modelTraits(pipe);
       const r = job.request;
-      const seed0 = r.seed ?? Math.floor(Math.random() * 2 ** 32);
-      const varied = (r.subseed_strength ?? 0) !== 0;
-      const subseed0 = r.subseed ?? Math.floor(Math.random() * 2 ** 32);
+      const nextSeeds = seedCounter(r.seed, r.subseed, r.subseed_strength ?? 0);
       const { image, mask } = this.inputs.get(id) ?? {};
-      job.settings = Array.from({ length: r.count }, (_, k) => ({
+      job.settings = Array.from({ length: r.count }, () => ({
         prompt: r.prompt,
         negative_prompt: r.negative_prompt,
-        seed: seed0 + (varied ? 0 : k),
-        ...(varied ? { subseed: subseed0 + k, subseed_strength: r.subseed_strength! } : {}),
+        ...nextSeeds(),
         ...(r.seed_resize_from !== undefined ? { seed_resize_from: r.seed_resize_from } : {}),
         steps: r.steps ?? traits.defaults.steps,
         guidance: r.guidance ?? traits.defaults.guidance,

@@ -257,3 +257,8 @@ function normalFill16(data: Float32Array, offset: number): void {
     data[j + 8] = fround(radius * sin);
   }
 }
+
+/** A seed drawn at random, below 2^32 as A1111 and diffusers' users draw them. */
+export function randomSeed(): number {
+  return Math.floor(Math.random() * 2 ** 32);
+}
