@@ -1,6 +1,9 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import { SafetensorsFile } from '../src/io/safetensors.js';
+import { autoencoderKLConfig } from '../src/models/autoencoder-kl.js';
+import { UNet2DConditionModel, unetConfig } from '../src/models/unet-2d-condition.js';
+import { isUserError } from '../src/errors.js';
 import { TextEncoder, UNet, Vae } from '../src/pipelines/components.js';
 import { chunk } from '../src/tensor/ops.js';
 import { TorchGenerator } from '../src/tensor/rng.js';
@@ -194,3 +197,56 @@ test(
     await vae.release();
   },
 );
+
+test('UNet configs asking for layers or inputs gesso lacks are refused by name, not run without them', () => {
+  for (const [key, value] of [
+    ['num_class_embeds', 10],
+    ['encoder_hid_dim', 768],
+    ['reverse_transformer_layers_per_block', [[1], [1]]],
+    ['resnet_time_scale_shift', 'ada_group'],
+    ['class_embed_type', 'timestep'],
+    ['addition_embed_type', 'image'],
+  ] as const)
+    assert.throws(
+      () => unetConfig({ [key]: value }),
+      new RegExp(
+        `gesso does not support UNet config ${key} = ${JSON.stringify(value).replace(/[[\]]/g, '\\$&')}`,
+      ),
+      key,
+    );
+  // diffusers writes them out at their defaults: accepted.
+  const config = unetConfig({
+    num_class_embeds: null,
+    encoder_hid_dim: null,
+    reverse_transformer_layers_per_block: null,
+    resnet_time_scale_shift: 'default',
+  });
+  assert.equal(config.resnetTimeScaleShift, 'default');
+});
+
+test('a VAE config with per-channel latent statistics is refused by name', () => {
+  assert.throws(
+    () => autoencoderKLConfig({ latents_mean: [0, 0, 0, 0], latents_std: [1, 1, 1, 1] }),
+    /gesso does not support VAE config latents_mean/,
+  );
+  assert.equal(
+    autoencoderKLConfig({ latents_mean: null, latents_std: null }).scalingFactor,
+    0.18215,
+  );
+});
+
+test('an activation gesso lacks, named by a config, is the model’s problem, said so', () => {
+  assert.throws(
+    () =>
+      new UNet2DConditionModel(
+        unetConfig({
+          act_fn: 'mish',
+          block_out_channels: [32, 64],
+          down_block_types: ['DownBlock2D', 'DownBlock2D'],
+          up_block_types: ['UpBlock2D', 'UpBlock2D'],
+          norm_num_groups: 8,
+        }),
+      ),
+    (e: Error) => isUserError(e) && /does not support the activation 'mish'/.test(e.message),
+  );
+});

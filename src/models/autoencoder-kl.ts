@@ -38,6 +38,14 @@ export function autoencoderKLConfig(c: Record<string, unknown>): AutoencoderKLCo
       throw new UserError('unsupported-model', `gesso does not support VAE block '${t}'`);
     }
   }
+  // Per-channel latent statistics (Playground v2.5) change how every latent is scaled; gesso
+  // scales by scaling_factor and shift_factor alone, so such a VAE would decode wrong colours.
+  for (const key of ['latents_mean', 'latents_std'])
+    if (c[key] !== undefined && c[key] !== null)
+      throw new UserError(
+        'unsupported-model',
+        `gesso does not support VAE config ${key} (per-channel latent statistics); only scaling_factor and shift_factor`,
+      );
   const num = (key: string, fallback: number) =>
     typeof c[key] === 'number' ? (c[key] as number) : fallback;
   const blockOut = (c.block_out_channels as number[] | undefined) ?? [64];

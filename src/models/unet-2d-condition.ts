@@ -117,6 +117,13 @@ export function unetConfig(c: Json): UNetConfig {
   unsupported('resnet_skip_time_act', [false]);
   unsupported('resnet_out_scale_factor', [1, 1.0]);
   unsupported('class_embeddings_concat', [false]);
+  // Each of these adds a layer or an input the model would need (diffusers: a class embedding
+  // fed by class_labels, a projection of encoder_hidden_states, per-layer transformer depths in
+  // the up blocks, other resnet conditionings); read as absent, the model would run wrong.
+  unsupported('num_class_embeds', [null]);
+  unsupported('encoder_hid_dim', [null]);
+  unsupported('reverse_transformer_layers_per_block', [null]);
+  unsupported('resnet_time_scale_shift', ['default', 'scale_shift']);
 
   const down = (c.down_block_types as string[] | undefined) ?? [
     'CrossAttnDownBlock2D',

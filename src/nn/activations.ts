@@ -1,3 +1,4 @@
+import { UserError } from '../errors.js';
 import type { Value } from '../graph/ir.js';
 import { add, div, erf, mul, relu, sigmoid, tanh } from '../graph/ops.js';
 
@@ -50,6 +51,10 @@ export function activation(name: Activation | string): (x: Value) => Value {
     case 'relu':
       return relu;
     default:
-      throw new Error(`unknown activation '${name}'`);
+      // Read from a model's config: the user's file, not gesso's bug.
+      throw new UserError(
+        'unsupported-model',
+        `gesso does not support the activation '${name}' (a config's hidden_act or act_fn); it knows silu, gelu, gelu_tanh, quick_gelu and relu`,
+      );
   }
 }
