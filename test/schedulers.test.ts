@@ -270,6 +270,18 @@ test('names users know map to schedulers; unknown names are refused with the lis
     () => createScheduler(sd, 'warp_drive'),
     /unknown scheduler 'warp_drive'; use one of: ddim/,
   );
+  // Sigma spacings gesso lacks are refused, at their false defaults accepted.
+  for (const key of ['use_exponential_sigmas', 'use_beta_sigmas', 'use_flow_sigmas'])
+    assert.throws(
+      () => createScheduler({ ...sd, _class_name: 'EulerDiscreteScheduler', [key]: true }),
+      new RegExp(`does not support the scheduler config ${key} = true`),
+      key,
+    );
+  assert.equal(
+    createScheduler(sd, 'euler', { use_exponential_sigmas: false, use_beta_sigmas: false })
+      .className,
+    'EulerDiscreteScheduler',
+  );
   assert.throws(() => createScheduler(sd, 'ddim').setTimesteps(0), /positive integer/);
   assert.throws(() => createScheduler(sd, 'ddim').setTimesteps(1001), /more than the 1000/);
 });

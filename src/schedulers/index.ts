@@ -216,5 +216,13 @@ export function createScheduler(
       `gesso does not implement ${className}; use one of: ${SCHEDULER_NAMES.join(', ')}`,
     );
   }
-  return new Class({ ...base, ...extra, ...overrides, _class_name: className });
+  const config: SchedulerConfig = { ...base, ...extra, ...overrides, _class_name: className };
+  // diffusers' other sigma spacings: read as absent, the schedule would be another one.
+  for (const key of ['use_exponential_sigmas', 'use_beta_sigmas', 'use_flow_sigmas'])
+    if (config[key] === true)
+      throw new UserError(
+        'unsupported-model',
+        `gesso does not support the scheduler config ${key} = true (its sigma spacings are the plain and Karras ones); set it to false in scheduler_config.json, or use_karras_sigmas instead`,
+      );
+  return new Class(config);
 }
