@@ -349,6 +349,15 @@ test('AUTOMATIC1111 txt2img: its response shape, base64 images and info as a JSO
   assert.ok(samplers.some((s) => s.name === 'DPM++ 2M Karras'));
   const opts = (await (await fetch(`${base}/sdapi/v1/options`)).json()) as Record<string, string>;
   assert.equal(opts.sd_model_checkpoint, model);
+  // The lists clients read first: gesso's are empty (an upscaler "None" only), not missing.
+  const list = async (path: string) => (await fetch(`${base}/sdapi/v1/${path}`)).json();
+  assert.deepEqual(
+    ((await list('upscalers')) as { name: string }[]).map((u) => u.name),
+    ['None'],
+  );
+  for (const path of ['sd-vae', 'prompt-styles', 'hypernetworks', 'latent-upscale-modes', 'loras'])
+    assert.deepEqual(await list(path), [], path);
+  assert.deepEqual(await list('embeddings'), { loaded: {}, skipped: {} });
 });
 
 test('the event stream reports every step, previews, and the finished image URLs', async () => {

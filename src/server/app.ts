@@ -668,6 +668,18 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     },
   );
 
+  // What A1111 clients list before drawing (SillyTavern, Open WebUI, Krita's plugin): gesso has
+  // no upscalers, separate VAEs, styles, embeddings or hypernetworks, and says so with empty
+  // lists rather than 404s that stop those clients. "None" is A1111's no-upscaler entry.
+  app.get('/sdapi/v1/upscalers', async () => [
+    { name: 'None', model_name: null, model_path: null, model_url: null, scale: 4 },
+  ]);
+  app.get('/sdapi/v1/latent-upscale-modes', async () => []);
+  app.get('/sdapi/v1/sd-vae', async () => []);
+  app.get('/sdapi/v1/prompt-styles', async () => []);
+  app.get('/sdapi/v1/hypernetworks', async () => []);
+  app.get('/sdapi/v1/embeddings', async () => ({ loaded: {}, skipped: {} }));
+
   app.get('/sdapi/v1/schedulers', async () =>
     A1111_SCHEDULE_TYPES.map((label) => ({
       name: label.toLowerCase(),
