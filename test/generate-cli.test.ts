@@ -179,6 +179,71 @@ test('gesso generate --from reproduces an image exactly from its metadata', asyn
   });
 });
 
+test("gesso generate --from reads A1111 1.9's schedule type beside the sampler", async () => {
+  await withTempDir(async (dir) => {
+    const a1111 = (sampler: string, type: string) => {
+      const path = join(dir, `${sampler}-${type}.png`);
+      writeFileSync(
+        path,
+        encodePng(
+          { width: 1, height: 1, channels: 3, data: new Uint8Array(3) },
+          {
+            parameters: `a red circle\nSteps: 3, Sampler: ${sampler}, Schedule type: ${type}, CFG scale: 2, Seed: 5, Size: 64x64, Model: tiny`,
+          },
+        ),
+      );
+      return path;
+    };
+    const draw = (name: string, ...args: string[]) => {
+      const r = gesso('generate', '--model', model, ...args, '--out', join(dir, name));
+      assert.equal(r.status, 0, r.stderr);
+      return decodePng(readFileSync(join(dir, name))).data;
+    };
+    const direct = (scheduler: string) =>
+      draw(
+        `${scheduler}.png`,
+        'a red circle',
+        '--scheduler',
+        scheduler,
+        '--steps',
+        '3',
+        '--guidance',
+        '2',
+        '--seed',
+        '5',
+        '--size',
+        '64x64',
+      );
+    const karras = direct('DPM++ 2M Karras');
+    const uniform = direct('DPM++ 2M');
+    assert.notDeepEqual(karras, uniform);
+    assert.deepEqual(draw('k.png', '--from', a1111('DPM++ 2M', 'Karras')), karras);
+    // Automatic: the sampler's own spacing in A1111, Karras for DPM++ 2M.
+    assert.deepEqual(draw('a.png', '--from', a1111('DPM++ 2M', 'Automatic')), karras);
+    assert.deepEqual(draw('u.png', '--from', a1111('DPM++ 2M', 'Uniform')), uniform);
+    const exponential = a1111('DPM++ 2M', 'Exponential');
+    const refused = gesso(
+      'generate',
+      '--model',
+      model,
+      '--from',
+      exponential,
+      '--out',
+      join(dir, 'e.png'),
+    );
+    assert.equal(refused.status, 2);
+    assert.match(
+      refused.stderr,
+      /was drawn with 'Sampler: DPM\+\+ 2M, Schedule type: Exponential': .*; or choose one with --scheduler/,
+    );
+    // --scheduler decides instead; gesso info shows the metadata whatever it names.
+    assert.deepEqual(draw('e2.png', '--from', exponential, '--scheduler', 'DPM++ 2M'), uniform);
+    const info = gesso('info', exponential);
+    assert.equal(info.status, 0, info.stderr);
+    assert.match(info.stdout, /Schedule type +Exponential/);
+  });
+});
+
 test('gesso generate "": an empty prompt draws unconditionally, as in A1111, and --from reads it back', async () => {
   await withTempDir(async (dir) => {
     const out = join(dir, 'out');

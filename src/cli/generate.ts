@@ -14,6 +14,7 @@ import {
   isSchedulerName,
   SCHEDULER_NAMES,
   unknownScheduler,
+  withScheduleType,
 } from '../schedulers/index.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { parseNumber } from './args.js';
@@ -221,6 +222,30 @@ function checkFitsInMemory(pipe: TextToImage, width: number, height: number, bat
     throw new UserError(
       'bad-size',
       `${width}x${height} needs about ${formatBytes(bytes)} for attention alone and this machine has ${formatBytes(totalmem())}; choose a smaller --size or --batch-size`,
+    );
+  }
+}
+
+/**
+ * The scheduler an image's metadata names. gesso writes the sampler alone, and one that names the
+ * folder's own scheduler means exactly it; A1111 1.9 on writes the sigma spacing apart
+ * (`Sampler: DPM++ 2M, Schedule type: Karras`), read as the A1111 routes read it.
+ */
+function samplerOf(
+  from: ParsedSettings | undefined,
+  folderScheduler: string,
+  source: string | undefined,
+): string | undefined {
+  if (from?.sampler === undefined || from.sampler === 'GAN') return undefined;
+  if (from.scheduleType === undefined)
+    return from.sampler === displayName(folderScheduler) ? folderScheduler : from.sampler;
+  try {
+    return withScheduleType(from.sampler, from.scheduleType);
+  } catch (error) {
+    if (!isUserError(error)) throw error;
+    throw new UserError(
+      'usage',
+      `${source} was drawn with 'Sampler: ${from.sampler}, Schedule type: ${from.scheduleType}': ${error.message}; or choose one with --scheduler`,
     );
   }
 }
@@ -475,14 +500,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   try {
     const traits = modelTraits(pipe);
     const { route, nativeSize, folderScheduler } = traits;
-    // A sampler read back from metadata that names the folder's own scheduler means exactly it.
-    const fromSampler =
-      from?.sampler === undefined || from.sampler === 'GAN'
-        ? undefined
-        : from.sampler === displayName(folderScheduler)
-          ? folderScheduler
-          : from.sampler;
-    const schedulerFlag = values.scheduler ?? fromSampler;
+    const schedulerFlag = values.scheduler ?? samplerOf(from, folderScheduler, values.from);
 
     // A misspelt sampler is the user's to mend before anything is drawn or reported.
     for (const name of [schedulerFlag, ...entries.map((e) => e.scheduler)])

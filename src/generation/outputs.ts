@@ -111,6 +111,8 @@ export interface ParsedSettings {
   readonly steps?: number;
   readonly guidance?: number;
   readonly sampler?: string;
+  /** A1111 1.9 on: the sigma spacing, written apart from the sampler (`Karras`, `Automatic`). */
+  readonly scheduleType?: string;
   readonly seed?: number;
   readonly subseed?: number;
   readonly subseedStrength?: number;
@@ -151,6 +153,7 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
   const seedResizeFrom = sizeOf('Seed resize from');
   const clip = number('Clip skip');
   const sampler = get('Sampler');
+  const scheduleType = get('Schedule type');
   const steps = number('Steps');
   const guidance = number('CFG scale');
   const seed = number('Seed');
@@ -164,6 +167,7 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
     ...(steps !== undefined ? { steps } : {}),
     ...(guidance !== undefined ? { guidance } : {}),
     ...(sampler !== undefined ? { sampler } : {}),
+    ...(scheduleType !== undefined ? { scheduleType } : {}),
     ...(seed !== undefined ? { seed } : {}),
     ...(subseed !== undefined ? { subseed } : {}),
     ...(subseedStrength !== undefined ? { subseedStrength } : {}),
