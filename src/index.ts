@@ -3,7 +3,7 @@ export { UserError, isUserError } from './errors.js';
 export * from './tensor/dtype.js';
 export * from './tensor/tensor.js';
 export * as hostOps from './tensor/ops.js';
-export { TorchGenerator } from './tensor/rng.js';
+export { PhiloxGenerator, TorchGenerator, type RngSource } from './tensor/rng.js';
 export * from './io/safetensors.js';
 export { writeAtomically, writeFileAtomically } from './io/atomic.js';
 export { Graph, Value, attr, type Dim, type Shape, type ExternalData } from './graph/ir.js';

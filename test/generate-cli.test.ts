@@ -96,7 +96,7 @@ test('gesso generate: a batch into a folder, numbered by counter and seed, each 
         text,
         'a red circle, above a blue square\n' +
           'Negative prompt: green: ugly\n' +
-          `Steps: 3, Sampler: Euler a, CFG scale: 3.5, Seed: ${41 + i}, Size: 64x64, Model: tiny-model, Version: gesso`,
+          `Steps: 3, Sampler: Euler a, CFG scale: 3.5, Seed: ${41 + i}, Size: 64x64, Model: tiny-model, RNG: CPU, Version: gesso`,
       );
       const info = parseInfotext(text);
       const params = Object.fromEntries(info.params);
@@ -202,6 +202,8 @@ test("gesso generate --from reads A1111 1.9's schedule type beside the sampler",
     const direct = (scheduler: string) =>
       draw(
         `${scheduler}.png`,
+        '--rng',
+        'nv',
         'a red circle',
         '--scheduler',
         scheduler,
@@ -217,7 +219,22 @@ test("gesso generate --from reads A1111 1.9's schedule type beside the sampler",
     const karras = direct('DPM++ 2M Karras');
     const uniform = direct('DPM++ 2M');
     assert.notDeepEqual(karras, uniform);
-    assert.deepEqual(draw('k.png', '--from', a1111('DPM++ 2M', 'Karras')), karras);
+    // No RNG key: A1111's default GPU source, drawn as on NVIDIA cards, and said so.
+    const noted = gesso(
+      'generate',
+      '--model',
+      model,
+      '--from',
+      a1111('DPM++ 2M', 'Karras'),
+      '--out',
+      join(dir, 'k.png'),
+    );
+    assert.equal(noted.status, 0, noted.stderr);
+    assert.match(
+      noted.stderr,
+      /names no RNG, so A1111 drew its noise on the GPU; gesso draws it as NVIDIA cards do/,
+    );
+    assert.deepEqual(decodePng(readFileSync(join(dir, 'k.png'))).data, karras);
     // Automatic: the sampler's own spacing in A1111, Karras for DPM++ 2M.
     assert.deepEqual(draw('a.png', '--from', a1111('DPM++ 2M', 'Automatic')), karras);
     assert.deepEqual(draw('u.png', '--from', a1111('DPM++ 2M', 'Uniform')), uniform);
@@ -238,9 +255,41 @@ test("gesso generate --from reads A1111 1.9's schedule type beside the sampler",
     );
     // --scheduler decides instead; gesso info shows the metadata whatever it names.
     assert.deepEqual(draw('e2.png', '--from', exponential, '--scheduler', 'DPM++ 2M'), uniform);
+    assert.notDeepEqual(
+      draw('c.png', '--from', exponential, '--scheduler', 'DPM++ 2M', '--rng', 'cpu'),
+      uniform,
+    );
     const info = gesso('info', exponential);
     assert.equal(info.status, 0, info.stderr);
     assert.match(info.stdout, /Schedule type +Exponential/);
+  });
+});
+
+test('gesso generate --rng nv: the noise of PyTorch on NVIDIA cards, recorded as A1111 records it and read back', async () => {
+  await withTempDir(async (dir) => {
+    const draw = (name: string, ...args: string[]) => {
+      const r = gesso('generate', '--model', model, ...args, '--out', join(dir, name));
+      assert.equal(r.status, 0, r.stderr);
+      return decodePng(readFileSync(join(dir, name)));
+    };
+    const cpu = draw('cpu.png', 'a blue square', '--seed', '11');
+    const nv = draw('nv.png', 'a blue square', '--seed', '11', '--rng', 'nv');
+    assert.notDeepEqual(nv.data, cpu.data);
+    assert.match(cpu.text.parameters!, /, RNG: CPU, Version: gesso$/);
+    assert.match(nv.text.parameters!, /, RNG: NV, Version: gesso$/);
+    assert.deepEqual(draw('again.png', '--from', join(dir, 'nv.png')).data, nv.data);
+    const bad = gesso(
+      'generate',
+      '--model',
+      model,
+      'x',
+      '--rng',
+      'amd',
+      '--out',
+      join(dir, 'x.png'),
+    );
+    assert.equal(bad.status, 2);
+    assert.match(bad.stderr, /--rng must be cpu or nv \(got 'amd'\)/);
   });
 });
 

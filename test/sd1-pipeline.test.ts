@@ -14,6 +14,7 @@ import {
 } from '../src/pipelines/stable-diffusion.js';
 import { createScheduler } from '../src/schedulers/index.js';
 import { chunk } from '../src/tensor/ops.js';
+import { PhiloxGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { assertClose, golden, goldenDir, needsGolden, repoRoot, withTempDir } from './helpers.js';
 
@@ -242,6 +243,39 @@ test('progress every step, cancellation by AbortSignal, and batching', needsGold
   });
   assert.deepEqual(counted.images.shape, [3, 32, 48, 3]);
 });
+
+test(
+  'rng nv: starting and step noise from Philox generators seeded per image',
+  needsGolden(),
+  async () => {
+    const pipe = await pipeline();
+    const options = { prompt: 'a cat', steps: 4, guidance: 3 } as const;
+    const seeded = await pipe.generate({
+      ...options,
+      count: 2,
+      seed: [5, 6],
+      rng: 'nv',
+      scheduler: 'euler_a',
+    });
+    const given = await pipe.generate({
+      ...options,
+      count: 2,
+      generator: [new PhiloxGenerator(5), new PhiloxGenerator(6)],
+      scheduler: 'euler_a',
+    });
+    assert.deepEqual(seeded.latents.data, given.latents.data);
+    // DDIM draws no step noise: its result is fixed by the starting latents alone.
+    const ddim = await pipe.generate({ ...options, seed: 5, rng: 'nv', scheduler: 'ddim' });
+    const start = await pipe.generate({
+      ...options,
+      latents: new PhiloxGenerator(5).randn([1, 4, 32, 32]),
+      scheduler: 'ddim',
+    });
+    assert.deepEqual(ddim.latents.data, start.latents.data);
+    const cpu = await pipe.generate({ ...options, seed: 5, scheduler: 'ddim' });
+    assert.notDeepEqual(cpu.latents.data, ddim.latents.data);
+  },
+);
 
 test('bad requests are refused with clear errors', needsGolden(), async () => {
   const pipe = await pipeline();

@@ -294,6 +294,43 @@ test('AUTOMATIC1111 options: CLIP_stop_at_last_layers set on the server applies 
   assert.equal((await post('/sdapi/v1/txt2img', request)).status, 200);
 });
 
+test('AUTOMATIC1111 randn_source: CPU by default, NV or GPU (as on NVIDIA cards) on request or as a server setting', async () => {
+  const options = async () =>
+    (await (await fetch(`${base}/sdapi/v1/options`)).json()) as Record<string, unknown>;
+  assert.equal((await options()).randn_source, 'CPU');
+  const request = { prompt: 'a red circle', steps: 2, width: 64, height: 64, seed: 4 };
+  const image = (r: { body: Record<string, unknown> }) =>
+    decodePng(Buffer.from((r.body.images as string[])[0]!, 'base64'));
+  const cpu = image(await post('/sdapi/v1/txt2img', request));
+  const nv = image(
+    await post('/sdapi/v1/txt2img', { ...request, override_settings: { randn_source: 'NV' } }),
+  );
+  const gpu = image(
+    await post('/sdapi/v1/txt2img', { ...request, override_settings: { randn_source: 'GPU' } }),
+  );
+  assert.notDeepEqual(nv.data, cpu.data);
+  assert.deepEqual(gpu.data, nv.data);
+  assert.match(cpu.text.parameters!, /, RNG: CPU, /);
+  assert.match(nv.text.parameters!, /, RNG: NV, /);
+  // The jobs API names it too.
+  const job = await post('/api/jobs', { prompt: 'a red circle', steps: 2, seed: 4, rng: 'nv' });
+  assert.equal(job.status, 202);
+  const id = job.body.id as string;
+  while (!['done', 'failed'].includes(server.queue.get(id)!.state))
+    await new Promise((f) => setTimeout(f, 50));
+  assert.equal(server.queue.get(id)!.settings[0]!.rng, 'nv');
+  try {
+    assert.equal((await post('/sdapi/v1/options', { randn_source: 'NV' })).status, 200);
+    assert.equal((await options()).randn_source, 'NV');
+    assert.deepEqual(image(await post('/sdapi/v1/txt2img', request)).data, nv.data);
+    const bad = await post('/sdapi/v1/options', { randn_source: 'AMD' });
+    assert.equal(bad.status, 400);
+    assert.match(bad.body.detail as string, /randn_source must be GPU, CPU or NV \(got "AMD"\)/);
+  } finally {
+    await post('/sdapi/v1/options', { randn_source: 'CPU' });
+  }
+});
+
 test('AUTOMATIC1111 txt2img without a prompt draws unconditionally, as A1111 does', async () => {
   const common = { steps: 2, width: 64, height: 64, seed: 3, sampler_name: 'Euler' };
   const absent = await post('/sdapi/v1/txt2img', common);

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import { slerp, variationNoise } from '../src/pipelines/variation-noise.js';
-import { TorchGenerator } from '../src/tensor/rng.js';
+import { PhiloxGenerator, TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
 
 const f32 = (shape: number[], values: number[]) =>
@@ -63,4 +63,15 @@ test('resized seeds: drawn at the other size and centred (cropped when larger)',
   for (let y = 0; y < 4; y++)
     for (let x = 0; x < 4; x++)
       assert.equal(larger.noise.data[y * 4 + x], big[(y + 2) * 6 + x + 1]);
+});
+
+test('variation noise from the NV source: both seeds drawn by Philox, the generator goes on from the seed', () => {
+  const shape: [number, number, number] = [4, 8, 8];
+  const own = new PhiloxGenerator(11);
+  const ownNoise = own.randn(shape);
+  const none = variationNoise(11, shape, { subseed: 99, strength: 0, rng: 'nv' });
+  assert.deepEqual(none.noise.data, ownNoise.data);
+  assert.deepEqual(none.generator.randn([5]).data, own.randn([5]).data);
+  const full = variationNoise(11, shape, { subseed: 99, strength: 1, rng: 'nv' });
+  assert.deepEqual(full.noise.data, new PhiloxGenerator(99).randn(shape).data);
 });

@@ -16,6 +16,7 @@ import {
   unknownScheduler,
   withScheduleType,
 } from '../schedulers/index.js';
+import type { RngSource } from '../tensor/rng.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { parseNumber } from './args.js';
 import { formatBytes, progressBar, ProgressLine } from './format.js';
@@ -70,6 +71,9 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
   --subseed-strength S    how far the starting noise moves toward the variation seed's,
                           0 to 1 (default 0: none)
   --seed-resize-from WxH  draw each seed's noise as for this size, centred in the image
+  --rng cpu|nv            what seeds feed: PyTorch's CPU generator (default; diffusers,
+                          ComfyUI, A1111's CPU) or its CUDA one (A1111's NV, and its default
+                          GPU source on NVIDIA cards; gpu is taken as nv)
   --clip-skip N           use the text encoder's output N layers before the last
   --from IMAGE.png        reproduce an image from its 'parameters' metadata (flags given
                           alongside override what it says)
@@ -250,6 +254,36 @@ function samplerOf(
   }
 }
 
+/**
+ * The generator seeds feed: as asked, else as the --from image says (A1111 writes `RNG: CPU` or
+ * `NV`, nothing for its default GPU source, which on NVIDIA cards is NV's; gesso writes it
+ * always), else the CPU one.
+ */
+function rngSource(
+  flag: string | undefined,
+  from: ParsedSettings | undefined,
+  source: string | undefined,
+): RngSource {
+  const named = flag ?? from?.rng;
+  if (named !== undefined) {
+    const value = named.toLowerCase();
+    if (value === 'cpu') return 'cpu';
+    if (value === 'nv' || value === 'gpu') return 'nv';
+    throw new UserError(
+      'usage',
+      flag !== undefined
+        ? `--rng must be cpu or nv (got '${flag}')`
+        : `${source} says 'RNG: ${named}', which gesso does not know; give --rng cpu or nv`,
+    );
+  }
+  if (from === undefined || from.params.some(([k, v]) => k === 'Version' && v === 'gesso'))
+    return 'cpu';
+  process.stderr.write(
+    `note: ${source} names no RNG, so A1111 drew its noise on the GPU; gesso draws it as NVIDIA cards do (--rng nv; --rng cpu for other cards)\n`,
+  );
+  return 'nv';
+}
+
 function seedOrRandom(seed: number | undefined): number | undefined {
   return seed === -1 ? undefined : seed;
 }
@@ -297,6 +331,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       subseed: { type: 'string' },
       'subseed-strength': { type: 'string' },
       'seed-resize-from': { type: 'string' },
+      rng: { type: 'string' },
       from: { type: 'string' },
       variant: { type: 'string' },
       lora: { type: 'string', multiple: true },
@@ -393,6 +428,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     0;
   const seedResizeFrom =
     parseSize(values['seed-resize-from'], 'seed-resize-from') ?? from?.seedResizeFrom;
+  const rng = rngSource(values.rng, from, values.from);
   const threads = parseNumber('threads', values.threads, { integer: true, min: 1 });
   if (values.quantize !== undefined && values.quantize !== 'int8')
     throw new UserError('usage', `--quantize takes int8 (got '${values.quantize}')`);
@@ -517,6 +553,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
           negative_prompt: entry.negativePrompt ?? negativeFlag ?? from?.negativePrompt ?? '',
           ...nextSeeds(entry.seed !== undefined ? { seed: entry.seed, index: k } : undefined),
           ...(seedResizeFrom !== undefined ? { seed_resize_from: seedResizeFrom } : {}),
+          ...(rng === 'nv' ? { rng } : {}),
           steps: entry.steps ?? stepsFlag ?? pipe.defaults.steps,
           guidance: entry.guidance ?? guidanceFlag ?? pipe.defaults.guidance,
           scheduler: entry.scheduler ?? schedulerFlag ?? folderScheduler,

@@ -6,7 +6,7 @@ import { writePng } from '../io/image.js';
 import { readPngText } from '../io/png.js';
 import { GanPipeline, StableDiffusionPipeline, type TextToImage } from '../pipelines/index.js';
 import type { GenerateResult } from '../pipelines/stable-diffusion.js';
-import { randomSeed } from '../tensor/rng.js';
+import { randomSeed, type RngSource } from '../tensor/rng.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { displayName } from '../schedulers/index.js';
 import { loraSetKey, promptLoras } from './networks.js';
@@ -27,6 +27,8 @@ export interface ImageSettings {
   readonly subseed_strength?: number;
   /** A1111's "resize seed from": the size the seed's noise is drawn for, centred in this one. */
   readonly seed_resize_from?: { readonly width: number; readonly height: number };
+  /** What the seeds feed: PyTorch's CPU generator (absent) or its CUDA one (A1111's NV). */
+  readonly rng?: RngSource;
   readonly steps: number;
   readonly guidance: number;
   /** The scheduler name asked for, or the model's own scheduler class. */
@@ -99,6 +101,8 @@ export function infotextFor(s: ImageSettings, modelName: string): string {
   if (s.clip_skip !== undefined && s.clip_skip > 0)
     params.push(['Clip skip', String(s.clip_skip + 1)]);
   if (s.vae !== undefined) params.push(['VAE', s.vae]);
+  // A1111 writes RNG unless it is its default GPU source; gesso's default is the CPU one.
+  params.push(['RNG', s.rng === 'nv' ? 'NV' : 'CPU']);
   if (s.lora_hashes !== undefined) params.push(['Lora hashes', s.lora_hashes]);
   params.push(['Version', 'gesso']);
   return formatInfotext({ prompt: s.prompt, negativePrompt: s.negative_prompt, params });
@@ -113,6 +117,8 @@ export interface ParsedSettings {
   readonly sampler?: string;
   /** A1111 1.9 on: the sigma spacing, written apart from the sampler (`Karras`, `Automatic`). */
   readonly scheduleType?: string;
+  /** A1111's random number source as written (`CPU`, `NV`; absent means its default, `GPU`). */
+  readonly rng?: string;
   readonly seed?: number;
   readonly subseed?: number;
   readonly subseedStrength?: number;
@@ -154,6 +160,7 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
   const clip = number('Clip skip');
   const sampler = get('Sampler');
   const scheduleType = get('Schedule type');
+  const rng = get('RNG');
   const steps = number('Steps');
   const guidance = number('CFG scale');
   const seed = number('Seed');
@@ -168,6 +175,7 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
     ...(guidance !== undefined ? { guidance } : {}),
     ...(sampler !== undefined ? { sampler } : {}),
     ...(scheduleType !== undefined ? { scheduleType } : {}),
+    ...(rng !== undefined ? { rng } : {}),
     ...(seed !== undefined ? { seed } : {}),
     ...(subseed !== undefined ? { subseed } : {}),
     ...(subseedStrength !== undefined ? { subseedStrength } : {}),
@@ -297,6 +305,7 @@ export async function renderBatch(
         }
       : {}),
     ...(first.seed_resize_from !== undefined ? { seedResizeFrom: first.seed_resize_from } : {}),
+    ...(first.rng !== undefined ? { rng: first.rng } : {}),
     // The command line and the server read prompts as AUTOMATIC1111 does.
     promptSyntax: 'a1111',
     steps: first.steps,
@@ -332,6 +341,7 @@ export function sameBatch(a: ImageSettings, b: ImageSettings): boolean {
     a.width === b.width &&
     a.height === b.height &&
     (a.subseed_strength ?? 0) === (b.subseed_strength ?? 0) &&
+    (a.rng ?? 'cpu') === (b.rng ?? 'cpu') &&
     a.seed_resize_from?.width === b.seed_resize_from?.width &&
     a.seed_resize_from?.height === b.seed_resize_from?.height
   );

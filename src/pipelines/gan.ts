@@ -8,7 +8,7 @@ import { WeightSet } from '../nn/weights.js';
 import { Session } from '../runtime/session.js';
 import { fromModelPixels } from '../io/image.js';
 import { concat } from '../tensor/ops.js';
-import { randomSeed, TorchGenerator } from '../tensor/rng.js';
+import { randomSeed, seededGenerator } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
 import { TextEncoder, Vae, type ComponentOptions } from './components.js';
@@ -113,8 +113,8 @@ export class GanPipeline {
     const zDim = this.generator.config.zDim;
     const z =
       typeof seed === 'number'
-        ? new TorchGenerator(seed).randn([all.length, zDim])
-        : concat(seeds.map((s) => new TorchGenerator(s).randn([1, zDim])));
+        ? seededGenerator(seed, options.rng).randn([all.length, zDim])
+        : concat(seeds.map((s) => seededGenerator(s, options.rng).randn([1, zDim])));
     const ids = Tensor.int64(
       [all.length, this.tokenizer.maxLength],
       all.flatMap((p) => this.tokenizer.encode(p)),

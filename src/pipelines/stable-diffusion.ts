@@ -8,7 +8,12 @@ import { createScheduler, type Scheduler, type SchedulerConfig } from '../schedu
 import { availableMemoryBytes } from '../runtime/cpu.js';
 import { fromModelPixels } from '../io/image.js';
 import { concat, map } from '../tensor/ops.js';
-import { randomSeed, TorchGenerator } from '../tensor/rng.js';
+import {
+  randomSeed,
+  seededGenerator,
+  type NormalGenerator,
+  type RngSource,
+} from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 import { ClipTokenizer, loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
 import { applyEmphasis, promptChunks } from '../tokenizers/prompt.js';
@@ -56,8 +61,14 @@ export interface GenerateOptions {
    * or one seed per image (one generator each). Default: a random seed.
    */
   readonly seed?: number | readonly number[];
-  /** Generators to draw from instead of seeds. */
-  readonly generator?: TorchGenerator | readonly TorchGenerator[];
+  /** Generators to draw from instead of seeds (TorchGenerator, PhiloxGenerator). */
+  readonly generator?: NormalGenerator | readonly NormalGenerator[];
+  /**
+   * What seeds feed: 'cpu', PyTorch's CPU generator (default; diffusers on CPU, ComfyUI, A1111's
+   * CPU source), or 'nv', PyTorch's CUDA generator as A1111's NV source computes it (A1111's
+   * default GPU source on NVIDIA cards).
+   */
+  readonly rng?: RngSource;
   /**
    * AUTOMATIC1111's variation seeds: each image's starting noise spherically interpolated toward
    * the noise of its variation seed by `strength` (0: its own seed's, 1: the variation seed's).
@@ -648,21 +659,21 @@ export class StableDiffusionPipeline {
 
     // Generators: one for the batch, or one per image, as diffusers accepts.
     let seeds: number[] | undefined;
-    let generator: TorchGenerator | TorchGenerator[];
+    let generator: NormalGenerator | NormalGenerator[];
     if (options.generator !== undefined) {
       generator = Array.isArray(options.generator)
-        ? [...options.generator]
-        : (options.generator as TorchGenerator);
+        ? [...(options.generator as readonly NormalGenerator[])]
+        : (options.generator as NormalGenerator);
     } else {
       const seed = options.seed ?? randomSeed();
       if (typeof seed === 'number') {
         seeds = new Array<number>(batch).fill(seed);
-        generator = new TorchGenerator(seed);
+        generator = seededGenerator(seed, options.rng);
       } else {
         if (seed.length !== batch)
           throw new UserError('bad-request', `${seed.length} seeds for ${batch} images`);
         seeds = [...seed];
-        generator = seeds.map((s) => new TorchGenerator(s));
+        generator = seeds.map((s) => seededGenerator(s, options.rng));
       }
     }
     if (Array.isArray(generator) && generator.length !== batch) {
@@ -670,8 +681,8 @@ export class StableDiffusionPipeline {
     }
     const randn = (shape: readonly number[]): F32 =>
       Array.isArray(generator)
-        ? concat((generator as TorchGenerator[]).map((g) => g.randn([1, ...shape.slice(1)])))
-        : (generator as TorchGenerator).randn(shape);
+        ? concat((generator as NormalGenerator[]).map((g) => g.randn([1, ...shape.slice(1)])))
+        : (generator as NormalGenerator).randn(shape);
     // The starting noise: A1111's variation and resized seeds where asked, else the seeds' own.
     let initialNoise = randn;
     const { variation, seedResizeFrom } = options;
@@ -693,6 +704,7 @@ export class StableDiffusionPipeline {
           variationNoise(seed, [shape[1]!, shape[2]!, shape[3]!], {
             subseed: variation?.seeds[b] ?? 0,
             strength: variation?.strength ?? 0,
+            ...(options.rng !== undefined ? { rng: options.rng } : {}),
             ...(seedResizeFrom !== undefined
               ? {
                   resizeFrom: [

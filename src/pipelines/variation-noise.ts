@@ -1,5 +1,5 @@
 import { Tensor } from '../tensor/tensor.js';
-import { TorchGenerator } from '../tensor/rng.js';
+import { seededGenerator, type NormalGenerator, type RngSource } from '../tensor/rng.js';
 
 /**
  * AUTOMATIC1111's variation seeds and "resize seed from" (its ImageRNG): an image's starting
@@ -15,6 +15,8 @@ export interface VariationOptions {
   readonly strength: number;
   /** [height, width] of the noise the seed is drawn at, in latent cells (A1111's size / 8). */
   readonly resizeFrom?: readonly [number, number];
+  /** The generator seeds feed (default cpu). */
+  readonly rng?: RngSource;
 }
 
 /**
@@ -72,15 +74,16 @@ export function variationNoise(
   seed: number,
   shape: readonly [number, number, number],
   options: VariationOptions,
-): { noise: Tensor<'float32'>; generator: TorchGenerator } {
+): { noise: Tensor<'float32'>; generator: NormalGenerator } {
   const [channels, height, width] = shape;
   const [fromHeight, fromWidth] = options.resizeFrom ?? [height, width];
   const resized = fromHeight !== height || fromWidth !== width;
   const noiseShape = [channels, fromHeight, fromWidth];
-  const generator = new TorchGenerator(seed);
-  let noise = resized ? new TorchGenerator(seed).randn(noiseShape) : generator.randn(noiseShape);
+  const seeded = (s: number) => seededGenerator(s, options.rng);
+  const generator = seeded(seed);
+  let noise = resized ? seeded(seed).randn(noiseShape) : generator.randn(noiseShape);
   if (options.strength !== 0)
-    noise = slerp(options.strength, noise, new TorchGenerator(options.subseed).randn(noiseShape));
+    noise = slerp(options.strength, noise, seeded(options.subseed).randn(noiseShape));
   if (resized) {
     // The seed's noise at the image's size, with the drawn one centred over it (cropped where
     // it is larger).

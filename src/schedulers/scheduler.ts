@@ -1,5 +1,5 @@
 import { UserError } from '../errors.js';
-import type { TorchGenerator } from '../tensor/rng.js';
+import type { NormalGenerator } from '../tensor/rng.js';
 import { concat } from '../tensor/ops.js';
 import { Tensor } from '../tensor/tensor.js';
 
@@ -13,7 +13,7 @@ import { Tensor } from '../tensor/tensor.js';
 export type F32 = Tensor<'float32'>;
 export type SchedulerConfig = Readonly<Record<string, unknown>>;
 /** One generator for the whole batch, or one per batch element (as diffusers accepts). */
-export type Generators = TorchGenerator | readonly TorchGenerator[];
+export type Generators = NormalGenerator | readonly NormalGenerator[];
 
 const f = Math.fround;
 
@@ -187,8 +187,8 @@ export function randnLike(shape: readonly number[], generator: Generators | unde
   if (generator === undefined) {
     throw new Error('this scheduler step draws noise and needs a generator');
   }
-  if (!Array.isArray(generator)) return (generator as TorchGenerator).randn(shape);
-  const gens = generator as readonly TorchGenerator[];
+  if (!Array.isArray(generator)) return (generator as NormalGenerator).randn(shape);
+  const gens = generator as readonly NormalGenerator[];
   if (gens.length !== shape[0])
     throw new Error(`${gens.length} generators for a batch of ${shape[0]}`);
   return concat(gens.map((g) => g.randn([1, ...shape.slice(1)])));

@@ -173,6 +173,20 @@ function clipStopOf(layers: unknown, where: string): number | undefined {
   return layers;
 }
 
+/**
+ * A1111's randn_source (GPU, CPU or NV), checked: gesso draws CPU noise as PyTorch's CPU
+ * generator does and NV (GPU's on NVIDIA cards) as A1111's re-derivation of CUDA's does.
+ */
+function randnSourceOf(source: unknown, where: string): 'CPU' | 'GPU' | 'NV' | undefined {
+  if (source === undefined) return undefined;
+  if (source === 'CPU' || source === 'GPU' || source === 'NV') return source;
+  throw new RequestError(
+    400,
+    `${where}randn_source must be GPU, CPU or NV (got ${JSON.stringify(source)})`,
+    where === '' ? 'randn_source' : 'override_settings',
+  );
+}
+
 /** Beyond 2^53 a JSON number is not the integer sent, so it would seed something else. */
 const MAX_SEED = Number.MAX_SAFE_INTEGER;
 
@@ -198,8 +212,14 @@ function settled(queue: JobQueue, job: Job): Promise<Job> {
 
 export async function createServer(options: ServerOptions): Promise<GessoServer> {
   const limits: Limits = { ...DEFAULT_LIMITS, ...options.limits };
-  /** A1111 settings the server keeps between requests (GET and POST /sdapi/v1/options). */
-  const settings = { clipStop: 1 };
+  /**
+   * A1111 settings the server keeps between requests (GET and POST /sdapi/v1/options). The noise
+   * source is the CPU one, gesso's, unless a client asks (A1111's own default is GPU).
+   */
+  const settings: { clipStop: number; randnSource: 'CPU' | 'GPU' | 'NV' } = {
+    clipStop: 1,
+    randnSource: 'CPU',
+  };
   const models = new ModelManager(
     options.model,
     { offThread: true, ...options.runtime },
@@ -318,6 +338,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
             width: sizeFields(limits),
             height: sizeFields(limits),
             seed: { type: 'integer', minimum: 0, maximum: MAX_SEED },
+            rng: { type: 'string', enum: ['cpu', 'nv'] },
             count: { type: 'integer', minimum: 1, maximum: limits.maxImages },
             batch_size: { type: 'integer', minimum: 1, maximum: limits.maxImages },
           },
@@ -335,6 +356,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
         count: (b.count as number | undefined) ?? 1,
         batch_size: (b.batch_size as number | undefined) ?? 1,
         ...pick(b, ['steps', 'guidance', 'width', 'height', 'seed']),
+        ...(b.rng === 'nv' ? { rng: 'nv' as const } : {}),
         ...(scheduler !== undefined ? { scheduler } : {}),
       });
       return reply.status(202).send(view(job, request));
@@ -466,6 +488,8 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     const clipStop =
       clipStopOf(overrides?.CLIP_stop_at_last_layers, 'override_settings.') ?? settings.clipStop;
     const clipSkip = clipStop > 1 ? clipStop - 1 : undefined;
+    const randnSource =
+      randnSourceOf(overrides?.randn_source, 'override_settings.') ?? settings.randnSource;
     const checkpoint = overrides?.sd_model_checkpoint;
     if (checkpoint !== undefined && checkpoint !== models.name)
       throw new RequestError(
@@ -532,6 +556,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
         : {}),
       ...(mask !== undefined ? { mask } : {}),
       ...(clipSkip !== undefined ? { clip_skip: clipSkip } : {}),
+      ...(randnSource !== 'CPU' ? { rng: 'nv' as const } : {}),
       ...variationOf(b),
     });
     const finished = await settled(queue, job);
@@ -693,6 +718,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
   app.get('/sdapi/v1/options', async () => ({
     sd_model_checkpoint: models.name,
     CLIP_stop_at_last_layers: settings.clipStop,
+    randn_source: settings.randnSource,
     samples_format: 'png',
   }));
 
@@ -702,10 +728,12 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     async (request) => {
       const body = request.body as Record<string, unknown>;
       const clipStop = clipStopOf(body.CLIP_stop_at_last_layers, '');
+      const randnSource = randnSourceOf(body.randn_source, '');
       const checkpoint = body.sd_model_checkpoint;
       if (checkpoint !== undefined && typeof checkpoint !== 'string')
         throw new RequestError(400, 'sd_model_checkpoint must be a model name');
       if (clipStop !== undefined) settings.clipStop = clipStop;
+      if (randnSource !== undefined) settings.randnSource = randnSource;
       if (checkpoint !== undefined) {
         await queue.exclusive(() => models.use(checkpoint));
       }

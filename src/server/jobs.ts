@@ -17,6 +17,7 @@ import { toUint8 } from '../io/image.js';
 import { writeFileAtomically } from '../io/atomic.js';
 import { encodePng } from '../io/png.js';
 import { StableDiffusionPipeline } from '../pipelines/stable-diffusion.js';
+import type { RngSource } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 import type { ModelManager } from './models.js';
 
@@ -52,6 +53,8 @@ export interface JobRequest {
   readonly mask?: Tensor<'uint8'>;
   /** Text-encoder layers to skip from the end (0: the last layer's states). */
   readonly clip_skip?: number;
+  /** What seeds feed (default cpu; nv: PyTorch's CUDA generator, A1111's NV). */
+  readonly rng?: RngSource;
 }
 
 export type JobState = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
@@ -288,6 +291,7 @@ export class JobQueue extends EventEmitter {
         ...(mask !== undefined ? { mask: 'uploaded' } : {}),
         ...(r.clip_skip !== undefined ? { clip_skip: r.clip_skip } : {}),
         ...(loras.hashes !== undefined ? { lora_hashes: loras.hashes } : {}),
+        ...(r.rng === 'nv' ? { rng: r.rng } : {}),
       }));
       const batches: ImageSettings[][] = [];
       for (const s of job.settings) {

@@ -262,3 +262,87 @@ function normalFill16(data: Float32Array, offset: number): void {
 export function randomSeed(): number {
   return Math.floor(Math.random() * 2 ** 32);
 }
+
+/** What draws starting and step noise: `randn(shape)` gives the next float32 normals. */
+export interface NormalGenerator {
+  randn(shape: readonly number[]): Tensor<'float32'>;
+}
+
+/**
+ * Where noise comes from, as A1111's "Random number generator source" names it: `cpu` is
+ * PyTorch's CPU generator (diffusers and ComfyUI on CPU, A1111's CPU), `nv` the generator of
+ * PyTorch on NVIDIA GPUs (A1111's NV, and its default GPU on NVIDIA cards).
+ */
+export type RngSource = 'cpu' | 'nv';
+
+export function seededGenerator(seed: number | bigint, source: RngSource = 'cpu'): NormalGenerator {
+  return source === 'nv' ? new PhiloxGenerator(seed) : new TorchGenerator(seed);
+}
+
+const PHILOX_M0 = 0xd2511f53;
+const PHILOX_M1 = 0xcd9e8d57;
+const PHILOX_W0 = 0x9e3779b9;
+const PHILOX_W1 = 0xbb67ae85;
+// float32 constants the transform is written with, applied in float64 (as numpy promotes them).
+const INV_2_32 = fround(2.3283064e-10);
+const INV_2_32_2PI = fround(2.3283064e-10 * 6.2831855);
+
+/** The high 32 bits of the 64-bit product of two uint32s. */
+function mulHi(a: number, b: number): number {
+  const aLo = a & 0xffff;
+  const aHi = a >>> 16;
+  const bLo = b & 0xffff;
+  const bHi = b >>> 16;
+  const loLo = aLo * bLo;
+  const hiLo = aHi * bLo;
+  const loHi = aLo * bHi;
+  const cross = (loLo >>> 16) + (hiLo & 0xffff) + loHi;
+  return (aHi * bHi + (hiLo >>> 16) + Math.floor(cross / 65536)) >>> 0;
+}
+
+/**
+ * CUDA's `torch.randn` as A1111 re-derived it for its NV source (modules/rng_philox.py): element
+ * i of the n-th draw is Philox 4×32-10 of the counter (n, 0, i, 0) under the key (seed's low and
+ * high 32 bits), its first two words turned into one normal by Box–Muller (the sine half).
+ */
+export class PhiloxGenerator implements NormalGenerator {
+  private readonly key0: number;
+  private readonly key1: number;
+  private offset = 0;
+
+  constructor(seed: number | bigint) {
+    const big = BigInt.asUintN(64, typeof seed === 'bigint' ? seed : BigInt(Math.trunc(seed)));
+    this.key0 = Number(big & 0xffffffffn);
+    this.key1 = Number(big >> 32n);
+  }
+
+  randn(shape: readonly number[]): Tensor<'float32'> {
+    const out = new Tensor('float32', shape);
+    const data = out.data;
+    const offset = this.offset++;
+    for (let i = 0; i < data.length; i++) {
+      let c0 = offset;
+      let c1 = 0;
+      let c2 = i;
+      let c3 = 0;
+      let k0 = this.key0;
+      let k1 = this.key1;
+      for (let round = 0; round < 10; round++) {
+        const lo1 = Math.imul(c0, PHILOX_M0) >>> 0;
+        const hi1 = mulHi(c0, PHILOX_M0);
+        const lo2 = Math.imul(c2, PHILOX_M1) >>> 0;
+        const hi2 = mulHi(c2, PHILOX_M1);
+        c0 = (hi2 ^ c1 ^ k0) >>> 0;
+        c1 = lo2;
+        c2 = (hi1 ^ c3 ^ k1) >>> 0;
+        c3 = lo1;
+        k0 = (k0 + PHILOX_W0) >>> 0;
+        k1 = (k1 + PHILOX_W1) >>> 0;
+      }
+      const u = c0 * INV_2_32 + INV_2_32 / 2;
+      const v = c1 * INV_2_32_2PI + INV_2_32_2PI / 2;
+      data[i] = fround(Math.sqrt(-2 * Math.log(u)) * Math.sin(v));
+    }
+    return out;
+  }
+}
