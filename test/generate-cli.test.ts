@@ -278,6 +278,13 @@ test('gesso generate --rng nv: the noise of PyTorch on NVIDIA cards, recorded as
     assert.match(cpu.text.parameters!, /, RNG: CPU, Version: gesso$/);
     assert.match(nv.text.parameters!, /, RNG: NV, Version: gesso$/);
     assert.deepEqual(draw('again.png', '--from', join(dir, 'nv.png')).data, nv.data);
+    // ENSD: written as A1111 writes it, read back; it changes what Euler a draws after the start.
+    const args = ['a blue square', '--seed', '11', '--scheduler', 'euler_a'];
+    const plain = draw('plain.png', ...args);
+    const ensd = draw('ensd.png', ...args, '--ensd', '31337');
+    assert.notDeepEqual(ensd.data, plain.data);
+    assert.match(ensd.text.parameters!, /, ENSD: 31337, RNG: CPU, /);
+    assert.deepEqual(draw('ensd-again.png', '--from', join(dir, 'ensd.png')).data, ensd.data);
     const bad = gesso(
       'generate',
       '--model',

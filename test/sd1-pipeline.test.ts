@@ -14,7 +14,7 @@ import {
 } from '../src/pipelines/stable-diffusion.js';
 import { createScheduler } from '../src/schedulers/index.js';
 import { chunk } from '../src/tensor/ops.js';
-import { PhiloxGenerator } from '../src/tensor/rng.js';
+import { PhiloxGenerator, TorchGenerator } from '../src/tensor/rng.js';
 import { Tensor } from '../src/tensor/tensor.js';
 import { assertClose, golden, goldenDir, needsGolden, repoRoot, withTempDir } from './helpers.js';
 
@@ -274,6 +274,30 @@ test(
     assert.deepEqual(ddim.latents.data, start.latents.data);
     const cpu = await pipe.generate({ ...options, seed: 5, scheduler: 'ddim' });
     assert.notDeepEqual(cpu.latents.data, ddim.latents.data);
+  },
+);
+
+test(
+  "noise seed delta (A1111 ENSD): the starting noise from the seed, the samplers' later noise from seed + delta",
+  needsGolden(),
+  async () => {
+    const pipe = await pipeline();
+    const options = { prompt: 'a cat', steps: 4, guidance: 3, scheduler: 'euler_a' } as const;
+    const delta = await pipe.generate({ ...options, seed: 5, noiseSeedDelta: 31337 });
+    const byHand = await pipe.generate({
+      ...options,
+      latents: new TorchGenerator(5).randn([1, 4, 32, 32]),
+      generator: new TorchGenerator(5 + 31337),
+    });
+    assert.deepEqual(delta.latents.data, byHand.latents.data);
+    const none = await pipe.generate({ ...options, seed: 5 });
+    assert.notDeepEqual(none.latents.data, delta.latents.data);
+    // A sampler that draws no later noise is untouched by it.
+    const ddim = { ...options, scheduler: 'ddim' } as const;
+    assert.deepEqual(
+      (await pipe.generate({ ...ddim, seed: 5, noiseSeedDelta: 31337 })).latents.data,
+      (await pipe.generate({ ...ddim, seed: 5 })).latents.data,
+    );
   },
 );
 

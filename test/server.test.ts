@@ -310,6 +310,24 @@ test('AUTOMATIC1111 randn_source: CPU by default, NV or GPU (as on NVIDIA cards)
   );
   assert.notDeepEqual(nv.data, cpu.data);
   assert.deepEqual(gpu.data, nv.data);
+  const ensd = image(
+    await post('/sdapi/v1/txt2img', {
+      ...request,
+      sampler_name: 'Euler a',
+      override_settings: { eta_noise_seed_delta: 31337 },
+    }),
+  );
+  assert.match(ensd.text.parameters!, /, ENSD: 31337, /);
+  assert.notDeepEqual(
+    ensd.data,
+    image(await post('/sdapi/v1/txt2img', { ...request, sampler_name: 'Euler a' })).data,
+  );
+  const badDelta = await post('/sdapi/v1/txt2img', {
+    ...request,
+    override_settings: { eta_noise_seed_delta: -1 },
+  });
+  assert.equal(badDelta.status, 400);
+  assert.match(badDelta.body.detail as string, /eta_noise_seed_delta must be a whole number/);
   assert.match(cpu.text.parameters!, /, RNG: CPU, /);
   assert.match(nv.text.parameters!, /, RNG: NV, /);
   // The jobs API names it too.

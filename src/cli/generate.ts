@@ -74,6 +74,8 @@ export const GENERATE_USAGE = `usage: gesso generate [PROMPT] [options]
   --rng cpu|nv            what seeds feed: PyTorch's CPU generator (default; diffusers,
                           ComfyUI, A1111's CPU) or its CUDA one (A1111's NV, and its default
                           GPU source on NVIDIA cards; gpu is taken as nv)
+  --ensd N                A1111's eta noise seed delta: ancestral and SDE samplers' later noise
+                          from each seed + N (default 0)
   --clip-skip N           use the text encoder's output N layers before the last
   --from IMAGE.png        reproduce an image from its 'parameters' metadata (flags given
                           alongside override what it says)
@@ -332,6 +334,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
       'subseed-strength': { type: 'string' },
       'seed-resize-from': { type: 'string' },
       rng: { type: 'string' },
+      ensd: { type: 'string' },
       from: { type: 'string' },
       variant: { type: 'string' },
       lora: { type: 'string', multiple: true },
@@ -429,6 +432,8 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   const seedResizeFrom =
     parseSize(values['seed-resize-from'], 'seed-resize-from') ?? from?.seedResizeFrom;
   const rng = rngSource(values.rng, from, values.from);
+  const ensd =
+    parseNumber('ensd', values.ensd, { integer: true, min: 0, max: 2 ** 32 }) ?? from?.ensd ?? 0;
   const threads = parseNumber('threads', values.threads, { integer: true, min: 1 });
   if (values.quantize !== undefined && values.quantize !== 'int8')
     throw new UserError('usage', `--quantize takes int8 (got '${values.quantize}')`);
@@ -554,6 +559,7 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
           ...nextSeeds(entry.seed !== undefined ? { seed: entry.seed, index: k } : undefined),
           ...(seedResizeFrom !== undefined ? { seed_resize_from: seedResizeFrom } : {}),
           ...(rng === 'nv' ? { rng } : {}),
+          ...(ensd !== 0 ? { ensd } : {}),
           steps: entry.steps ?? stepsFlag ?? pipe.defaults.steps,
           guidance: entry.guidance ?? guidanceFlag ?? pipe.defaults.guidance,
           scheduler: entry.scheduler ?? schedulerFlag ?? folderScheduler,

@@ -29,6 +29,8 @@ export interface ImageSettings {
   readonly seed_resize_from?: { readonly width: number; readonly height: number };
   /** What the seeds feed: PyTorch's CPU generator (absent) or its CUDA one (A1111's NV). */
   readonly rng?: RngSource;
+  /** A1111's eta noise seed delta: later sampler noise from seed + this. */
+  readonly ensd?: number;
   readonly steps: number;
   readonly guidance: number;
   /** The scheduler name asked for, or the model's own scheduler class. */
@@ -100,6 +102,7 @@ export function infotextFor(s: ImageSettings, modelName: string): string {
   if (s.strength !== undefined) params.push(['Denoising strength', String(s.strength)]);
   if (s.clip_skip !== undefined && s.clip_skip > 0)
     params.push(['Clip skip', String(s.clip_skip + 1)]);
+  if ((s.ensd ?? 0) !== 0) params.push(['ENSD', String(s.ensd)]);
   if (s.vae !== undefined) params.push(['VAE', s.vae]);
   // A1111 writes RNG unless it is its default GPU source; gesso's default is the CPU one.
   params.push(['RNG', s.rng === 'nv' ? 'NV' : 'CPU']);
@@ -119,6 +122,7 @@ export interface ParsedSettings {
   readonly scheduleType?: string;
   /** A1111's random number source as written (`CPU`, `NV`; absent means its default, `GPU`). */
   readonly rng?: string;
+  readonly ensd?: number;
   readonly seed?: number;
   readonly subseed?: number;
   readonly subseedStrength?: number;
@@ -161,6 +165,7 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
   const sampler = get('Sampler');
   const scheduleType = get('Schedule type');
   const rng = get('RNG');
+  const ensd = number('ENSD');
   const steps = number('Steps');
   const guidance = number('CFG scale');
   const seed = number('Seed');
@@ -176,6 +181,7 @@ export function settingsFromInfotext(text: string, source: string): ParsedSettin
     ...(sampler !== undefined ? { sampler } : {}),
     ...(scheduleType !== undefined ? { scheduleType } : {}),
     ...(rng !== undefined ? { rng } : {}),
+    ...(ensd !== undefined ? { ensd } : {}),
     ...(seed !== undefined ? { seed } : {}),
     ...(subseed !== undefined ? { subseed } : {}),
     ...(subseedStrength !== undefined ? { subseedStrength } : {}),
@@ -306,6 +312,7 @@ export async function renderBatch(
       : {}),
     ...(first.seed_resize_from !== undefined ? { seedResizeFrom: first.seed_resize_from } : {}),
     ...(first.rng !== undefined ? { rng: first.rng } : {}),
+    ...((first.ensd ?? 0) !== 0 ? { noiseSeedDelta: first.ensd! } : {}),
     // The command line and the server read prompts as AUTOMATIC1111 does.
     promptSyntax: 'a1111',
     steps: first.steps,
@@ -342,6 +349,7 @@ export function sameBatch(a: ImageSettings, b: ImageSettings): boolean {
     a.height === b.height &&
     (a.subseed_strength ?? 0) === (b.subseed_strength ?? 0) &&
     (a.rng ?? 'cpu') === (b.rng ?? 'cpu') &&
+    (a.ensd ?? 0) === (b.ensd ?? 0) &&
     a.seed_resize_from?.width === b.seed_resize_from?.width &&
     a.seed_resize_from?.height === b.seed_resize_from?.height
   );

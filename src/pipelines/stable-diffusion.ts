@@ -70,6 +70,12 @@ export interface GenerateOptions {
    */
   readonly rng?: RngSource;
   /**
+   * A1111's eta noise seed delta (ENSD): past the starting noise, each image's generator is
+   * seeded again with its seed plus this, so what ancestral and SDE samplers draw later changes
+   * (0 by default; 31337 in setups copied from NovelAI). Needs one seed per image.
+   */
+  readonly noiseSeedDelta?: number;
+  /**
    * AUTOMATIC1111's variation seeds: each image's starting noise spherically interpolated toward
    * the noise of its variation seed by `strength` (0: its own seed's, 1: the variation seed's).
    * Needs one seed per image.
@@ -833,6 +839,16 @@ export class StableDiffusionPipeline {
       latents = map(options.latents.toFloat32(), (v) => v * scheduler.initNoiseSigma);
     } else {
       latents = map(initialNoise(latentShape), (v) => v * scheduler.initNoiseSigma);
+    }
+
+    const delta = options.noiseSeedDelta ?? 0;
+    if (delta !== 0) {
+      if (seeds === undefined || (!Array.isArray(generator) && batch > 1))
+        throw new UserError(
+          'bad-request',
+          'a noise seed delta needs one seed per image: pass the seeds as a list',
+        );
+      generator = seeds.map((s) => seededGenerator(s + delta, options.rng));
     }
 
     const timestepCond =

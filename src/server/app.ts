@@ -187,6 +187,18 @@ function randnSourceOf(source: unknown, where: string): 'CPU' | 'GPU' | 'NV' | u
   );
 }
 
+/** A1111's eta_noise_seed_delta, checked: a whole number from 0. */
+function noiseSeedDeltaOf(delta: unknown, where: string): number | undefined {
+  if (delta === undefined) return undefined;
+  if (typeof delta !== 'number' || !Number.isInteger(delta) || delta < 0 || delta > 2 ** 32)
+    throw new RequestError(
+      400,
+      `${where}eta_noise_seed_delta must be a whole number from 0 to 4294967296 (got ${JSON.stringify(delta)})`,
+      where === '' ? 'eta_noise_seed_delta' : 'override_settings',
+    );
+  return delta;
+}
+
 /** Beyond 2^53 a JSON number is not the integer sent, so it would seed something else. */
 const MAX_SEED = Number.MAX_SAFE_INTEGER;
 
@@ -216,10 +228,11 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
    * A1111 settings the server keeps between requests (GET and POST /sdapi/v1/options). The noise
    * source is the CPU one, gesso's, unless a client asks (A1111's own default is GPU).
    */
-  const settings: { clipStop: number; randnSource: 'CPU' | 'GPU' | 'NV' } = {
-    clipStop: 1,
-    randnSource: 'CPU',
-  };
+  const settings: {
+    clipStop: number;
+    randnSource: 'CPU' | 'GPU' | 'NV';
+    noiseSeedDelta: number;
+  } = { clipStop: 1, randnSource: 'CPU', noiseSeedDelta: 0 };
   const models = new ModelManager(
     options.model,
     { offThread: true, ...options.runtime },
@@ -490,6 +503,9 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     const clipSkip = clipStop > 1 ? clipStop - 1 : undefined;
     const randnSource =
       randnSourceOf(overrides?.randn_source, 'override_settings.') ?? settings.randnSource;
+    const noiseSeedDelta =
+      noiseSeedDeltaOf(overrides?.eta_noise_seed_delta, 'override_settings.') ??
+      settings.noiseSeedDelta;
     const checkpoint = overrides?.sd_model_checkpoint;
     if (checkpoint !== undefined && checkpoint !== models.name)
       throw new RequestError(
@@ -557,6 +573,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       ...(mask !== undefined ? { mask } : {}),
       ...(clipSkip !== undefined ? { clip_skip: clipSkip } : {}),
       ...(randnSource !== 'CPU' ? { rng: 'nv' as const } : {}),
+      ...(noiseSeedDelta !== 0 ? { ensd: noiseSeedDelta } : {}),
       ...variationOf(b),
     });
     const finished = await settled(queue, job);
@@ -719,6 +736,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     sd_model_checkpoint: models.name,
     CLIP_stop_at_last_layers: settings.clipStop,
     randn_source: settings.randnSource,
+    eta_noise_seed_delta: settings.noiseSeedDelta,
     samples_format: 'png',
   }));
 
@@ -729,11 +747,13 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
       const body = request.body as Record<string, unknown>;
       const clipStop = clipStopOf(body.CLIP_stop_at_last_layers, '');
       const randnSource = randnSourceOf(body.randn_source, '');
+      const noiseSeedDelta = noiseSeedDeltaOf(body.eta_noise_seed_delta, '');
       const checkpoint = body.sd_model_checkpoint;
       if (checkpoint !== undefined && typeof checkpoint !== 'string')
         throw new RequestError(400, 'sd_model_checkpoint must be a model name');
       if (clipStop !== undefined) settings.clipStop = clipStop;
       if (randnSource !== undefined) settings.randnSource = randnSource;
+      if (noiseSeedDelta !== undefined) settings.noiseSeedDelta = noiseSeedDelta;
       if (checkpoint !== undefined) {
         await queue.exclusive(() => models.use(checkpoint));
       }

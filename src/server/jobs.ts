@@ -55,6 +55,8 @@ export interface JobRequest {
   readonly clip_skip?: number;
   /** What seeds feed (default cpu; nv: PyTorch's CUDA generator, A1111's NV). */
   readonly rng?: RngSource;
+  /** A1111's eta noise seed delta (0: none). */
+  readonly ensd?: number;
 }
 
 export type JobState = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
@@ -292,6 +294,7 @@ export class JobQueue extends EventEmitter {
         ...(r.clip_skip !== undefined ? { clip_skip: r.clip_skip } : {}),
         ...(loras.hashes !== undefined ? { lora_hashes: loras.hashes } : {}),
         ...(r.rng === 'nv' ? { rng: r.rng } : {}),
+        ...((r.ensd ?? 0) !== 0 ? { ensd: r.ensd! } : {}),
       }));
       const batches: ImageSettings[][] = [];
       for (const s of job.settings) {
