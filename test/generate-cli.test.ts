@@ -259,6 +259,33 @@ test("gesso generate --from reads A1111 1.9's schedule type beside the sampler",
       draw('c.png', '--from', exponential, '--scheduler', 'DPM++ 2M', '--rng', 'cpu'),
       uniform,
     );
+    // What gesso does not do is named, not dropped in silence; A1111's VAE is a file, not TAESD.
+    const hires = join(dir, 'hires.png');
+    writeFileSync(
+      hires,
+      encodePng(
+        { width: 1, height: 1, channels: 3, data: new Uint8Array(3) },
+        {
+          parameters:
+            'a red circle\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 2, Seed: 5, Size: 64x64, Model: tiny, VAE: vae-ft-mse-840000-ema-pruned, RNG: NV, Hires upscale: 2, Hires steps: 10, Version: v1.9.4',
+        },
+      ),
+    );
+    const hiresNote = gesso(
+      'generate',
+      '--model',
+      model,
+      '--from',
+      hires,
+      '--out',
+      join(dir, 'h.png'),
+    );
+    assert.equal(hiresNote.status, 0, hiresNote.stderr);
+    assert.match(
+      hiresNote.stderr,
+      /also says VAE: vae-ft-mse-840000-ema-pruned, Hires upscale: 2, Hires steps: 10, which gesso does not apply/,
+    );
+    assert.deepEqual(decodePng(readFileSync(join(dir, 'h.png'))).data, karras);
     const info = gesso('info', exponential);
     assert.equal(info.status, 0, info.stderr);
     assert.match(info.stdout, /Schedule type +Exponential/);

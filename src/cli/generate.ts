@@ -232,6 +232,39 @@ function checkFitsInMemory(pipe: TextToImage, width: number, height: number, bat
   }
 }
 
+/** Whether an image's metadata is gesso's own (`Version: gesso`), not A1111's. */
+function madeByGesso(from: ParsedSettings): boolean {
+  return from.params.some(([key, value]) => key === 'Version' && value === 'gesso');
+}
+
+/**
+ * The metadata keys --from draws with, or that do not change the picture (hashes, names).
+ * Others (A1111's hires fix, face restoration, token merging, textual-inversion embeddings …)
+ * are named in a note.
+ */
+const APPLIED_KEYS: ReadonlySet<string> = new Set([
+  'Steps',
+  'Sampler',
+  'Schedule type',
+  'CFG scale',
+  'Seed',
+  'Size',
+  'Model',
+  'Model hash',
+  'VAE',
+  'VAE hash',
+  'Variation seed',
+  'Variation seed strength',
+  'Seed resize from',
+  'Denoising strength',
+  'Clip skip',
+  'ENSD',
+  'RNG',
+  'Lora hashes',
+  'Version',
+  'User',
+]);
+
 /**
  * The scheduler an image's metadata names. gesso writes the sampler alone, and one that names the
  * folder's own scheduler means exactly it; A1111 1.9 on writes the sigma spacing apart
@@ -278,8 +311,7 @@ function rngSource(
         : `${source} says 'RNG: ${named}', which gesso does not know; give --rng cpu or nv`,
     );
   }
-  if (from === undefined || from.params.some(([k, v]) => k === 'Version' && v === 'gesso'))
-    return 'cpu';
+  if (from === undefined || madeByGesso(from)) return 'cpu';
   process.stderr.write(
     `note: ${source} names no RNG, so A1111 drew its noise on the GPU; gesso draws it as NVIDIA cards do (--rng nv; --rng cpu for other cards)\n`,
   );
@@ -493,6 +525,15 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
     process.stderr.write(
       `note: ${values.from} was made with LoRAs ${madeWith}; ${values['lora-dir']} has ${nowWith}, so the image may differ\n`,
     );
+  // gesso's `VAE` is the tiny autoencoder it decoded with; A1111's is a separate full VAE file.
+  const fromGesso = from !== undefined && madeByGesso(from);
+  const fromTinyVae = fromGesso ? from?.vae : undefined;
+  const unapplied =
+    from?.params.filter(([key]) => !APPLIED_KEYS.has(key) || (key === 'VAE' && !fromGesso)) ?? [];
+  if (unapplied.length > 0)
+    process.stderr.write(
+      `note: ${values.from} also says ${unapplied.map(([k, v]) => `${k}: ${v}`).join(', ')}, which gesso does not apply, so the image will differ\n`,
+    );
   const pipelineOptions = {
     ...(values.variant !== undefined ? { variant: values.variant } : {}),
     ...(values['low-memory']
@@ -520,14 +561,14 @@ export async function generateCommand(args: readonly string[]): Promise<number> 
   let pipeLoras = loraSetKey(entries[0]!.prompt);
   let released = false;
   // The tiny autoencoder: as asked, as the --from image recorded, else TAESD for the family.
-  const fastDecode = values['fast-decode'] || (values['tiny-vae'] ?? from?.vae) !== undefined;
+  const fastDecode = values['fast-decode'] || (values['tiny-vae'] ?? fromTinyVae) !== undefined;
   let tinyVaeName: string | undefined;
   if (fastDecode) {
     if (!(pipe instanceof StableDiffusionPipeline))
       throw new UserError('usage', '--fast-decode is for diffusion models; a GAN has no decoder');
     tinyVaeName =
       values['tiny-vae'] ??
-      from?.vae ??
+      fromTinyVae ??
       (pipe.textEncoder2 !== undefined ? 'madebyollin/taesdxl' : 'madebyollin/taesd');
     tinyVaePath = await resolveModel(tinyVaeName);
     await pipe.loadTinyVae(tinyVaePath);
