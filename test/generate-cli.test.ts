@@ -219,6 +219,17 @@ test("gesso generate --from reads A1111 1.9's schedule type beside the sampler",
     const karras = direct('DPM++ 2M Karras');
     const uniform = direct('DPM++ 2M');
     assert.notDeepEqual(karras, uniform);
+    // gesso's own plain DPM++ 2M says Uniform, which A1111 1.9 would otherwise read as Karras.
+    const own = readFileSync(join(dir, 'DPM++ 2M.png'));
+    assert.match(
+      decodePng(own).text.parameters!,
+      /Sampler: DPM\+\+ 2M, Schedule type: Uniform, CFG/,
+    );
+    assert.doesNotMatch(
+      decodePng(readFileSync(join(dir, 'DPM++ 2M Karras.png'))).text.parameters!,
+      /Schedule type/,
+    );
+    assert.deepEqual(draw('own.png', '--from', join(dir, 'DPM++ 2M.png')), uniform);
     // No RNG key: A1111's default GPU source, drawn as on NVIDIA cards, and said so.
     const noted = gesso(
       'generate',

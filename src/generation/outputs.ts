@@ -8,7 +8,7 @@ import { GanPipeline, StableDiffusionPipeline, type TextToImage } from '../pipel
 import type { GenerateResult } from '../pipelines/stable-diffusion.js';
 import { randomSeed, type RngSource } from '../tensor/rng.js';
 import type { Tensor } from '../tensor/tensor.js';
-import { displayName } from '../schedulers/index.js';
+import { a1111ScheduleType, displayName } from '../schedulers/index.js';
 import { loraSetKey, promptLoras } from './networks.js';
 
 /**
@@ -89,6 +89,9 @@ export function infotextFor(s: ImageSettings, modelName: string): string {
       : [
           ['Steps', String(s.steps)],
           ['Sampler', displayName(s.scheduler)],
+          ...(a1111ScheduleType(s.scheduler) !== undefined
+            ? [['Schedule type', a1111ScheduleType(s.scheduler)!] as [string, string]]
+            : []),
           ['CFG scale', pythonFloat(s.guidance)],
         ];
   params.push(['Seed', String(s.seed)], ['Size', `${s.width}x${s.height}`], ['Model', modelName]);

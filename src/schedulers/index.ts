@@ -113,6 +113,19 @@ const A1111_DEFAULT_SPACING: Readonly<Record<string, string>> = {
 };
 
 /**
+ * The schedule type to write beside a sampler's A1111 name where A1111 1.9 on would read the
+ * name alone another way: its `Automatic` gives DPM++ 2M Karras sigmas, so gesso's plain
+ * `dpmpp_2m` is `Uniform`. Undefined where the name says it all (or names a folder's class, whose
+ * spacing its config decides).
+ */
+export function a1111ScheduleType(name: string): 'Uniform' | undefined {
+  const normalized = normalizeSchedulerName(name);
+  return NAMES[normalized] !== undefined && A1111_DEFAULT_SPACING[normalized] !== undefined
+    ? 'Uniform'
+    : undefined;
+}
+
+/**
  * The gesso scheduler for an A1111 sampler name and schedule type (the request's `scheduler`
  * field since A1111 1.9, which names the sigma spacing apart from the sampler): `DPM++ 2M` with
  * `Karras` is `dpmpp_2m_karras`. Spacings gesso does not have are refused by name.
