@@ -710,9 +710,9 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     },
   );
 
-  // What A1111 clients list before drawing (SillyTavern, Open WebUI, Krita's plugin): gesso has
-  // no upscalers, separate VAEs, styles, embeddings or hypernetworks, and says so with empty
-  // lists rather than 404s that stop those clients. "None" is A1111's no-upscaler entry.
+  // Lists an A1111 client may read before drawing: gesso has no upscalers, separate VAEs,
+  // styles, embeddings or hypernetworks, and says so with empty lists rather than 404s. "None"
+  // is A1111's no-upscaler entry.
   app.get('/sdapi/v1/upscalers', async () => [
     { name: 'None', model_name: null, model_path: null, model_url: null, scale: 4 },
   ]);
