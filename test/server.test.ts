@@ -50,6 +50,11 @@ async function post(path: string, body: unknown, headers: Record<string, string>
   return { status: res.status, body: (await res.json()) as Record<string, unknown> };
 }
 
+/** Image `i` of an A1111 route's answer (its base64 PNGs), decoded. */
+function a1111Image(r: { body: Record<string, unknown> }, i = 0) {
+  return decodePng(Buffer.from((r.body.images as string[])[i]!, 'base64'));
+}
+
 interface SseEvent {
   type: string;
   data: {
@@ -134,7 +139,7 @@ test('AUTOMATIC1111 img2img with a mask repaints only the white of the mask; cli
       override_settings: { CLIP_stop_at_last_layers: 1 },
     });
     assert.equal(r.status, 200, JSON.stringify(r.body));
-    const out = decodePng(Buffer.from((r.body.images as string[])[0]!, 'base64'));
+    const out = a1111Image(r);
     // Kept: the black of the mask (the right half; the left half when inverted).
     const keptHalf = (i: number) => left(i) === (invert === 1);
     let kept = 0;
@@ -173,15 +178,13 @@ test('AUTOMATIC1111 variation seeds: the seed kept, variation seeds counted, str
   );
   // A deterministic sampler draws nothing after the starting noise: strength 1 is seed 41.
   const plain = await post('/sdapi/v1/txt2img', { ...common, seed: 41 });
-  const pixels = (r: { body: Record<string, unknown> }, i: number) =>
-    decodePng(Buffer.from((r.body.images as string[])[i]!, 'base64')).data;
+  const pixels = (r: { body: Record<string, unknown> }, i: number) => a1111Image(r, i).data;
   assert.deepEqual(pixels(varied, 1), pixels(plain, 0));
 });
 
 test('AUTOMATIC1111 schedule types (its scheduler field): Karras, Uniform and Automatic as A1111 1.9 reads them', async () => {
   const common = { prompt: 'a red circle', steps: 3, width: 64, height: 64, seed: 8 };
-  const pixels = (r: { body: Record<string, unknown> }) =>
-    decodePng(Buffer.from((r.body.images as string[])[0]!, 'base64')).data;
+  const pixels = (r: { body: Record<string, unknown> }) => a1111Image(r).data;
   const sampled = async (body: Record<string, unknown>) => {
     const r = await post('/sdapi/v1/txt2img', { ...common, ...body });
     assert.equal(r.status, 200, JSON.stringify(r.body));
@@ -299,18 +302,16 @@ test('AUTOMATIC1111 randn_source: CPU by default, NV or GPU (as on NVIDIA cards)
     (await (await fetch(`${base}/sdapi/v1/options`)).json()) as Record<string, unknown>;
   assert.equal((await options()).randn_source, 'CPU');
   const request = { prompt: 'a red circle', steps: 2, width: 64, height: 64, seed: 4 };
-  const image = (r: { body: Record<string, unknown> }) =>
-    decodePng(Buffer.from((r.body.images as string[])[0]!, 'base64'));
-  const cpu = image(await post('/sdapi/v1/txt2img', request));
-  const nv = image(
+  const cpu = a1111Image(await post('/sdapi/v1/txt2img', request));
+  const nv = a1111Image(
     await post('/sdapi/v1/txt2img', { ...request, override_settings: { randn_source: 'NV' } }),
   );
-  const gpu = image(
+  const gpu = a1111Image(
     await post('/sdapi/v1/txt2img', { ...request, override_settings: { randn_source: 'GPU' } }),
   );
   assert.notDeepEqual(nv.data, cpu.data);
   assert.deepEqual(gpu.data, nv.data);
-  const ensd = image(
+  const ensd = a1111Image(
     await post('/sdapi/v1/txt2img', {
       ...request,
       sampler_name: 'Euler a',
@@ -320,7 +321,7 @@ test('AUTOMATIC1111 randn_source: CPU by default, NV or GPU (as on NVIDIA cards)
   assert.match(ensd.text.parameters!, /, ENSD: 31337, /);
   assert.notDeepEqual(
     ensd.data,
-    image(await post('/sdapi/v1/txt2img', { ...request, sampler_name: 'Euler a' })).data,
+    a1111Image(await post('/sdapi/v1/txt2img', { ...request, sampler_name: 'Euler a' })).data,
   );
   const badDelta = await post('/sdapi/v1/txt2img', {
     ...request,
@@ -340,7 +341,7 @@ test('AUTOMATIC1111 randn_source: CPU by default, NV or GPU (as on NVIDIA cards)
   try {
     assert.equal((await post('/sdapi/v1/options', { randn_source: 'NV' })).status, 200);
     assert.equal((await options()).randn_source, 'NV');
-    assert.deepEqual(image(await post('/sdapi/v1/txt2img', request)).data, nv.data);
+    assert.deepEqual(a1111Image(await post('/sdapi/v1/txt2img', request)).data, nv.data);
     const bad = await post('/sdapi/v1/options', { randn_source: 'AMD' });
     assert.equal(bad.status, 400);
     assert.match(bad.body.detail as string, /randn_source must be GPU, CPU or NV \(got "AMD"\)/);
@@ -355,10 +356,8 @@ test('AUTOMATIC1111 txt2img without a prompt draws unconditionally, as A1111 doe
   assert.equal(absent.status, 200, JSON.stringify(absent.body));
   const empty = await post('/sdapi/v1/txt2img', { ...common, prompt: '' });
   assert.equal(empty.status, 200, JSON.stringify(empty.body));
-  const image = (r: { body: Record<string, unknown> }) =>
-    decodePng(Buffer.from((r.body.images as string[])[0]!, 'base64'));
-  assert.deepEqual(image(absent).data, image(empty).data);
-  assert.match(image(absent).text.parameters!, /^Steps: 2, Sampler: Euler, /);
+  assert.deepEqual(a1111Image(absent).data, a1111Image(empty).data);
+  assert.match(a1111Image(absent).text.parameters!, /^Steps: 2, Sampler: Euler, /);
   // Only A1111's routes take it: the OpenAI route still asks for a prompt.
   const openai = await post('/v1/images/generations', { prompt: ' ' });
   assert.equal(openai.status, 400);
