@@ -83,14 +83,15 @@ export function seedCounter(
 
 /** The A1111 infotext of an image's settings: prompt, negative prompt, then the parameter line. */
 export function infotextFor(s: ImageSettings, modelName: string): string {
+  const scheduleType = a1111ScheduleType(s.scheduler);
   const params: [string, string][] =
     s.route === 'gan'
       ? [['Sampler', 'GAN']]
       : [
           ['Steps', String(s.steps)],
           ['Sampler', displayName(s.scheduler)],
-          ...(a1111ScheduleType(s.scheduler) !== undefined
-            ? [['Schedule type', a1111ScheduleType(s.scheduler)!] as [string, string]]
+          ...(scheduleType !== undefined
+            ? [['Schedule type', scheduleType] as [string, string]]
             : []),
           ['CFG scale', pythonFloat(s.guidance)],
         ];
