@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import test from 'node:test';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { ClipTokenizer } from '../src/tokenizers/index.js';
+import { comfyPromptChunks, parseComfyWeights } from '../src/tokenizers/comfy-prompt.js';
 import { parsePromptAttention, promptChunks } from '../src/tokenizers/prompt.js';
 import { golden, needsGolden } from './helpers.js';
 
@@ -47,15 +48,23 @@ test('A1111 emphasis parses as its own documentation says', () => {
     ],
     ['[faded]', [['faded', 1 / 1.1]]],
   ];
+  assertParses(parsePromptAttention, cases);
+});
+
+/** Each text parses into these pieces, weights within 1e-9. */
+function assertParses(
+  parse: (text: string) => [string, number][],
+  cases: readonly [string, [string, number][]][],
+): void {
   for (const [text, expected] of cases) {
-    const got = parsePromptAttention(text);
+    const got = parse(text);
     assert.equal(got.length, expected.length, `${text}: ${JSON.stringify(got)}`);
     got.forEach(([t, w], i) => {
       assert.equal(t, expected[i]![0], text);
       assert.ok(close(w, expected[i]![1]), `${text}: ${t} ${w} ≠ ${expected[i]![1]}`);
     });
   }
-});
+}
 
 test(
   'long prompts: chunks of 75 tokens, a comma within 20 tokens moves the tail, BREAK cuts',
@@ -148,5 +157,133 @@ test(
     });
     assert.deepEqual(result.images.shape.slice(1), [64, 64, 3]);
     await pipe.release();
+  },
+);
+
+test('ComfyUI emphasis parses as comfy/sd1_clip.py token_weights does', () => {
+  // Worked out by hand from token_weights and parse_parentheses: (x) multiplies by 1.1, (x:w)
+  // sets w and replaces the outer weight, [x] and an unclosed ( are text, \( \) are literal.
+  const cases: [string, [string, number][]][] = [
+    ['normal text', [['normal text', 1]]],
+    [
+      'an (important) word',
+      [
+        ['an ', 1],
+        ['important', 1.1],
+        [' word', 1],
+      ],
+    ],
+    [
+      'a ((red)) [big] (cat:0.5)',
+      [
+        ['a ', 1],
+        ['red', 1.1 * 1.1],
+        [' [big] ', 1],
+        ['cat', 0.5],
+      ],
+    ],
+    [
+      '(outer (inner:1.5) rest)',
+      [
+        ['outer ', 1.1],
+        ['inner', 1.5],
+        [' rest', 1.1],
+      ],
+    ],
+    ['(unbalanced', [['(unbalanced', 1]]],
+    [
+      '\\(literal\\) (x:y)',
+      [
+        ['(literal) ', 1],
+        ['x:y', 1.1],
+      ],
+    ],
+    ['(a: 2 )', [['a', 2]]],
+    ['(a:1e-1)', [['a', 0.1]]],
+  ];
+  assertParses(parseComfyWeights, cases);
+});
+
+test(
+  'ComfyUI chunks: whole words move to the next chunk, long words split, padding as the tokenizer pads',
+  needsGolden(),
+  async () => {
+    const tokenizer = await ClipTokenizer.fromFolder(golden('sd1-tiny', 'sd-tiny', 'tokenizer'));
+    const cat = tokenizer.tokenize('cat')[0]!;
+    const plain = comfyPromptChunks(tokenizer, Array.from({ length: 100 }, () => 'cat').join(' '));
+    assert.deepEqual(plain.ids[0], [
+      tokenizer.bosId,
+      ...new Array<number>(75).fill(cat),
+      tokenizer.eosId,
+    ]);
+    assert.deepEqual(plain.ids[1]!.slice(0, 27), [
+      tokenizer.bosId,
+      ...new Array<number>(25).fill(cat),
+      tokenizer.eosId,
+    ]);
+    assert.ok(plain.ids[1]!.slice(27).every((id) => id === tokenizer.padId));
+    // A word of several tokens that would cross the boundary moves whole (no comma rule).
+    const word = 'cat,cat,cat'; // five tokens, one word to ComfyUI
+    const five = tokenizer.tokenize(word);
+    assert.equal(five.length, 5);
+    const moved = comfyPromptChunks(
+      tokenizer,
+      [...new Array<string>(73).fill('cat'), word].join(' '),
+    );
+    assert.equal(moved.ids.length, 2);
+    assert.equal(moved.ids[0]!.indexOf(tokenizer.eosId), 74);
+    assert.deepEqual(moved.ids[1]!.slice(1, 6), five);
+    // A word of 8 tokens or more is cut where the chunk ends.
+    const long = 'cat,cat,cat,cat,cat'; // nine tokens
+    const cut = comfyPromptChunks(
+      tokenizer,
+      [...new Array<string>(73).fill('cat'), long].join(' '),
+    );
+    assert.equal(cut.ids[0]![76], tokenizer.eosId);
+    assert.deepEqual(
+      [...cut.ids[0]!.slice(74, 76), ...cut.ids[1]!.slice(1, 8)],
+      tokenizer.tokenize(long),
+    );
+    // Weights follow tokens; the empty text is one chunk of start, end and padding.
+    const weighted = comfyPromptChunks(tokenizer, 'a (red:1.5) cat');
+    assert.deepEqual(weighted.weights[0]!.slice(0, 5), [1, 1, 1.5, 1, 1]);
+    assert.deepEqual(comfyPromptChunks(tokenizer, '').ids, [
+      [tokenizer.bosId, tokenizer.eosId, ...new Array<number>(75).fill(tokenizer.padId)],
+    ]);
+  },
+);
+
+test(
+  'ComfyUI weights: a weighted token’s state is moved from the empty text’s by its weight, nothing rescaled',
+  needsGolden(),
+  async () => {
+    const pipe = await StableDiffusionPipeline.fromPretrained(golden('sd1-tiny', 'sd-tiny'), {
+      cacheDir: false,
+    });
+    try {
+      const encode = async (text: string, syntax: 'plain' | 'comfy') =>
+        (await pipe.encodePrompts([text], undefined, 1, 0, false, syntax)).embeddings;
+      const plain = await encode('a red circle', 'plain');
+      const empty = await encode('', 'plain');
+      const weighted = await encode('a (red:1.5) (circle)', 'comfy');
+      const [, tokens, width] = plain.shape as [number, number, number];
+      const weights = new Array<number>(tokens).fill(1);
+      weights[2] = 1.5; // start, "a", "red", "circle"
+      weights[3] = 1.1;
+      for (let t = 0; t < tokens; t++)
+        for (let k = 0; k < width; k++) {
+          const i = t * width + k;
+          const expected = (plain.data[i]! - empty.data[i]!) * weights[t]! + empty.data[i]!;
+          assert.ok(Math.abs(weighted.data[i]! - expected) < 1e-5, `token ${t}`);
+        }
+      // Without weights ComfyUI's reading is the plain one; [x] is text, as the plain reading.
+      assert.deepEqual((await encode('a red circle', 'comfy')).data, plain.data);
+      assert.deepEqual(
+        (await encode('a [red] circle', 'comfy')).data,
+        (await encode('a [red] circle', 'plain')).data,
+      );
+    } finally {
+      await pipe.release();
+    }
   },
 );

@@ -8,7 +8,8 @@ export const SERVE_USAGE = `usage: gesso serve [options]
 
 Runs gesso as a service: the web page at /, gesso's jobs API (/api/jobs, with server-sent events),
 AUTOMATIC1111's API (/sdapi/v1/txt2img, img2img, progress, interrupt, sd-models, samplers,
-schedulers, loras, png-info, options) and OpenAI's Images API (/v1/images/generations).
+schedulers, loras, png-info, options), OpenAI's Images API (/v1/images/generations) and
+ComfyUI's API (/prompt, /ws, /history, /view, /queue, /interrupt, /upload/image, /object_info).
 
   --host HOST             address to listen on (default 127.0.0.1: this machine only)
   --port N                port (default 7860, as AUTOMATIC1111)
@@ -23,7 +24,7 @@ schedulers, loras, png-info, options) and OpenAI's Images API (/v1/images/genera
   --max-prompt-length N   longest prompt in characters (default ${DEFAULT_LIMITS.maxPromptLength})
   --preview-every N       a preview image every N steps (default 5; 0: none)
   --lora-dir DIR          where prompts' <lora:NAME:WEIGHT> tags find NAME.safetensors (as
-                          A1111's --lora-dir; subfolders too)
+                          A1111's --lora-dir; subfolders too), and ComfyUI's LoraLoader its files
   --tiny-vae MODEL        decode previews with this tiny autoencoder (TAESD folder or Hub id,
                           such as madebyollin/taesd); default: the model's own VAE
   --threads N             compute threads

@@ -9,6 +9,7 @@ import type { GenerateResult } from '../pipelines/stable-diffusion.js';
 import { randomSeed, type RngSource } from '../tensor/rng.js';
 import type { Tensor } from '../tensor/tensor.js';
 import { a1111ScheduleType, displayName } from '../schedulers/index.js';
+import type { PromptSyntax } from '../tokenizers/prompt.js';
 import { loraSetKey, promptLoras } from './networks.js';
 
 /**
@@ -31,6 +32,12 @@ export interface ImageSettings {
   readonly rng?: RngSource;
   /** A1111's eta noise seed delta: later sampler noise from seed + this. */
   readonly ensd?: number;
+  /**
+   * One generator seeded with `seed` draws the starting noise of the whole batch, as ComfyUI and
+   * diffusers draw it (every image of the batch then carries the batch's seed); absent: one
+   * generator per image, as A1111.
+   */
+  readonly batch_noise?: boolean;
   readonly steps: number;
   readonly guidance: number;
   /** The scheduler name asked for, or the model's own scheduler class. */
@@ -283,6 +290,8 @@ export interface RenderOptions {
   readonly mask?: Tensor<'uint8'>;
   readonly latents?: Tensor<'float32'>;
   readonly timestepSpacing?: string;
+  /** How prompts are read (default 'a1111', as the command line and the server read them). */
+  readonly promptSyntax?: PromptSyntax;
   readonly signal?: AbortSignal;
   readonly onProgress?: (step: number, steps: number, latents: Tensor<'float32'>) => void;
 }
@@ -305,7 +314,7 @@ export async function renderBatch(
     ...(batch.some((j) => j.negative_prompt !== '')
       ? { negativePrompt: batch.map((j) => j.negative_prompt) }
       : {}),
-    seed: batch.map((j) => j.seed),
+    seed: first.batch_noise === true ? first.seed : batch.map((j) => j.seed),
     ...((first.subseed_strength ?? 0) !== 0
       ? {
           variation: {
@@ -317,8 +326,7 @@ export async function renderBatch(
     ...(first.seed_resize_from !== undefined ? { seedResizeFrom: first.seed_resize_from } : {}),
     ...(first.rng !== undefined ? { rng: first.rng } : {}),
     ...((first.ensd ?? 0) !== 0 ? { noiseSeedDelta: first.ensd! } : {}),
-    // The command line and the server read prompts as AUTOMATIC1111 does.
-    promptSyntax: 'a1111',
+    promptSyntax: options.promptSyntax ?? 'a1111',
     steps: first.steps,
     guidance: first.guidance,
     width: first.width,
@@ -354,23 +362,29 @@ export function sameBatch(a: ImageSettings, b: ImageSettings): boolean {
     (a.subseed_strength ?? 0) === (b.subseed_strength ?? 0) &&
     (a.rng ?? 'cpu') === (b.rng ?? 'cpu') &&
     (a.ensd ?? 0) === (b.ensd ?? 0) &&
+    (a.batch_noise ?? false) === (b.batch_noise ?? false) &&
+    (a.batch_noise !== true || a.seed === b.seed) &&
     a.seed_resize_from?.width === b.seed_resize_from?.width &&
     a.seed_resize_from?.height === b.seed_resize_from?.height
   );
 }
 
-/** Writes a batch's images as numbered PNGs with their metadata and manifest lines. */
+/**
+ * Writes a batch's images as numbered PNGs with their metadata and manifest lines. `text`: the
+ * PNG text chunks to write instead of A1111's `parameters` (ComfyUI's `prompt` and `workflow`).
+ */
 export async function saveBatch(
   folder: OutputFolder,
   batch: readonly ImageSettings[],
   images: Tensor<'uint8'>,
   extra: Readonly<Record<string, unknown>> = {},
+  text?: Readonly<Record<string, string>>,
 ): Promise<string[]> {
   const paths: string[] = [];
   for (let k = 0; k < batch.length; k++) {
     const settings = batch[k]!;
     const path = folder.nextPath(settings.seed);
-    await writePng(path, images, k, { parameters: infotextFor(settings, settings.model) });
+    await writePng(path, images, k, text ?? { parameters: infotextFor(settings, settings.model) });
     await folder.record({
       file: basename(path),
       ...settings,

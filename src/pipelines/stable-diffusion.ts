@@ -16,7 +16,8 @@ import {
 } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
 import { ClipTokenizer, loadTokenizer, type Tokenizer } from '../tokenizers/index.js';
-import { applyEmphasis, promptChunks } from '../tokenizers/prompt.js';
+import { applyComfyWeights, comfyPromptChunks } from '../tokenizers/comfy-prompt.js';
+import { applyEmphasis, promptChunks, type PromptSyntax } from '../tokenizers/prompt.js';
 import {
   composablePrompt,
   conditioningPlan,
@@ -100,9 +101,10 @@ export interface GenerateOptions {
    * AUTOMATIC1111's emphasis syntax (`(word:1.3)`, `(word)`, `[word]`, `BREAK`), prompts longer
    * than 75 tokens in chunks (see tokenizers/prompt.ts for exactly what weights do), prompt
    * editing `[from:to:when]`, alternation `[a|b]` and composition `A AND B:0.5`
-   * (tokenizers/prompt-schedule.ts).
+   * (tokenizers/prompt-schedule.ts); or 'comfy': ComfyUI's emphasis and chunking
+   * (tokenizers/comfy-prompt.ts).
    */
-  readonly promptSyntax?: 'plain' | 'a1111';
+  readonly promptSyntax?: PromptSyntax;
   /** DDIM's η (default 0). */
   readonly eta?: number;
   /** Guidance rescale φ of Lin et al. (2023), 0 to 1 (default 0). */
@@ -465,18 +467,19 @@ export class StableDiffusionPipeline {
     return { hidden: concat([first.hidden, second.hidden], 2), pooled: second.pooled };
   }
 
-  /** Chunks of A1111-syntax prompts for each tokenizer, or undefined for plain prompts. */
-  private chunked(prompts: readonly string[], syntax: 'plain' | 'a1111') {
+  /** Chunks of A1111- or ComfyUI-syntax prompts for each tokenizer, or undefined for plain ones. */
+  private chunked(prompts: readonly string[], syntax: PromptSyntax) {
     const tokenizers = [this.tokenizer, this.tokenizer2].filter((t) => t !== undefined);
-    if (syntax !== 'a1111' || !tokenizers.every((t) => t instanceof ClipTokenizer))
+    if (syntax === 'plain' || !tokenizers.every((t) => t instanceof ClipTokenizer))
       return undefined;
-    return (tokenizers as ClipTokenizer[]).map((t) => prompts.map((p) => promptChunks(t, p)));
+    const chunks = syntax === 'comfy' ? comfyPromptChunks : promptChunks;
+    return (tokenizers as ClipTokenizer[]).map((t) => prompts.map((p) => chunks(t, p)));
   }
 
   private async encodeText(
     prompts: readonly string[],
     clipSkip: number,
-    syntax: 'plain' | 'a1111',
+    syntax: PromptSyntax,
     chunkCount: number,
   ): Promise<{ hidden: F32; pooled: F32 | undefined }> {
     const chunks = this.chunked(prompts, syntax);
@@ -494,6 +497,26 @@ export class StableDiffusionPipeline {
     ) as ClipTokenizer[];
     const parts: F32[] = [];
     let pooled: F32 | undefined;
+    const tensor = (rows: readonly { ids: readonly number[] }[]) =>
+      Tensor.int64(
+        [rows.length, rows[0]!.ids.length],
+        rows.flatMap((r) => r.ids),
+      );
+    // ComfyUI weighs a token against the empty text's state: start, end, then padding.
+    let emptyStates: Float32Array | undefined;
+    const emptyText = async () => {
+      const row = (t: ClipTokenizer) => ({
+        ids: [t.bosId, t.eosId, ...new Array<number>(t.maxLength - 2).fill(t.padId)],
+      });
+      emptyStates ??= (
+        await this.encodeIds(
+          tensor([row(tokenizers[0]!)]),
+          tokenizers.length > 1 ? tensor([row(tokenizers[1]!)]) : undefined,
+          clipSkip,
+        )
+      ).hidden.data;
+      return emptyStates;
+    };
     for (let c = 0; c < chunkCount; c++) {
       const pick = (k: number) =>
         chunks[k]!.map((pc) =>
@@ -502,28 +525,24 @@ export class StableDiffusionPipeline {
             : { ids: empty(tokenizers[k]!).ids[0]!, weights: empty(tokenizers[k]!).weights[0]! },
         );
       const first = pick(0);
-      const length = first[0]!.ids.length;
-      const tensor = (rows: { ids: number[] }[]) =>
-        Tensor.int64(
-          [rows.length, length],
-          rows.flatMap((r) => r.ids),
-        );
       const encoded = await this.encodeIds(
         tensor(first),
         chunks.length > 1 ? tensor(pick(1)) : undefined,
         clipSkip,
       );
-      pooled ??= encoded.pooled; // A1111 takes the pooled state of the first chunk
+      pooled ??= encoded.pooled; // A1111 and ComfyUI take the pooled state of the first chunk
       const [batch, tokens, width] = encoded.hidden.shape as [number, number, number];
       const weighted = new Tensor('float32', encoded.hidden.shape);
       for (let b = 0; b < batch; b++) {
         const size = tokens * width;
+        const states = encoded.hidden.data.subarray(b * size, (b + 1) * size);
+        const weights = first[b]!.weights;
         weighted.data.set(
-          applyEmphasis(
-            encoded.hidden.data.subarray(b * size, (b + 1) * size),
-            first[b]!.weights,
-            width,
-          ),
+          syntax === 'comfy'
+            ? weights.every((w) => w === 1)
+              ? states
+              : applyComfyWeights(states, await emptyText(), weights, width)
+            : applyEmphasis(states, weights, width),
           b * size,
         );
       }
@@ -533,7 +552,7 @@ export class StableDiffusionPipeline {
   }
 
   /** How many 75-token chunks the longest of these prompts needs (1 for plain prompts). */
-  private chunkCount(prompts: readonly string[], syntax: 'plain' | 'a1111'): number {
+  private chunkCount(prompts: readonly string[], syntax: PromptSyntax): number {
     const chunks = this.chunked(prompts, syntax);
     return chunks === undefined ? 1 : Math.max(1, ...chunks.flat().map((c) => c.ids.length));
   }
@@ -550,7 +569,7 @@ export class StableDiffusionPipeline {
     count: number,
     clipSkip = 0,
     guided = negatives !== undefined,
-    syntax: 'plain' | 'a1111' = 'plain',
+    syntax: PromptSyntax = 'plain',
   ): Promise<{ embeddings: F32; pooled: F32 | undefined }> {
     const plan = conditioningPlan(
       eachTimes(prompts, count),
@@ -584,7 +603,7 @@ export class StableDiffusionPipeline {
   private async conditioning(
     plan: ConditioningPlan,
     clipSkip: number,
-    syntax: 'plain' | 'a1111',
+    syntax: PromptSyntax,
   ): Promise<{ at(step: number): { embeddings: F32; pooled: F32 | undefined } }> {
     const encoded = await this.encodeText(
       plan.texts,

@@ -1,5 +1,6 @@
 import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
+import type { IncomingMessage } from 'node:http';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import cors from '@fastify/cors';
@@ -20,13 +21,15 @@ import {
   SCHEDULER_NAMES,
   withScheduleType,
 } from '../schedulers/index.js';
+import { COMFY_ROUTES, registerComfy } from './comfy.js';
 import { JobQueue, jobView, type Job, type JobEvent, type JobRequest } from './jobs.js';
 import { ModelManager } from './models.js';
 
 /**
  * `gesso serve`: gesso's own jobs API (submit, follow as server-sent events, cancel, fetch
- * images), the AUTOMATIC1111 routes and the OpenAI Images route that existing clients speak, and
- * the web page, on Fastify. One model is loaded; jobs run one at a time through the queue.
+ * images), the AUTOMATIC1111 routes, the OpenAI Images route and ComfyUI's API (comfy.ts) that
+ * existing clients speak, and the web page, on Fastify. One model is loaded; jobs run one at a
+ * time through the queue.
  */
 
 export interface Limits {
@@ -283,20 +286,20 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     return reply.status(status).send({ error: message });
   });
 
-  app.addHook('onRequest', async (request, reply) => {
-    if (keys.size === 0) return;
-    const path = request.url.split('?')[0]!;
-    if (!/^\/(api|sdapi|v1)\//.test(path)) return;
+  // Browsers cannot put headers on EventSource, WebSocket or <img> requests: GETs may carry ?key=.
+  const authorized = (request: IncomingMessage) => {
+    if (keys.size === 0) return true;
     const header = request.headers.authorization ?? '';
-    // Browsers cannot put headers on EventSource or <img> requests: GETs may carry ?key=.
     const query =
-      request.method === 'GET' ? (request.query as Record<string, unknown>).key : undefined;
-    const token = header.startsWith('Bearer ')
-      ? header.slice(7)
-      : typeof query === 'string'
-        ? query
-        : '';
-    if (!keys.has(token)) {
+      request.method === 'GET'
+        ? new URL(request.url ?? '/', 'http://localhost').searchParams.get('key')
+        : null;
+    return keys.has(header.startsWith('Bearer ') ? header.slice(7) : (query ?? ''));
+  };
+  app.addHook('onRequest', async (request, reply) => {
+    const path = request.url.split('?')[0]!;
+    if (!/^\/(api|sdapi|v1)\//.test(path) && !COMFY_ROUTES.test(path)) return;
+    if (!authorized(request.raw)) {
       await reply
         .status(401)
         .send({ error: 'missing or wrong API key: send Authorization: Bearer <key>' });
@@ -844,12 +847,23 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
     },
   );
 
+  const closeComfy = await registerComfy(app, {
+    queue,
+    models,
+    out: options.out,
+    maxSide: limits.maxSide,
+    maxSteps: limits.maxSteps,
+    maxImages: limits.maxImages,
+    authorized,
+  });
+
   return {
     app,
     queue,
     models,
     close: async () => {
       await queue.close();
+      await closeComfy();
       await app.close();
       await models.release();
     },

@@ -19,6 +19,7 @@ import { encodePng } from '../io/png.js';
 import { StableDiffusionPipeline } from '../pipelines/stable-diffusion.js';
 import type { RngSource } from '../tensor/rng.js';
 import { Tensor } from '../tensor/tensor.js';
+import type { PromptSyntax } from '../tokenizers/prompt.js';
 import type { ModelManager } from './models.js';
 
 /**
@@ -57,6 +58,19 @@ export interface JobRequest {
   readonly rng?: RngSource;
   /** A1111's eta noise seed delta (0: none). */
   readonly ensd?: number;
+  /**
+   * One generator seeded with `seed` draws the whole job's starting noise (ComfyUI, diffusers)
+   * instead of one per image counting up from it (A1111); the job is then drawn as one batch.
+   */
+  readonly batch_noise?: boolean;
+  /** The scheduler's timestep spacing (diffusers' `timestep_spacing`), else the model's. */
+  readonly timestep_spacing?: string;
+  /** PNG text chunks written instead of A1111's `parameters` (ComfyUI's `prompt`, `workflow`). */
+  readonly png_text?: Readonly<Record<string, string>>;
+  /** 'plain': the prompt's brackets are text, not A1111's emphasis and editing (default 'a1111'). */
+  readonly prompt_syntax?: PromptSyntax;
+  /** The model to switch the server to before drawing (default: the one loaded). */
+  readonly model?: string;
 }
 
 export type JobState = 'queued' | 'running' | 'done' | 'failed' | 'cancelled';
@@ -173,11 +187,12 @@ export class JobQueue extends EventEmitter {
     return this.queue.length + (this.running !== undefined ? 1 : 0);
   }
 
-  submit(request: JobRequest): Job {
+  /** `id`: the job's id (default: a new UUID); `front`: run it before those waiting. */
+  submit(request: JobRequest, options: { id?: string; front?: boolean } = {}): Job {
     if (this.closing) throw new Error('the server is shutting down');
     const { init_image: image, mask, ...rest } = request;
     const job: Job = {
-      id: randomUUID(),
+      id: options.id ?? randomUUID(),
       state: 'queued',
       created: new Date().toISOString(),
       request: rest,
@@ -189,7 +204,8 @@ export class JobQueue extends EventEmitter {
     this.jobs.set(job.id, job);
     if (image !== undefined)
       this.inputs.set(job.id, { image, ...(mask !== undefined ? { mask } : {}) });
-    this.queue.push(job.id);
+    if (options.front === true) this.queue.unshift(job.id);
+    else this.queue.push(job.id);
     void this.persist(job).catch(() => undefined);
     this.announce({ type: 'queued', job });
     this.idle = this.idle.then(() => this.runNext());
@@ -270,16 +286,19 @@ export class JobQueue extends EventEmitter {
     job.state = 'running';
     this.announce({ type: 'started', job });
     try {
+      if (job.request.model !== undefined && job.request.model !== this.models.name)
+        await this.models.use(job.request.model);
       const loras = await resolvePromptLoras(job.request.prompt, this.models.loras);
       const pipe = await this.models.pipeline(loras.specs);
       const traits = modelTraits(pipe);
       const r = job.request;
       const nextSeeds = seedCounter(r.seed, r.subseed, r.subseed_strength ?? 0);
+      const batchSeed = r.batch_noise === true ? nextSeeds().seed : undefined;
       const { image, mask } = this.inputs.get(id) ?? {};
       job.settings = Array.from({ length: r.count }, () => ({
         prompt: r.prompt,
         negative_prompt: r.negative_prompt,
-        ...nextSeeds(),
+        ...(batchSeed !== undefined ? { seed: batchSeed, batch_noise: true } : nextSeeds()),
         ...(r.seed_resize_from !== undefined ? { seed_resize_from: r.seed_resize_from } : {}),
         steps: r.steps ?? traits.defaults.steps,
         guidance: r.guidance ?? traits.defaults.guidance,
@@ -311,6 +330,8 @@ export class JobQueue extends EventEmitter {
         const result = await renderBatch(pipe, traits, batch, {
           ...(image !== undefined ? { image } : {}),
           ...(mask !== undefined ? { mask } : {}),
+          ...(r.timestep_spacing !== undefined ? { timestepSpacing: r.timestep_spacing } : {}),
+          ...(r.prompt_syntax !== undefined ? { promptSyntax: r.prompt_syntax } : {}),
           signal: controller.signal,
           onProgress: (step, steps, latents) => {
             job.step = done + Math.round((step / steps) * stepsPerBatch);
@@ -329,7 +350,7 @@ export class JobQueue extends EventEmitter {
         done += stepsPerBatch;
         job.step = done;
         const pixels = toUint8(result.images);
-        const paths = await saveBatch(this.folder, batch, pixels, { job: job.id });
+        const paths = await saveBatch(this.folder, batch, pixels, { job: job.id }, r.png_text);
         job.images.push(...paths.map((p) => basename(p)));
         this.latestPreview = encodePng({
           width: batch[0]!.width,

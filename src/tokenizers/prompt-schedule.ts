@@ -1,4 +1,5 @@
 import { UserError } from '../errors.js';
+import type { PromptSyntax } from './prompt.js';
 
 /**
  * AUTOMATIC1111's prompts that change while sampling, and prompts composed of parts.
@@ -330,7 +331,7 @@ export function conditioningPlan(
   prompts: readonly string[],
   negatives: readonly (string | null)[] | undefined,
   steps: number,
-  syntax: 'plain' | 'a1111',
+  syntax: PromptSyntax,
 ): ConditioningPlan {
   const texts: string[] = [];
   const index = new Map<string, number>();

@@ -12,6 +12,9 @@
  *   A weight of 1 everywhere changes nothing.
  */
 
+/** How prompts are read: as plain text, as AUTOMATIC1111 reads them, or as ComfyUI does. */
+export type PromptSyntax = 'plain' | 'a1111' | 'comfy';
+
 export type WeightedText = [text: string, weight: number];
 
 /** A piece that stands for `BREAK` in the parse (weight −1, as A1111 marks it). */
