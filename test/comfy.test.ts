@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { WebSocket } from 'ws';
+import { readParameters } from '../src/generation/outputs.js';
 import { toUint8 } from '../src/io/image.js';
 import { decodePng, encodePng, readPngText } from '../src/io/png.js';
 import { Tensor } from '../src/tensor/tensor.js';
@@ -260,6 +261,8 @@ test('ComfyUI: the example client’s flow, and its images are the library’s f
   assert.deepEqual(JSON.parse(text.prompt!), graph);
   assert.deepEqual(JSON.parse(text.workflow!), workflowInfo);
   assert.equal(text.parameters, undefined);
+  // gesso info and --from say what such an image is.
+  assert.throws(() => readParameters(files[0]!, 'drawn.png'), /drawn.png is a ComfyUI image/);
 
   // One generator seeded once draws the batch's noise (ComfyUI's prepare_noise, diffusers with
   // one generator); `normal` is the linspace spacing.

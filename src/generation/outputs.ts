@@ -211,6 +211,11 @@ export function readParameters(bytes: Uint8Array, path: string): string {
   const parameters = text.parameters;
   if (parameters === undefined) {
     const keys = Object.keys(text);
+    if (text.prompt !== undefined && keys.every((k) => k === 'prompt' || k === 'workflow'))
+      throw new UserError(
+        'no-metadata',
+        `${path} is a ComfyUI image: its 'prompt' text chunk holds the workflow, not A1111's parameters; queue that workflow on gesso serve's POST /prompt to draw it again`,
+      );
     throw new UserError(
       'no-metadata',
       `${path} has no 'parameters' text chunk (${keys.length === 0 ? 'no text chunks at all' : `it has: ${keys.join(', ')}`}); it was not written by gesso or AUTOMATIC1111, or the metadata was stripped`,
