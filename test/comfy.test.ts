@@ -688,6 +688,38 @@ test('ComfyUI image-to-image: an uploaded image through LoadImage and VAEEncode,
   });
   assert.deepEqual(drawn.data, expected.data);
 
+  // KSamplerAdvanced from step 2 of 5 runs the same three steps of the same schedule.
+  const advanced = await run({
+    ...graph,
+    '3': {
+      class_type: 'KSamplerAdvanced',
+      inputs: {
+        ...graph['3']!.inputs,
+        add_noise: 'enable',
+        noise_seed: 21,
+        steps: 5,
+        start_at_step: 2,
+        end_at_step: 10000,
+        return_with_leftover_noise: 'disable',
+      },
+    },
+  });
+  assert.deepEqual(decodePng((await viewed(advanced.history))[0]!).data, expected.data);
+  for (const [change, input] of [
+    [{ add_noise: 'disable' }, 'add_noise'],
+    [{ end_at_step: 4 }, 'end_at_step'],
+    [{ start_at_step: 5 }, 'start_at_step'],
+    [{ start_at_step: 1, latent_image: ['5', 0] }, 'start_at_step'],
+  ] as const) {
+    const sent = (advanced.history.prompt as [number, string, Graph])[2];
+    const r = await post('/prompt', {
+      prompt: { ...sent, '3': { ...sent['3']!, inputs: { ...sent['3']!.inputs, ...change } } },
+    });
+    assert.equal(r.status, 400, JSON.stringify(change));
+    const errors = r.body.node_errors as Record<string, { errors: { details: string }[] }>;
+    assert.match(errors['3']!.errors[0]!.details, new RegExp(`^${input} - `));
+  }
+
   // A file the input folder lacks is not in LoadImage's list.
   const missing = await post('/prompt', {
     prompt: workflow(

@@ -103,6 +103,16 @@ function nodeDefs(
   const clip = { kind: 'LINK', type: 'CLIP' } as const;
   const model = { kind: 'LINK', type: 'MODEL' } as const;
   const strength = { kind: 'FLOAT', default: 1, min: -100, max: 100, step: 0.01 } as const;
+  // The inputs both samplers share, in ComfyUI's order.
+  const sampling = {
+    steps: { kind: 'INT', default: 20, min: 1, max: limits.maxSteps },
+    cfg: { kind: 'FLOAT', default: 8, min: 0, max: 100, step: 0.1 },
+    sampler_name: { kind: 'COMBO', options: Object.keys(SAMPLERS) },
+    scheduler: { kind: 'COMBO', options: SCHEDULERS },
+    positive: { kind: 'LINK', type: 'CONDITIONING' },
+    negative: { kind: 'LINK', type: 'CONDITIONING' },
+    latent_image: { kind: 'LINK', type: 'LATENT' },
+  } as const;
   const defs: Record<string, NodeDef> = {
     CheckpointLoaderSimple: {
       displayName: 'Load Checkpoint',
@@ -186,14 +196,25 @@ function nodeDefs(
       inputs: {
         model,
         seed: { kind: 'INT', default: 0, min: 0, max: MAX_SEED },
-        steps: { kind: 'INT', default: 20, min: 1, max: limits.maxSteps },
-        cfg: { kind: 'FLOAT', default: 8, min: 0, max: 100, step: 0.1 },
-        sampler_name: { kind: 'COMBO', options: Object.keys(SAMPLERS) },
-        scheduler: { kind: 'COMBO', options: SCHEDULERS },
-        positive: { kind: 'LINK', type: 'CONDITIONING' },
-        negative: { kind: 'LINK', type: 'CONDITIONING' },
-        latent_image: { kind: 'LINK', type: 'LATENT' },
+        ...sampling,
         denoise: { kind: 'FLOAT', default: 1, min: 0, max: 1, step: 0.01 },
+      },
+      outputs: ['LATENT'],
+      outputNode: false,
+    },
+    KSamplerAdvanced: {
+      displayName: 'KSampler (Advanced)',
+      category: 'sampling',
+      description:
+        'A KSampler that starts at a step of its schedule (from an encoded image); gesso runs it to the end, with noise added.',
+      inputs: {
+        model,
+        add_noise: { kind: 'COMBO', options: ['enable', 'disable'] },
+        noise_seed: { kind: 'INT', default: 0, min: 0, max: MAX_SEED },
+        ...sampling,
+        start_at_step: { kind: 'INT', default: 0, min: 0, max: 10000 },
+        end_at_step: { kind: 'INT', default: 10000, min: 0, max: 10000 },
+        return_with_leftover_noise: { kind: 'COMBO', options: ['disable', 'enable'] },
       },
       outputs: ['LATENT'],
       outputNode: false,
@@ -436,9 +457,10 @@ interface Plan {
   readonly request: JobRequest;
   readonly sampler: string;
   readonly outputs: readonly string[];
-  /** Image-to-image: the LoadImage node and its file, and the KSampler's denoise. */
+  /** The schedule's length, and how many of its last steps run (all from an empty latent). */
+  readonly schedule: { readonly total: number; readonly run: number };
+  /** Image-to-image: the LoadImage node and its file. */
   readonly image?: { readonly node: string; readonly file: string };
-  readonly denoise?: number;
 }
 
 /**
@@ -460,7 +482,7 @@ function planOf(workflow: Workflow, outputs: readonly string[], maxImages: numbe
   for (const output of outputs) {
     const [decodeId, decode] = linked(output, 'images');
     const [samplesId, samples] = linked(decodeId, 'samples');
-    if (samples.class_type !== 'KSampler')
+    if (samples.class_type !== 'KSampler' && samples.class_type !== 'KSamplerAdvanced')
       throw unsupported(decodeId, decode, 'samples', 'gesso decodes the latents of a KSampler');
     if (sampler !== undefined && sampler !== samplesId)
       throw unsupported(
@@ -474,29 +496,49 @@ function planOf(workflow: Workflow, outputs: readonly string[], maxImages: numbe
   const samplerNode = workflow[sampler!]!;
   const inputs = samplerNode.inputs;
   const [latentId, latent] = linked(sampler!, 'latent_image');
-  const denoise = inputs.denoise as number;
+  const refuse = (input: string, why: string) => unsupported(sampler!, samplerNode, input, why);
   let image: Plan['image'];
   if (latent.class_type === 'VAEEncode') {
     const [loadId, load] = linked(latentId, 'pixels');
     if (load.class_type !== 'LoadImage')
       throw unsupported(latentId, latent, 'pixels', 'gesso encodes an image a LoadImage loads');
-    if (denoise === 0)
-      throw unsupported(sampler!, samplerNode, 'denoise', 'denoise 0 leaves nothing to draw');
     image = { node: loadId, file: load.inputs.image as string };
   } else if (latent.class_type !== 'EmptyLatentImage')
-    throw unsupported(
-      sampler!,
-      samplerNode,
+    throw refuse(
       'latent_image',
       'gesso starts a KSampler from an EmptyLatentImage or a VAEEncode (chained samplers are not supported)',
     );
-  else if (denoise !== 1)
-    throw unsupported(
-      sampler!,
-      samplerNode,
-      'denoise',
-      'gesso draws from an empty latent with denoise 1 (a partial denoise needs a starting image: LoadImage and VAEEncode)',
-    );
+  // The schedule and how many of its last steps run: KSampler runs `steps` at the end of a
+  // schedule of steps / denoise; KSamplerAdvanced its own schedule from start_at_step.
+  const steps = inputs.steps as number;
+  let span: Plan['schedule'];
+  if (samplerNode.class_type === 'KSampler') {
+    const denoise = inputs.denoise as number;
+    if (image === undefined && denoise !== 1)
+      throw refuse(
+        'denoise',
+        'gesso draws from an empty latent with denoise 1 (a partial denoise needs a starting image: LoadImage and VAEEncode)',
+      );
+    if (denoise === 0) throw refuse('denoise', 'denoise 0 leaves nothing to draw');
+    span = { total: Math.floor(steps / denoise), run: steps };
+  } else {
+    const start = inputs.start_at_step as number;
+    if (inputs.add_noise !== 'enable')
+      throw refuse('add_noise', 'gesso adds noise to the starting latent; set add_noise to enable');
+    if ((inputs.end_at_step as number) < steps)
+      throw refuse(
+        'end_at_step',
+        `gesso runs the schedule to its end; set end_at_step to ${steps} or more (a refiner stage after this one is not supported)`,
+      );
+    if (start >= steps)
+      throw refuse('start_at_step', `start_at_step ${start} leaves none of ${steps} steps`);
+    if (image === undefined && start !== 0)
+      throw refuse(
+        'start_at_step',
+        'gesso starts an empty latent at step 0 (a later start needs a starting image)',
+      );
+    span = { total: steps, run: steps - start };
+  }
   const samplerName = inputs.sampler_name as string;
   const schedule = inputs.scheduler as string;
   if (schedule === 'karras' && !KARRAS.has(samplerName))
@@ -604,12 +646,13 @@ function planOf(workflow: Workflow, outputs: readonly string[], maxImages: numbe
   return {
     sampler: sampler!,
     outputs,
-    ...(image !== undefined ? { image, denoise } : {}),
+    schedule: span,
+    ...(image !== undefined ? { image } : {}),
     request: {
       prompt: tags === '' ? positive.text : `${positive.text} ${tags}`,
       negative_prompt: negative.text,
-      seed: inputs.seed as number,
-      steps: inputs.steps as number,
+      seed: (samplerNode.class_type === 'KSampler' ? inputs.seed : inputs.noise_seed) as number,
+      steps: span.total,
       guidance: inputs.cfg as number,
       scheduler,
       ...(schedule === 'normal' ? { timestep_spacing: 'linspace' } : {}),
@@ -662,7 +705,7 @@ interface ComfyPrompt {
   readonly extraData: Record<string, unknown>;
   readonly outputs: readonly string[];
   readonly sampler: string;
-  /** The KSampler's steps. */
+  /** The steps the sampler runs. */
   readonly steps: number;
   readonly clientId: string | undefined;
   readonly messages: [string, Record<string, unknown>][];
@@ -894,7 +937,7 @@ export async function registerComfy(
         case 'failed':
           conclude(p, job, 'execution_error', {
             node_id: p.sampler,
-            node_type: 'KSampler',
+            node_type: p.workflow[p.sampler]!.class_type,
             executed: [],
             exception_message: job.error ?? 'generation failed',
             exception_type: 'gesso.GenerationError',
@@ -906,7 +949,7 @@ export async function registerComfy(
         case 'cancelled':
           conclude(p, job, 'execution_interrupted', {
             node_id: p.sampler,
-            node_type: 'KSampler',
+            node_type: p.workflow[p.sampler]!.class_type,
             executed: [],
           });
           break;
@@ -1083,27 +1126,24 @@ export async function registerComfy(
           extraData: { ...extraData, ...(clientId !== undefined ? { client_id: clientId } : {}) },
           outputs: plan.outputs,
           sampler: plan.sampler,
-          steps: plan.request.steps!,
+          steps: plan.schedule.run,
           clientId,
           messages: [],
         };
-        prompts.set(id, p);
         let request: JobRequest = { ...plan.request, png_text: pngText };
         if (plan.image !== undefined) {
           const pixels = await loadInput(plan.image.node, nodes, plan.image.file);
-          // ComfyUI runs `steps` steps, the end of a schedule of steps / denoise steps; in
-          // diffusers' terms that schedule's length, and a strength that keeps those steps.
-          const steps = request.steps!;
-          const total = Math.floor(steps / plan.denoise!);
+          // In diffusers' terms: the schedule, and a strength that keeps its last `run` steps.
+          const { total, run } = plan.schedule;
           request = {
             ...request,
             init_image: pixels,
             width: pixels.shape[2]!,
             height: pixels.shape[1]!,
-            steps: total,
-            strength: Math.min(1, (steps + 0.5) / total),
+            strength: Math.min(1, (run + 0.5) / total),
           };
         }
+        prompts.set(id, p);
         queue.submit(request, { id, front: body.front === true });
         return { prompt_id: id, number: p.number, node_errors: nodeErrors };
       } catch (error) {
