@@ -304,6 +304,15 @@ class PromptError extends Error {
   }
 }
 
+function badPromptId(details: string): PromptError {
+  return new PromptError({
+    type: 'invalid_prompt_id',
+    message: 'Invalid prompt_id',
+    details,
+    extra_info: {},
+  });
+}
+
 function isLink(value: unknown): value is Link {
   return (
     Array.isArray(value) &&
@@ -542,9 +551,7 @@ function planOf(workflow: Workflow, outputs: readonly string[], maxImages: numbe
   const samplerName = inputs.sampler_name as string;
   const schedule = inputs.scheduler as string;
   if (schedule === 'karras' && !KARRAS.has(samplerName))
-    throw unsupported(
-      sampler!,
-      samplerNode,
+    throw refuse(
       'scheduler',
       `gesso has Karras sigmas for ${[...KARRAS].join(', ')}, not for ${samplerName}; use the normal scheduler`,
     );
@@ -1041,19 +1048,9 @@ export async function registerComfy(
             typeof given !== 'string' ||
             !/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/.test(given)
           )
-            throw new PromptError({
-              type: 'invalid_prompt_id',
-              message: 'Invalid prompt_id',
-              details: 'prompt_id must be a canonical lowercase UUID',
-              extra_info: {},
-            });
+            throw badPromptId('prompt_id must be a canonical lowercase UUID');
           if (queue.get(given) !== undefined || history.has(given))
-            throw new PromptError({
-              type: 'invalid_prompt_id',
-              message: 'Invalid prompt_id',
-              details: `prompt_id ${given} is already in use`,
-              extra_info: {},
-            });
+            throw badPromptId(`prompt_id ${given} is already in use`);
           id = given;
         }
         const defs = await definitions();
@@ -1143,6 +1140,8 @@ export async function registerComfy(
             strength: Math.min(1, (run + 0.5) / total),
           };
         }
+        // Checked again: another request may have taken the id while this one read files.
+        if (queue.get(id) !== undefined) throw badPromptId(`prompt_id ${id} is already in use`);
         prompts.set(id, p);
         queue.submit(request, { id, front: body.front === true });
         return { prompt_id: id, number: p.number, node_errors: nodeErrors };
