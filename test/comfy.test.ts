@@ -734,3 +734,100 @@ test('ComfyUI image-to-image: an uploaded image through LoadImage and VAEEncode,
   const errors = missing.body.node_errors as Record<string, { errors: { type: string }[] }>;
   assert.equal(errors['10']!.errors[0]!.type, 'value_not_in_list');
 });
+
+test('ComfyUI inpainting: LoadImage’s transparency as the mask, through SetLatentNoiseMask or VAEEncodeForInpaint', async () => {
+  // 64×64, opaque but for a transparent 10×10 square at (20, 30).
+  const size = 64;
+  const rgba = new Uint8Array(size * size * 4);
+  const mask = new Uint8Array(size * size);
+  for (let i = 0; i < size * size; i++) {
+    const [x, y] = [i % size, Math.floor(i / size)];
+    const hole = x >= 20 && x < 30 && y >= 30 && y < 40;
+    rgba.set([(i * 5) % 256, (i * 11) % 256, (i * 17) % 256, hole ? 0 : 255], i * 4);
+    mask[i] = hole ? 255 : 0;
+  }
+  const form = new FormData();
+  form.append(
+    'image',
+    new Blob([encodePng({ width: size, height: size, channels: 4, data: rgba })]),
+    'holed.png',
+  );
+  assert.equal((await fetch(`${base}/upload/image`, { method: 'POST', body: form })).status, 200);
+  const rgb = new Uint8Array(size * size * 3);
+  for (let i = 0; i < size * size; i++) rgb.set(rgba.subarray(i * 4, i * 4 + 3), i * 3);
+
+  const load = { '10': { class_type: 'LoadImage', inputs: { image: 'holed.png' } } };
+  const noiseMask = await run(
+    workflow(
+      { latent_image: ['12', 0], seed: 4 },
+      {
+        ...load,
+        '11': { class_type: 'VAEEncode', inputs: { pixels: ['10', 0], vae: ['4', 2] } },
+        '12': { class_type: 'SetLatentNoiseMask', inputs: { samples: ['11', 0], mask: ['10', 1] } },
+      },
+    ),
+  );
+  // The library inpainting this image with this mask, from the prompts' seed and sampler.
+  const inpainted = (image: Uint8Array, repaint: Uint8Array) =>
+    library({
+      ...PLAIN,
+      seed: 4,
+      image: new Tensor('uint8', [1, size, size, 3], image),
+      mask: new Tensor('uint8', [1, size, size, 1], repaint),
+      strength: 1,
+      scheduler: 'euler',
+      schedulerConfig: { timestep_spacing: 'linspace' },
+    });
+  const expected = await inpainted(rgb, mask);
+  const drawn = decodePng((await viewed(noiseMask.history))[0]!);
+  assert.deepEqual(drawn.data, expected.data);
+  // Outside the hole the image is the uploaded one.
+  assert.deepEqual(drawn.data.subarray(0, 3), rgb.subarray(0, 3));
+
+  // VAEEncodeForInpaint: the hole greyed before encoding, the mask grown by 6 pixels. A pixel's
+  // window reaches ⌈5/2⌉ = 3 before it and 2 after (conv2d with padding 3), so the mask grows 2
+  // pixels up and left, 3 down and right: the 10×10 hole becomes 15×15 from (18, 28).
+  const forInpaint = await run(
+    workflow(
+      { latent_image: ['11', 0], seed: 4 },
+      {
+        ...load,
+        '11': {
+          class_type: 'VAEEncodeForInpaint',
+          inputs: { pixels: ['10', 0], vae: ['4', 2], mask: ['10', 1], grow_mask_by: 6 },
+        },
+      },
+    ),
+  );
+  const grown = new Uint8Array(size * size);
+  const greyed = rgb.slice();
+  for (let i = 0; i < size * size; i++) {
+    const [x, y] = [i % size, Math.floor(i / size)];
+    if (x >= 18 && x < 33 && y >= 28 && y < 43) grown[i] = 255;
+    if (mask[i] === 255) greyed.fill(128, i * 3, i * 3 + 3);
+  }
+  const expectedGrown = await inpainted(greyed, grown);
+  assert.deepEqual(decodePng((await viewed(forInpaint.history))[0]!).data, expectedGrown.data);
+
+  // A mask from an opaque image covers nothing: refused by name.
+  const opaque = new FormData();
+  opaque.append(
+    'image',
+    new Blob([encodePng({ width: 64, height: 64, channels: 3, data: rgb })]),
+    'opaque.png',
+  );
+  await fetch(`${base}/upload/image`, { method: 'POST', body: opaque });
+  const r = await post('/prompt', {
+    prompt: workflow(
+      { latent_image: ['12', 0] },
+      {
+        '10': { class_type: 'LoadImage', inputs: { image: 'opaque.png' } },
+        '11': { class_type: 'VAEEncode', inputs: { pixels: ['10', 0], vae: ['4', 2] } },
+        '12': { class_type: 'SetLatentNoiseMask', inputs: { samples: ['11', 0], mask: ['10', 1] } },
+      },
+    ),
+  });
+  assert.equal(r.status, 400);
+  const errors = r.body.node_errors as Record<string, { errors: { details: string }[] }>;
+  assert.match(errors['12']!.errors[0]!.details, /opaque.png has no transparency/);
+});

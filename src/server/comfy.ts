@@ -24,8 +24,8 @@ import type { ModelManager } from './models.js';
  * gesso: a workflow in API form goes to POST /prompt, its progress comes over /ws, its images
  * through /history and /view. gesso runs the graph its pipeline is: one checkpoint, LoRA
  * loaders, CLIPSetLastLayer, positive and negative CLIPTextEncode, an EmptyLatentImage (or an
- * uploaded image through LoadImage and VAEEncode), one KSampler, VAEDecode, and SaveImage or
- * PreviewImage. A node it lacks is refused at submit time as ComfyUI refuses a node that is not
+ * uploaded image through LoadImage and VAEEncode, masked by its transparency for inpainting),
+ * one KSampler, VAEDecode, and SaveImage or PreviewImage. A node it lacks is refused at submit time as ComfyUI refuses a node that is not
  * installed.
  */
 
@@ -186,6 +186,28 @@ function nodeDefs(
       category: 'latent',
       description: 'Encodes an image into latents, for a KSampler to redraw with denoise below 1.',
       inputs: { pixels: { kind: 'LINK', type: 'IMAGE' }, vae: { kind: 'LINK', type: 'VAE' } },
+      outputs: ['LATENT'],
+      outputNode: false,
+    },
+    VAEEncodeForInpaint: {
+      displayName: 'VAE Encode (for Inpainting)',
+      category: 'latent/inpaint',
+      description:
+        'Encodes an image with its masked pixels grey, for a KSampler to repaint the mask (grown by grow_mask_by pixels).',
+      inputs: {
+        pixels: { kind: 'LINK', type: 'IMAGE' },
+        vae: { kind: 'LINK', type: 'VAE' },
+        mask: { kind: 'LINK', type: 'MASK' },
+        grow_mask_by: { kind: 'INT', default: 6, min: 0, max: 64 },
+      },
+      outputs: ['LATENT'],
+      outputNode: false,
+    },
+    SetLatentNoiseMask: {
+      displayName: 'Set Latent Noise Mask',
+      category: 'latent/inpaint',
+      description: 'Makes a KSampler redraw only where the mask is set.',
+      inputs: { samples: { kind: 'LINK', type: 'LATENT' }, mask: { kind: 'LINK', type: 'MASK' } },
       outputs: ['LATENT'],
       outputNode: false,
     },
@@ -470,6 +492,16 @@ interface Plan {
   readonly schedule: { readonly total: number; readonly run: number };
   /** Image-to-image: the LoadImage node and its file. */
   readonly image?: { readonly node: string; readonly file: string };
+  /**
+   * Inpainting: the node that takes the mask, the file whose transparency it is, how far to grow
+   * it, and whether the masked pixels are greyed before encoding (VAEEncodeForInpaint).
+   */
+  readonly mask?: {
+    readonly node: string;
+    readonly file: string;
+    readonly grow: number;
+    readonly grey: boolean;
+  };
 }
 
 /**
@@ -504,15 +536,32 @@ function planOf(workflow: Workflow, outputs: readonly string[], maxImages: numbe
   }
   const samplerNode = workflow[sampler!]!;
   const inputs = samplerNode.inputs;
-  const [latentId, latent] = linked(sampler!, 'latent_image');
+  let [latentId, latent] = linked(sampler!, 'latent_image');
   const refuse = (input: string, why: string) => unsupported(sampler!, samplerNode, input, why);
   let image: Plan['image'];
-  if (latent.class_type === 'VAEEncode') {
+  // A MASK comes from a LoadImage's second output: where its image is transparent.
+  const maskOf = (id: string, grow: number, grey: boolean) => {
+    const [, load] = linked(id, 'mask');
+    return { node: id, file: load.inputs.image as string, grow, grey };
+  };
+  let mask: Plan['mask'];
+  if (latent.class_type === 'SetLatentNoiseMask') {
+    mask = maskOf(latentId, 0, false);
+    [latentId, latent] = linked(latentId, 'samples');
+  }
+  if (latent.class_type === 'VAEEncode' || latent.class_type === 'VAEEncodeForInpaint') {
     const [loadId, load] = linked(latentId, 'pixels');
     if (load.class_type !== 'LoadImage')
       throw unsupported(latentId, latent, 'pixels', 'gesso encodes an image a LoadImage loads');
     image = { node: loadId, file: load.inputs.image as string };
-  } else if (latent.class_type !== 'EmptyLatentImage')
+    if (latent.class_type === 'VAEEncodeForInpaint') {
+      if (mask !== undefined)
+        throw unsupported(latentId, latent, 'mask', 'gesso takes one mask a prompt');
+      mask = maskOf(latentId, latent.inputs.grow_mask_by as number, true);
+    }
+  } else if (mask !== undefined)
+    throw unsupported(mask.node, workflow[mask.node]!, 'samples', 'a mask needs an encoded image');
+  else if (latent.class_type !== 'EmptyLatentImage')
     throw refuse(
       'latent_image',
       'gesso starts a KSampler from an EmptyLatentImage or a VAEEncode (chained samplers are not supported)',
@@ -655,6 +704,7 @@ function planOf(workflow: Workflow, outputs: readonly string[], maxImages: numbe
     outputs,
     schedule: span,
     ...(image !== undefined ? { image } : {}),
+    ...(mask !== undefined ? { mask } : {}),
     request: {
       prompt: tags === '' ? positive.text : `${positive.text} ${tags}`,
       negative_prompt: negative.text,
@@ -702,6 +752,38 @@ function refuseComfySyntax(id: string, node: WorkflowNode, text: string): void {
       'text',
       `gesso does not load textual-inversion embeddings (embedding:${embedding[1]!}); take it out of the text`,
     );
+}
+
+/**
+ * A mask (255: repaint) rounded at half, then grown as VAEEncodeForInpaint grows it: a box of
+ * `grow` pixels, its window from ⌈(grow − 1)/2⌉ before a pixel (0: unchanged).
+ */
+function growMask(mask: Uint8Array, width: number, height: number, grow: number): Uint8Array {
+  const set = mask.map((v) => (v >= 128 ? 255 : 0));
+  if (grow === 0) return set;
+  const before = Math.ceil((grow - 1) / 2);
+  const out = new Uint8Array(set.length);
+  for (let y = 0; y < height; y++)
+    for (let x = 0; x < width; x++) {
+      search: for (let dy = -before; dy < grow - before; dy++)
+        for (let dx = -before; dx < grow - before; dx++) {
+          const [yy, xx] = [y + dy, x + dx];
+          if (yy >= 0 && yy < height && xx >= 0 && xx < width && set[yy * width + xx] === 255) {
+            out[y * width + x] = 255;
+            break search;
+          }
+        }
+    }
+  return out;
+}
+
+/** The image with its masked pixels (mask ≥ half) mid-grey, as VAEEncodeForInpaint encodes it. */
+function greyWhere(pixels: Tensor<'uint8'>, mask: Uint8Array): Tensor<'uint8'> {
+  const out = new Tensor('uint8', pixels.shape, (pixels.data as Uint8Array).slice());
+  mask.forEach((v, i) => {
+    if (v >= 128) out.data.fill(128, i * 3, i * 3 + 3);
+  });
+  return out;
 }
 
 /** A prompt ComfyUI's way: its queue entry, who follows it, and its history once finished. */
@@ -775,16 +857,18 @@ export async function registerComfy(
     nodeDefs(checkpoints(), await loraFiles(), await inputFiles(), options);
 
   /**
-   * The image a LoadImage names, as ComfyUI's LoadImage and VAEEncode take it: RGB (alpha
-   * dropped), cropped about its centre to whole latent pixels (8 image pixels).
+   * The image a LoadImage names, as ComfyUI's LoadImage and VAEEncode take it: RGB, and apart
+   * its transparency (LoadImage's MASK: 255 where the image is see-through), both cropped about
+   * their centre to whole latent pixels (8 image pixels).
    */
   const loadInput = async (node: string, workflow: Workflow, file: string) => {
     const path = inputPath('', file);
     const bad = (why: string) => unsupported(node, workflow[node]!, 'image', why);
     if (path === undefined || !existsSync(path)) throw bad(`Invalid image file: ${file}`);
+    const bytes = await readFile(path);
     let pixels: Tensor<'uint8'>;
     try {
-      pixels = await decodeImage(await readFile(path), file);
+      pixels = await decodeImage(bytes, file);
     } catch (error) {
       if (isUserError(error)) throw bad(`Invalid image file: ${error.message}`);
       throw error;
@@ -795,18 +879,25 @@ export async function registerComfy(
       throw bad(
         `the image is ${w}×${h}; this server draws from 8 to ${options.maxSide} pixels a side`,
       );
-    if (ch === h && cw === w) return pixels;
     const [top, left] = [Math.floor((h % 8) / 2), Math.floor((w % 8) / 2)];
-    const cropped = new Tensor('uint8', [1, ch, cw, 3]);
-    for (let y = 0; y < ch; y++)
-      cropped.data.set(
-        (pixels.data as Uint8Array).subarray(
-          ((top + y) * w + left) * 3,
-          ((top + y) * w + left + cw) * 3,
-        ),
-        y * cw * 3,
-      );
-    return cropped;
+    const crop = (data: Uint8Array, channels: number) => {
+      const out = new Uint8Array(ch * cw * channels);
+      for (let y = 0; y < ch; y++)
+        out.set(
+          data.subarray(((top + y) * w + left) * channels, ((top + y) * w + left + cw) * channels),
+          y * cw * channels,
+        );
+      return out;
+    };
+    let mask: Uint8Array | undefined;
+    if ((await sharp(bytes).metadata()).hasAlpha) {
+      const alpha = await sharp(bytes).ensureAlpha().extractChannel(3).raw().toBuffer();
+      mask = crop(alpha, 1).map((a) => 255 - a);
+    }
+    return {
+      pixels: new Tensor('uint8', [1, ch, cw, 3], crop(pixels.data as Uint8Array, 3)),
+      mask,
+    };
   };
 
   // --- the WebSocket ---------------------------------------------------------------------------
@@ -1129,12 +1220,26 @@ export async function registerComfy(
         };
         let request: JobRequest = { ...plan.request, png_text: pngText };
         if (plan.image !== undefined) {
-          const pixels = await loadInput(plan.image.node, nodes, plan.image.file);
+          let { pixels } = await loadInput(plan.image.node, nodes, plan.image.file);
+          let mask: Tensor<'uint8'> | undefined;
+          if (plan.mask !== undefined) {
+            const m = plan.mask;
+            const drawn = (await loadInput(m.node, nodes, m.file)).mask;
+            const refuseMask = (why: string) => unsupported(m.node, nodes[m.node]!, 'mask', why);
+            if (drawn === undefined)
+              throw refuseMask(`${m.file} has no transparency, so its mask covers nothing`);
+            if (drawn.length !== pixels.shape[1]! * pixels.shape[2]!)
+              throw refuseMask(`the mask of ${m.file} is not the size of the image it masks`);
+            const [h, w] = [pixels.shape[1]!, pixels.shape[2]!];
+            mask = new Tensor('uint8', [1, h, w, 1], growMask(drawn, w, h, m.grow));
+            if (m.grey) pixels = greyWhere(pixels, drawn);
+          }
           // In diffusers' terms: the schedule, and a strength that keeps its last `run` steps.
           const { total, run } = plan.schedule;
           request = {
             ...request,
             init_image: pixels,
+            ...(mask !== undefined ? { mask } : {}),
             width: pixels.shape[2]!,
             height: pixels.shape[1]!,
             strength: Math.min(1, (run + 0.5) / total),
