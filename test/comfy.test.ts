@@ -502,6 +502,7 @@ test('ComfyUI: /api aliases, queue, interrupt, history, object_info and the rest
       ['execution_start', 'execution_cached', 'execution_interrupted'],
     );
     assert.equal(server.queue.get(waitingId)!.state, 'cancelled');
+    assert.deepEqual(await get(`/history/${waitingId}`), {});
   } finally {
     client.socket.close();
   }

@@ -1045,6 +1045,11 @@ export async function registerComfy(
           });
           break;
         case 'cancelled':
+          // Taken off the queue before it ran: gone, as ComfyUI drops a deleted queue item.
+          if (p.messages.length === 0) {
+            prompts.delete(p.id);
+            break;
+          }
           conclude(p, job, 'execution_interrupted', {
             node_id: p.sampler,
             node_type: p.workflow[p.sampler]!.class_type,
