@@ -318,21 +318,33 @@ interface NodeError {
 
 /** A refused prompt, answered as ComfyUI answers it: 400 with `error` and `node_errors`. */
 class PromptError extends Error {
+  readonly error: NodeError;
+
   constructor(
-    readonly error: NodeError,
+    type: string,
+    message: string,
+    details = '',
+    extraInfo: Record<string, unknown> = {},
     readonly nodeErrors: Record<string, unknown> = {},
   ) {
-    super(error.message);
+    super(message);
+    this.error = { type, message, details, extra_info: extraInfo };
   }
 }
 
 function badPromptId(details: string): PromptError {
-  return new PromptError({
-    type: 'invalid_prompt_id',
-    message: 'Invalid prompt_id',
+  return new PromptError('invalid_prompt_id', 'Invalid prompt_id', details);
+}
+
+/** ComfyUI's answer when nodes' inputs fail: the errors themselves are in `nodeErrors`. */
+function failedValidation(nodeErrors: Record<string, unknown>, details = ''): PromptError {
+  return new PromptError(
+    'prompt_outputs_failed_validation',
+    'Prompt outputs failed validation',
     details,
-    extra_info: {},
-  });
+    {},
+    nodeErrors,
+  );
 }
 
 function isLink(value: unknown): value is Link {
@@ -459,13 +471,7 @@ function validate(
 
 /** A gesso limit a valid graph runs into, as the node error ComfyUI gives custom validation. */
 function unsupported(id: string, node: WorkflowNode, input: string, why: string): PromptError {
-  return new PromptError(
-    {
-      type: 'prompt_outputs_failed_validation',
-      message: 'Prompt outputs failed validation',
-      details: why,
-      extra_info: {},
-    },
+  return failedValidation(
     {
       [id]: {
         errors: [
@@ -480,6 +486,7 @@ function unsupported(id: string, node: WorkflowNode, input: string, why: string)
         class_type: node.class_type,
       },
     },
+    why,
   );
 }
 
@@ -1131,12 +1138,7 @@ export async function registerComfy(
       try {
         const workflow = body.prompt;
         if (typeof workflow !== 'object' || workflow === null || Array.isArray(workflow))
-          throw new PromptError({
-            type: 'no_prompt',
-            message: 'No prompt provided',
-            details: 'No prompt provided',
-            extra_info: {},
-          });
+          throw new PromptError('no_prompt', 'No prompt provided', 'No prompt provided');
         let id: string = randomUUID();
         if (body.prompt_id !== undefined) {
           const given = body.prompt_id;
@@ -1155,46 +1157,31 @@ export async function registerComfy(
           const classType = (node as { class_type?: unknown } | null)?.class_type;
           const inputs = (node as { inputs?: unknown } | null)?.inputs;
           if (typeof classType !== 'string' || typeof inputs !== 'object' || inputs === null)
-            throw new PromptError({
-              type: 'invalid_prompt',
-              message: 'Cannot execute because a node is missing the class_type property.',
-              details: `Node ID '#${nodeId}'`,
-              extra_info: {},
-            });
+            throw new PromptError(
+              'invalid_prompt',
+              'Cannot execute because a node is missing the class_type property.',
+              `Node ID '#${nodeId}'`,
+            );
           if (defs[classType] === undefined)
-            throw new PromptError({
-              type: 'missing_node_type',
-              message: `Node '${classType}' not found. gesso runs ${Object.keys(defs).join(', ')}.`,
-              details: `Node ID '#${nodeId}'`,
-              extra_info: { node_id: nodeId, class_type: classType, node_title: classType },
-            });
+            throw new PromptError(
+              'missing_node_type',
+              `Node '${classType}' not found. gesso runs ${Object.keys(defs).join(', ')}.`,
+              `Node ID '#${nodeId}'`,
+              { node_id: nodeId, class_type: classType, node_title: classType },
+            );
         }
         const nodes = graph as unknown as Workflow;
         let outputs = Object.keys(nodes).filter((n) => defs[nodes[n]!.class_type]!.outputNode);
         const targets = body.partial_execution_targets;
         if (Array.isArray(targets)) outputs = outputs.filter((n) => targets.includes(n));
         if (outputs.length === 0)
-          throw new PromptError({
-            type: 'prompt_no_outputs',
-            message: 'Prompt has no outputs',
-            details: '',
-            extra_info: {},
-          });
+          throw new PromptError('prompt_no_outputs', 'Prompt has no outputs');
         const errors = validate(nodes, defs, outputs);
         const good = outputs.filter(
           (o) => ![...errors.values()].some((e) => e.dependent_outputs.includes(o)),
         );
         const nodeErrors = Object.fromEntries(errors);
-        if (good.length === 0)
-          throw new PromptError(
-            {
-              type: 'prompt_outputs_failed_validation',
-              message: 'Prompt outputs failed validation',
-              details: '',
-              extra_info: {},
-            },
-            nodeErrors,
-          );
+        if (good.length === 0) throw failedValidation(nodeErrors);
         const plan = planOf(nodes, good, options.maxImages);
         const extraData =
           typeof body.extra_data === 'object' && body.extra_data !== null
