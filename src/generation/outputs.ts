@@ -224,6 +224,11 @@ export function readParameters(bytes: Uint8Array, path: string): string {
   return parameters;
 }
 
+/** Whether a file name is one an OutputFolder gives its images (`00012-1234567890.png`). */
+export function isOutputImageName(name: string): boolean {
+  return /^\d{5,}-\d+\.png$/.test(name);
+}
+
 /**
  * An output folder: files named as A1111 names them (`00012-1234567890.png`, a five-digit counter
  * that continues from the highest already there, then the seed) and a `manifest.jsonl` beside them.

@@ -7,7 +7,7 @@ import cors from '@fastify/cors';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { isUserError } from '../errors.js';
 import { LoraFolder, resolvePromptLoras } from '../generation/networks.js';
-import { infotextFor } from '../generation/outputs.js';
+import { infotextFor, isOutputImageName } from '../generation/outputs.js';
 import { listModels } from '../generation/models.js';
 import { decodeImage } from '../io/image.js';
 import { parseInfotext } from '../io/infotext.js';
@@ -448,7 +448,7 @@ export async function createServer(options: ServerOptions): Promise<GessoServer>
 
   app.get('/api/images/:file', async (request, reply) => {
     const file = (request.params as { file: string }).file;
-    if (!/^\d{5,}-\d+\.png$/.test(file) || !existsSync(join(options.out, file)))
+    if (!isOutputImageName(file) || !existsSync(join(options.out, file)))
       throw new RequestError(404, `no image ${file}`);
     return reply.type('image/png').send(await readFile(join(options.out, file)));
   });

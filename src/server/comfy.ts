@@ -11,6 +11,7 @@ import sharp from 'sharp';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { isUserError } from '../errors.js';
 import { listModels } from '../generation/models.js';
+import { isOutputImageName } from '../generation/outputs.js';
 import { writeFileAtomically } from '../io/atomic.js';
 import { decodeImage } from '../io/image.js';
 import { Tensor } from '../tensor/tensor.js';
@@ -1320,7 +1321,7 @@ export async function registerComfy(
         // subfolders), and uploads to its input folder.
         const file =
           (query.type ?? 'output') === 'output'
-            ? subfolder === '' && /^\d{5,}-\d+\.png$/.test(filename)
+            ? subfolder === '' && isOutputImageName(filename)
               ? join(options.out, filename)
               : undefined
             : query.type === 'input'
