@@ -843,9 +843,7 @@ export async function registerComfy(
   const loraFiles = async () =>
     models.loras === undefined
       ? []
-      : [...(await models.loras.files()).values()].map((path) =>
-          path.slice(models.loras!.dir.length).replace(/^[/\\]+/, ''),
-        );
+      : [...(await models.loras.files()).values()].map((path) => relative(models.loras!.dir, path));
   const inputDir = resolve(options.out, 'input');
   /** A file of the input folder, or undefined when the name would leave it. */
   const inputPath = (subfolder: string, name: string): string | undefined => {
@@ -1213,11 +1211,15 @@ export async function registerComfy(
         };
         let request: JobRequest = { ...plan.request, png_text: pngText };
         if (plan.image !== undefined) {
-          let { pixels } = await loadInput(plan.image.node, nodes, plan.image.file);
+          const source = await loadInput(plan.image.node, nodes, plan.image.file);
+          let pixels = source.pixels;
           let mask: Tensor<'uint8'> | undefined;
           if (plan.mask !== undefined) {
             const m = plan.mask;
-            const drawn = (await loadInput(m.node, nodes, m.file)).mask;
+            // Mostly the mask is the same LoadImage's: its file is read once.
+            const drawn = (
+              m.file === plan.image.file ? source : await loadInput(m.node, nodes, m.file)
+            ).mask;
             const refuseMask = (why: string) => unsupported(m.node, nodes[m.node]!, 'mask', why);
             if (drawn === undefined)
               throw refuseMask(`${m.file} has no transparency, so its mask covers nothing`);
