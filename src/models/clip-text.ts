@@ -46,6 +46,15 @@ export interface ClipTextConfig {
    * of 72 objects landed in the named ninth of the image (6 of 72 at 0.02).
    */
   readonly tokenEmbeddingStd: number;
+  /**
+   * The spread of the position embeddings when training from scratch (gesso key
+   * `gesso_position_embedding_std`; 0.02 by default, as CLIP). Words started at 1 and positions at
+   * 0.02 leave the positions a tenth of the state after training, so a bidirectional encoder
+   * reads the caption as a bag of words: "a red circle and a blue square" and "a blue circle and
+   * a red square" gave the same state at each shape word (cosine 1.000), and nothing the UNet
+   * sees tells which colour goes with which shape. Start both at one spread.
+   */
+  readonly positionEmbeddingStd: number;
 }
 
 function num(config: Record<string, unknown>, key: string, fallback?: number): number {
@@ -83,6 +92,7 @@ export function clipTextConfig(config: Record<string, unknown>): ClipTextConfig 
     projectionDim: withProjection ? num(config, 'projection_dim') : undefined,
     causal: config.causal !== false,
     tokenEmbeddingStd: positive(config, 'gesso_token_embedding_std', 0.02),
+    positionEmbeddingStd: positive(config, 'gesso_position_embedding_std', 0.02),
   };
 }
 
@@ -168,7 +178,7 @@ class ClipEmbeddings extends Module {
     );
     this.position = this.addModule(
       'position_embedding',
-      new Embedding(c.maxPositionEmbeddings, c.hiddenSize),
+      new Embedding(c.maxPositionEmbeddings, c.hiddenSize, c.positionEmbeddingStd),
     );
   }
 
