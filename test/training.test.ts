@@ -706,8 +706,8 @@ for (const [configKey, what, parameter] of [
     const wide = start({ [configKey]: 1 });
     const spread = (values: Float32Array) =>
       Math.sqrt(values.reduce((s, v) => s + v * v, 0) / values.length);
-    assert.ok(Math.abs(spread(clip.get(key)!) - 0.02) < 0.003, `CLIP's ${spread(clip.get(key)!)}`);
-    assert.ok(Math.abs(spread(wide.get(key)!) - 1) < 0.15, `wide ${spread(wide.get(key)!)}`);
+    assert.ok(Math.abs(spread(clip.get(key)!) - 0.02) < 0.002, `CLIP's ${spread(clip.get(key)!)}`);
+    assert.ok(Math.abs(spread(wide.get(key)!) - 1) < 0.1, `wide ${spread(wide.get(key)!)}`);
     // The same draws, scaled: every row keeps its direction.
     const ratio = wide.get(key)!.every((v, i) => Math.abs(v - 50 * clip.get(key)![i]!) < 1e-5);
     assert.ok(ratio, 'the wide embeddings are not the same draws scaled');
