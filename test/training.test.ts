@@ -11,6 +11,7 @@ import { Graph } from '../src/graph/ir.js';
 import * as op from '../src/graph/ops.js';
 import { emitOnnx } from '../src/graph/onnx.js';
 import { SafetensorsFile } from '../src/io/safetensors.js';
+import { ClipTextModel, clipTextConfig } from '../src/models/clip-text.js';
 import { PatchAutoencoder, patchify } from '../src/models/patch-autoencoder.js';
 import { UNet2DConditionModel, unetConfig } from '../src/models/unet-2d-condition.js';
 import { WeightSet } from '../src/nn/weights.js';
@@ -719,6 +720,85 @@ for (const [configKey, what, parameter] of [
     );
   });
 }
+
+test('gesso_token_mixing: each embedding plus a window over its neighbours, trained, saved, loaded', async () => {
+  const config = (extra: Record<string, unknown>) =>
+    clipTextConfig({
+      ...TINY.textEncoder,
+      vocab_size: 10,
+      architectures: ['GessoTextModel'],
+      ...extra,
+    });
+  assert.equal(config({}).tokenMixing, 1);
+  for (const bad of [2, 0, 1.5])
+    assert.throws(
+      () => config({ gesso_token_mixing: bad }),
+      new RegExp(
+        `'gesso_token_mixing' must be an odd whole number of tokens, 1 for none \\(got ${bad}\\)`,
+      ),
+    );
+  const plain = new ClipTextModel(config({}));
+  const mixed = new ClipTextModel(config({ gesso_token_mixing: 3 }));
+  const name = 'text_model.embeddings.token_mixing.weight';
+  assert.deepEqual(mixed.namedParameters().get(name), [16, 16, 1, 3]);
+  assert.deepEqual(
+    [...mixed.namedParameters()].filter(([n]) => n !== name),
+    [...plain.namedParameters()],
+  );
+
+  // The embeddings' output by hand: e[s] + Σ_k W[:, :, 0, k] · e[s + k - 1], zero past the ends.
+  const random = new TorchGenerator(3);
+  const tensors = Object.fromEntries(
+    [...mixed.namedParameters()].map(([n, shape]) => [n, random.randn(shape)]),
+  );
+  const ids = Tensor.int64([1, 5], [4, 7, 1, 9, 2]);
+  const graph = new Graph('mixing');
+  const out = mixed.forward(
+    WeightSet.fromTensors(tensors).bind(mixed).parameters(graph),
+    graph.input('ids', 'int64', [1, 5]),
+  );
+  graph.output(out.hiddenStates[0]!, 'embedded');
+  const got = (await runOnce(emitOnnx(graph), { ids })).embedded!.toFloat32();
+  const token = tensors['text_model.embeddings.token_embedding.weight']!.data;
+  const position = tensors['text_model.embeddings.position_embedding.weight']!.data;
+  const w = tensors[name]!.data;
+  const e = (s: number, c: number) =>
+    s < 0 || s >= 5 ? 0 : token[Number(ids.data[s]) * 16 + c]! + position[s * 16 + c]!;
+  const want = new Tensor('float32', [1, 5, 16]);
+  for (let s = 0; s < 5; s++)
+    for (let o = 0; o < 16; o++) {
+      let v = e(s, o);
+      for (let i = 0; i < 16; i++)
+        for (let k = 0; k < 3; k++) v += w[(o * 16 + i) * 3 + k]! * e(s + k - 1, i);
+      want.data[s * 16 + o] = v;
+    }
+  assertClose(got, want, { atol: 1e-4, rtol: 1e-5 });
+
+  // In a diffusion model: the window gets a gradient and goes out and back in with the model.
+  await withTempDir(async (dir) => {
+    const task = new DiffusionTask({
+      ...TINY,
+      textEncoder: { ...TINY.textEncoder, gesso_token_mixing: 3 },
+    });
+    const trainer = await Trainer.create(task, options(2));
+    const start = trainer.weights('params')[`text_encoder.${name}`]!.data.slice();
+    for (let i = 0; i < 2; i++) await trainer.runStep();
+    const trained = trainer.weights('params')[`text_encoder.${name}`]!.data;
+    assert.ok(
+      trained.some((v, i) => v !== start[i]),
+      'the window did not train',
+    );
+    await task.exportModel(join(dir, 'model'), trainer.weights('ema'));
+    await trainer.release();
+    const file = await SafetensorsFile.open(
+      join(dir, 'model', 'text_encoder', 'model.safetensors'),
+    );
+    assert.deepEqual(file.tensors.get(name)?.shape, [16, 16, 1, 3]);
+    await file.close();
+    const image = await drawWith(join(dir, 'model'), 64);
+    assert.ok(image.data.every((v) => Number.isFinite(v) && v >= 0 && v <= 1));
+  });
+});
 
 test('gesso train chooses glibc malloc thresholds unless the user chose malloc settings', (t) => {
   const base = tunedMallocEnvironment({});

@@ -3,6 +3,7 @@ import type { Value } from '../graph/ir.js';
 import * as op from '../graph/ops.js';
 import { activation } from '../nn/activations.js';
 import { scaledDotProductAttention } from '../nn/attention.js';
+import { Conv2d } from '../nn/conv.js';
 import { Embedding } from '../nn/embedding.js';
 import { Linear } from '../nn/linear.js';
 import { Module, type ParameterSource } from '../nn/module.js';
@@ -55,6 +56,14 @@ export interface ClipTextConfig {
    * sees tells which colour goes with which shape. Start both at one spread.
    */
   readonly positionEmbeddingStd: number;
+  /**
+   * Width of a learned window over neighbouring words added to each word's embedding before the
+   * first layer (gesso key `gesso_token_mixing`, an odd number of tokens; 1, the default, adds
+   * none). Trained jointly with a UNet, a shapes encoder left every shape word's state the same
+   * whichever colour stood before it (cosine 0.998 and above), with positions at any spread; a
+   * window puts "red" into the state of the "circle" after it from the first step.
+   */
+  readonly tokenMixing: number;
 }
 
 function num(config: Record<string, unknown>, key: string, fallback?: number): number {
@@ -93,7 +102,18 @@ export function clipTextConfig(config: Record<string, unknown>): ClipTextConfig 
     causal: config.causal !== false,
     tokenEmbeddingStd: positive(config, 'gesso_token_embedding_std', 0.02),
     positionEmbeddingStd: positive(config, 'gesso_position_embedding_std', 0.02),
+    tokenMixing: oddWindow(config, 'gesso_token_mixing'),
   };
+}
+
+function oddWindow(config: Record<string, unknown>, key: string): number {
+  const v = num(config, key, 1);
+  if (!Number.isInteger(v) || v < 1 || v % 2 === 0)
+    throw new UserError(
+      'bad-config',
+      `text encoder config: '${key}' must be an odd whole number of tokens, 1 for none (got ${v})`,
+    );
+  return v;
 }
 
 class ClipAttention extends Module {
@@ -169,6 +189,7 @@ class ClipEncoderLayer extends Module {
 class ClipEmbeddings extends Module {
   private readonly token: Embedding;
   private readonly position: Embedding;
+  private readonly mixing: Conv2d | undefined;
 
   constructor(c: ClipTextConfig) {
     super();
@@ -180,6 +201,18 @@ class ClipEmbeddings extends Module {
       'position_embedding',
       new Embedding(c.maxPositionEmbeddings, c.hiddenSize, c.positionEmbeddingStd),
     );
+    // A 1 × window convolution along the caption, its channels the hidden state: no bias, so a
+    // word alone keeps its embedding's offset.
+    this.mixing =
+      c.tokenMixing > 1
+        ? this.addModule(
+            'token_mixing',
+            new Conv2d(c.hiddenSize, c.hiddenSize, [1, c.tokenMixing], {
+              padding: [0, (c.tokenMixing - 1) / 2],
+              bias: false,
+            }),
+          )
+        : undefined;
   }
 
   forward(p: ParameterSource, ids: Value): Value {
@@ -190,7 +223,14 @@ class ClipEmbeddings extends Module {
         Array.from({ length }, (_, i) => i),
       ),
     );
-    return op.add(this.token.forward(p, ids), this.position.forward(p, positions));
+    const embedded = op.add(this.token.forward(p, ids), this.position.forward(p, positions));
+    if (this.mixing === undefined) return embedded;
+    return this.scoped(p, () => {
+      // [B, S, hidden] as an image [B, hidden, 1, S], and back.
+      const image = op.unsqueeze(op.transpose(embedded, [0, 2, 1]), [2]);
+      const mixed = op.transpose(op.squeeze(this.mixing!.forward(p, image), [2]), [0, 2, 1]);
+      return op.add(embedded, mixed);
+    });
   }
 }
 
