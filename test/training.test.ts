@@ -252,7 +252,7 @@ test('a trained model folder loads and generates through the ordinary pipeline',
   });
 });
 
-test("init_from: training starts from a model folder's weights (fp16 widened); a different architecture or vocabulary is refused by name", async () => {
+test("init_from: training starts from a model folder's weights (fp16 widened), an added token-mixing window at zero; a different architecture or vocabulary is refused by name", async () => {
   await withTempDir(async (dir) => {
     const task = new DiffusionTask(TINY);
     const trainer = await Trainer.create(task, options(3));
@@ -273,8 +273,23 @@ test("init_from: training starts from a model folder's weights (fp16 widened); a
     assert.notDeepEqual(start.get('unet.conv_in.weight'), fresh.get('unet.conv_in.weight'));
     // Fine-tuning runs: the first step starts from those weights.
     const next = await Trainer.create(tuned, options(2));
-    assert.ok(Number.isFinite((await next.runStep()).loss));
+    const firstLoss = (await next.runStep()).loss;
+    assert.ok(Number.isFinite(firstLoss));
     await next.release();
+
+    // A token-mixing window added to the folder's encoder starts at zero: the same model.
+    const mixing = 'text_encoder.text_model.embeddings.token_mixing.weight';
+    const mixed = new DiffusionTask({
+      ...TINY,
+      textEncoder: { ...TINY.textEncoder, gesso_token_mixing: 3 },
+    });
+    await mixed.startFrom(join(dir, 'model'));
+    const mixedStart = mixed.initialParameters(new TorchGenerator(99));
+    assert.deepEqual(mixedStart.get(mixing), new Float32Array(16 * 16 * 3));
+    for (const [key, values] of start) assert.deepEqual(mixedStart.get(key), values, key);
+    const mixedNext = await Trainer.create(mixed, options(2));
+    assert.equal((await mixedNext.runStep()).loss, firstLoss);
+    await mixedNext.release();
 
     const wider = new DiffusionTask({
       ...TINY,

@@ -153,7 +153,7 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
   },
   init_from: {
     type: 'string',
-    doc: "diffusion route: a trained diffusion model folder (gesso's own, the same architecture and tokenizer) whose text encoder and UNet weights training starts from instead of fresh ones: fine-tuning, with a fresh optimizer and learning-rate schedule; empty: from scratch",
+    doc: "diffusion route: a trained diffusion model folder (gesso's own, the same architecture and tokenizer) whose text encoder and UNet weights training starts from instead of fresh ones: fine-tuning, with a fresh optimizer and learning-rate schedule; a gesso_token_mixing window the folder lacks starts at zero, so the model starts as the folder's; empty: from scratch",
   },
   autoencoder: {
     type: 'object',

@@ -172,6 +172,9 @@ class DiffusionModel extends Module {
   }
 }
 
+/** Weights `init_from` may lack: added at zero, they leave the model's function unchanged. */
+const ADDABLE_AT_ZERO = /^text_encoder\.text_model\.embeddings\.token_mixing\.weight$/;
+
 export class DiffusionTask implements TrainingTask {
   readonly recipe: DiffusionRecipe;
   readonly data: DataSource;
@@ -232,7 +235,9 @@ export class DiffusionTask implements TrainingTask {
    * Starts training from the text encoder and UNet of a trained model folder (fine-tuning) rather
    * than from fresh weights. The folder must be this architecture with this tokenizer: every
    * weight present with its shape, and the same words in the same order (a word's id picks its
-   * embedding row). fp16 weights are widened to fp32.
+   * embedding row). fp16 weights are widened to fp32. A token-mixing window the folder lacks
+   * (`gesso_token_mixing` added to its encoder) starts at zero, so training starts from the
+   * folder's model exactly.
    */
   async startFrom(dir: string): Promise<void> {
     const words = (await WordTokenizer.fromFolder(join(dir, 'tokenizer'))).vocab;
@@ -251,6 +256,10 @@ export class DiffusionTask implements TrainingTask {
           if (!key.startsWith(`${prefix}.`)) continue;
           const name = key.slice(prefix.length + 1);
           const found = names.has(name) ? f.info(name).shape : undefined;
+          if (found === undefined && ADDABLE_AT_ZERO.test(key)) {
+            start.set(key, new Float32Array(shape.reduce((a, d) => a * d, 1)));
+            continue;
+          }
           if (found === undefined || found.join() !== shape.join())
             throw new UserError(
               'bad-init',
