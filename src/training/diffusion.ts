@@ -14,7 +14,7 @@ import type { GenerationDefaults } from '../pipelines/stable-diffusion.js';
 import type { RuntimeOptions } from '../runtime/session.js';
 import { alphasCumprodFor } from '../schedulers/scheduler.js';
 import type { TorchGenerator } from '../tensor/rng.js';
-import { Tensor } from '../tensor/tensor.js';
+import { shapeSize, Tensor } from '../tensor/tensor.js';
 import { WordTokenizer } from '../tokenizers/word.js';
 import type { DataRandom, TrainingTask } from './trainer.js';
 
@@ -257,7 +257,7 @@ export class DiffusionTask implements TrainingTask {
           const name = key.slice(prefix.length + 1);
           const found = names.has(name) ? f.info(name).shape : undefined;
           if (found === undefined && ADDABLE_AT_ZERO.test(key)) {
-            start.set(key, new Float32Array(shape.reduce((a, d) => a * d, 1)));
+            start.set(key, new Float32Array(shapeSize(shape)));
             continue;
           }
           if (found === undefined || found.join() !== shape.join())
