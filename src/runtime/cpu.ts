@@ -36,7 +36,7 @@ export function defaultComputeThreads(): number {
 }
 
 /** The instruction-set features that decide matrix speed, as /proc/cpuinfo names them. */
-const MATRIX_FEATURES = [
+export const MATRIX_FEATURES: readonly string[] = [
   'avx2',
   'fma',
   'avx512f',
@@ -45,7 +45,7 @@ const MATRIX_FEATURES = [
   'avx512_bf16',
   'amx_bf16',
   'amx_int8',
-] as const;
+];
 
 /**
  * Which processor this is, beyond its marketing name: cloud hosts report "AMD EPYC" for several
