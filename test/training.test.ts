@@ -24,6 +24,7 @@ import { Tensor } from '../src/tensor/tensor.js';
 import { WordTokenizer } from '../src/tokenizers/word.js';
 import { readTrainConfigFile, resolveTrainConfig } from '../src/training/config.js';
 import { DiffusionTask, minSnrWeight } from '../src/training/diffusion.js';
+import { DEFAULT_ADAMW } from '../src/training/step.js';
 import { Trainer } from '../src/training/trainer.js';
 import { assertClose, ddimClipsSample, options, repoRoot, TINY, withTempDir } from './helpers.js';
 
@@ -226,6 +227,62 @@ test('resuming from a checkpoint continues bit for bit', async () => {
     await straight.release();
     await resumed.release();
   });
+});
+
+test('learning_rate_scales: a parameter moves its scale times as far in a step, by its longest prefix; a prefix naming nothing is refused', async () => {
+  const scales = {
+    'text_encoder.': 0,
+    'text_encoder.text_model.embeddings.token_embedding.': 3,
+    'unet.conv_in.': 0.5,
+  };
+  const before = (await Trainer.create(new DiffusionTask(TINY), options(1))).weights('params');
+  const plain = await Trainer.create(new DiffusionTask(TINY), options(1));
+  const scaled = await Trainer.create(new DiffusionTask(TINY), {
+    ...options(1),
+    adam: { ...DEFAULT_ADAMW, learningRateScales: scales },
+  });
+  await plain.runStep();
+  await scaled.runStep();
+  const [plainAfter, scaledAfter] = [plain.weights('params'), scaled.weights('params')];
+  const seen = new Set<number>();
+  for (const [key, start] of Object.entries(before)) {
+    const scale = key.startsWith('text_encoder.text_model.embeddings.token_embedding.')
+      ? 3
+      : key.startsWith('text_encoder.')
+        ? 0
+        : key.startsWith('unet.conv_in.')
+          ? 0.5
+          : 1;
+    seen.add(scale);
+    const a = plainAfter[key]!.data;
+    const b = scaledAfter[key]!.data;
+    let moved = 0;
+    for (let i = 0; i < start.data.length; i++) {
+      const want = scale * (a[i]! - start.data[i]!);
+      const got = b[i]! - start.data[i]!;
+      moved = Math.max(moved, Math.abs(got));
+      assert.ok(
+        Math.abs(got - want) <= 1e-4 * Math.abs(want) + 2e-7,
+        `${key}[${i}] moved ${got}, expected ${scale} × ${a[i]! - start.data[i]!}`,
+      );
+    }
+    if (scale === 0) assert.equal(moved, 0, `${key} moved at scale 0`);
+    else assert.ok(moved > 1e-4, `${key} did not move`);
+  }
+  assert.deepEqual([...seen].sort(), [0, 0.5, 1, 3]);
+  await plain.release();
+  await scaled.release();
+  await assert.rejects(
+    Trainer.create(new DiffusionTask(TINY), {
+      ...options(1),
+      adam: { ...DEFAULT_ADAMW, learningRateScales: { 'unet.no_such_layer': 2 } },
+    }),
+    /learning_rate_scales names 'unet.no_such_layer', which begins no parameter's name; .*\(text_encoder\., unet\.\)/,
+  );
+  assert.throws(
+    () => resolveTrainConfig({ learning_rate_scales: { 'unet.': -1 } }),
+    /'learning_rate_scales' must be a mapping of names to numbers of at least 0/,
+  );
 });
 
 test('a trained model folder loads and generates through the ordinary pipeline', async () => {

@@ -243,6 +243,7 @@ async function diffusionRun(
       weightDecay: config.weight_decay,
       maxGradNorm: config.max_grad_norm,
       ema: true,
+      learningRateScales: config.learning_rate_scales,
     },
     runtime,
   };

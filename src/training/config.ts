@@ -23,6 +23,7 @@ export interface TrainConfig {
   ema_decay: number;
   weight_decay: number;
   max_grad_norm: number;
+  learning_rate_scales: Record<string, number>;
   caption_dropout: number;
   save_every: number;
   sample_every: number;
@@ -65,7 +66,8 @@ export interface TrainConfig {
 }
 
 interface Field {
-  readonly type: 'number' | 'integer' | 'string' | 'object' | 'string[]' | 'integer|null';
+  readonly type:
+    'number' | 'integer' | 'string' | 'object' | 'string[]' | 'integer|null' | 'number map';
   readonly doc: string;
   readonly choices?: readonly string[];
   readonly min?: number;
@@ -114,6 +116,11 @@ export const FIELDS: Readonly<Record<keyof TrainConfig, Field>> = {
     type: 'number',
     min: 0,
     doc: 'clip the gradients’ global norm to this (0 turns clipping off)',
+  },
+  learning_rate_scales: {
+    type: 'number map',
+    min: 0,
+    doc: 'diffusion route: learning-rate multipliers by parameter-name prefix, as PyTorch parameter groups (a parameter takes the longest prefix it starts with, for its update and weight decay; names as in the model files with the folder in front, e.g. text_encoder.text_model.embeddings.token_mixing.weight: 20); empty: every parameter at the schedule’s rate',
   },
   caption_dropout: {
     type: 'number',
@@ -182,6 +189,7 @@ export const DEFAULT_TRAIN_CONFIG: TrainConfig = {
   ema_decay: 0.999,
   weight_decay: 0.01,
   max_grad_norm: 1,
+  learning_rate_scales: {},
   caption_dropout: DEFAULT_DIFFUSION_RECIPE.captionDropout,
   save_every: 500,
   sample_every: 500,
@@ -262,6 +270,19 @@ function check(key: string, value: unknown): void {
     case 'string[]':
       if (!Array.isArray(value) || !value.every((v) => typeof v === 'string'))
         bad('a list of strings');
+      break;
+    case 'number map':
+      if (
+        typeof value !== 'object' ||
+        value === null ||
+        Array.isArray(value) ||
+        !Object.values(value).every(
+          (v) => typeof v === 'number' && Number.isFinite(v) && v >= (field.min ?? -Infinity),
+        )
+      )
+        bad(
+          `a mapping of names to numbers${field.min !== undefined ? ` of at least ${field.min}` : ''}`,
+        );
       break;
     case 'object': {
       if (typeof value !== 'object' || value === null || Array.isArray(value)) bad('an object');

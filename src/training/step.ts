@@ -2,7 +2,7 @@ import { gradients } from '../graph/autodiff.js';
 import { Graph, type Value } from '../graph/ir.js';
 import * as op from '../graph/ops.js';
 import type { ParameterSource } from '../nn/module.js';
-import { Tensor } from '../tensor/tensor.js';
+import { shapeSize, Tensor } from '../tensor/tensor.js';
 
 /**
  * One training step as one ONNX graph: forward, loss, backward, global-norm gradient clipping,
@@ -22,6 +22,12 @@ export interface AdamWConfig {
   readonly maxGradNorm: number;
   /** Keep an EMA of the weights. */
   readonly ema: boolean;
+  /**
+   * Learning-rate multipliers by parameter-name prefix, as PyTorch's parameter groups: a parameter
+   * takes the scale of the longest prefix it starts with (1 when none does), for its update and its
+   * weight decay alike.
+   */
+  readonly learningRateScales?: Readonly<Record<string, number>>;
 }
 
 export const DEFAULT_ADAMW: AdamWConfig = {
@@ -41,6 +47,18 @@ export const next = (name: string) => `next/${name}`;
 /** Scalar inputs the host sets every step. */
 export const STEP_SCALARS = ['lr', 'bias_correction1', 'bias_correction2', 'ema_decay'] as const;
 
+/** The learning-rate multiplier of parameter `key` (see AdamWConfig.learningRateScales). */
+export function learningRateScaleOf(
+  scales: Readonly<Record<string, number>> | undefined,
+  key: string,
+): number {
+  let best: string | undefined;
+  for (const prefix of Object.keys(scales ?? {}))
+    if (key.startsWith(prefix) && (best === undefined || prefix.length > best.length))
+      best = prefix;
+  return best === undefined ? 1 : scales![best]!;
+}
+
 /** Where each parameter sits in the flat vector. */
 export interface ParameterLayout {
   readonly keys: readonly string[];
@@ -54,7 +72,7 @@ export function parameterLayout(shapes: ReadonlyMap<string, readonly number[]>):
   let size = 0;
   for (const [key, shape] of shapes) {
     offsets.set(key, size);
-    size += shape.reduce((a, d) => a * d, 1);
+    size += shapeSize(shape);
   }
   return { keys: [...shapes.keys()], shapes, offsets, size };
 }
@@ -68,7 +86,7 @@ export function unflatten(
   for (const key of layout.keys) {
     const shape = layout.shapes.get(key)!;
     const offset = layout.offsets.get(key)!;
-    const n = shape.reduce((a, d) => a * d, 1);
+    const n = shapeSize(shape);
     out[key] = new Tensor('float32', shape, flat.subarray(offset, offset + n));
   }
   return out;
@@ -107,7 +125,7 @@ export function flatParameters(
     for (const key of layout.keys) {
       const shape = layout.shapes.get(key)!;
       const offset = layout.offsets.get(key)!;
-      const n = shape.reduce((a, d) => a * d, 1);
+      const n = shapeSize(shape);
       values.set(key, op.reshape(op.slice(flat, [offset], [offset + n], [0]), shape));
     }
   });
@@ -167,6 +185,20 @@ export function buildTrainStep(
     const m2 = op.add(op.mul(m, config.beta1), op.mul(g, 1 - config.beta1));
     const v2 = op.add(op.mul(v, config.beta2), op.mul(op.mul(g, g), 1 - config.beta2));
     const update = op.div(op.mul(m2, bc1), op.add(op.sqrt(op.mul(v2, bc2)), config.eps));
+    // A step size per element when any parameter's learning rate is scaled; the scalar otherwise.
+    const scales = layout.keys.map((key) => learningRateScaleOf(config.learningRateScales, key));
+    let step: Value = lr;
+    if (scales.some((s) => s !== 1)) {
+      const perElement = new Float32Array(layout.size);
+      layout.keys.forEach((key, i) => {
+        const offset = layout.offsets.get(key)!;
+        perElement.fill(scales[i]!, offset, offset + shapeSize(layout.shapes.get(key)!));
+      });
+      step = op.mul(
+        graph.constant(new Tensor('float32', [layout.size], perElement), 'learning_rate_scale'),
+        lr,
+      );
+    }
     let p = flat;
     if (config.weightDecay > 0) {
       const mask = new Float32Array(layout.size);
@@ -176,18 +208,18 @@ export function buildTrainStep(
           mask.fill(
             config.weightDecay,
             layout.offsets.get(key)!,
-            layout.offsets.get(key)! + shape.reduce((a, d) => a * d, 1),
+            layout.offsets.get(key)! + shapeSize(shape),
           );
       }
       p = op.sub(
         p,
         op.mul(
           op.mul(p, graph.constant(new Tensor('float32', [layout.size], mask), 'weight_decay')),
-          lr,
+          step,
         ),
       );
     }
-    const p2 = op.sub(p, op.mul(update, lr));
+    const p2 = op.sub(p, op.mul(update, step));
     graph.output(p2, next('params'));
     graph.output(m2, next('adam_m'));
     graph.output(v2, next('adam_v'));

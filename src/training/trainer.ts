@@ -134,6 +134,12 @@ export class StepRunner {
     options: { adam: AdamWConfig; runtime: RuntimeOptions; cacheKey: string },
   ): Promise<StepRunner> {
     const layout = parameterLayout(shapes);
+    for (const prefix of Object.keys(options.adam.learningRateScales ?? {}))
+      if (!layout.keys.some((key) => key.startsWith(prefix)))
+        throw new UserError(
+          'bad-config',
+          `learning_rate_scales names '${prefix}', which begins no parameter's name; parameters are named as in the model's safetensors files with their folder in front (${[...new Set(layout.keys.map((k) => k.split('.')[0]))].map((p) => `${p}.`).join(', ')})`,
+        );
     const session = await Session.create(
       {
         key: JSON.stringify({ trainStep: options.cacheKey, adam: options.adam }),
