@@ -3,6 +3,7 @@ import { parseArgs } from 'node:util';
 import { UserError } from '../errors.js';
 import { SafetensorsFile } from '../io/safetensors.js';
 import { describeModelFolder, type ModelFolderSummary } from '../loaders/describe.js';
+import { shapeSize } from '../tensor/tensor.js';
 import { formatBytes, formatCount, table } from './format.js';
 
 export const INSPECT_USAGE = `usage: gesso inspect PATH [--json]
@@ -29,7 +30,7 @@ async function inspectFile(path: string): Promise<FileReport> {
 }
 
 function printFile(report: FileReport): string {
-  const parameters = report.tensors.reduce((n, t) => n + t.shape.reduce((a, d) => a * d, 1), 0);
+  const parameters = report.tensors.reduce((n, t) => n + shapeSize(t.shape), 0);
   const dtypes = [...new Set(report.tensors.map((t) => t.dtype))].join(', ');
   const lines = [
     `${report.path}: ${report.tensors.length} tensors, ${formatCount(parameters)} parameters, ${formatBytes(report.bytes)}${dtypes ? ` (${dtypes})` : ''}`,

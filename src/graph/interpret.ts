@@ -1,4 +1,4 @@
-import { Tensor } from '../tensor/tensor.js';
+import { shapeSize as size, Tensor } from '../tensor/tensor.js';
 import type { Attr, Graph, Node, Value } from './ir.js';
 
 /**
@@ -13,8 +13,6 @@ export interface F64 {
   readonly shape: readonly number[];
   readonly data: Float64Array;
 }
-
-const size = (shape: readonly number[]) => shape.reduce((a, d) => a * d, 1);
 
 function strides(shape: readonly number[]): number[] {
   const out = new Array<number>(shape.length);

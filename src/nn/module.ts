@@ -1,4 +1,5 @@
 import type { Graph, Value } from '../graph/ir.js';
+import { shapeSize } from '../tensor/tensor.js';
 import type { Int8Source } from './quantize.js';
 
 /**
@@ -104,8 +105,7 @@ export abstract class Module {
     for (const [name, shape] of this.parameterShapes) {
       const init = this.parameterInits.get(name)!;
       let values: Float32Array;
-      if (init.kind === 'constant')
-        values = new Float32Array(shape.reduce((a, d) => a * d, 1)).fill(init.value);
+      if (init.kind === 'constant') values = new Float32Array(shapeSize(shape)).fill(init.value);
       else if (init.kind === 'uniform')
         values = random.rand(shape).data.map((u) => (2 * u - 1) * init.bound);
       else values = random.randn(shape).data.map((z) => z * init.std);
@@ -117,7 +117,7 @@ export abstract class Module {
 
   parameterCount(): number {
     let n = 0;
-    for (const shape of this.namedParameters().values()) n += shape.reduce((a, d) => a * d, 1);
+    for (const shape of this.namedParameters().values()) n += shapeSize(shape);
     return n;
   }
 

@@ -12,7 +12,7 @@ import {
   type TensorInfo,
 } from '../io/safetensors.js';
 import { bytesPerElement, isFloatingDType, type DType } from '../tensor/dtype.js';
-import { Tensor } from '../tensor/tensor.js';
+import { shapeSize, Tensor } from '../tensor/tensor.js';
 import type { Module, ParameterSource } from './module.js';
 import { quantizePerChannel, type Int8Source } from './quantize.js';
 
@@ -166,7 +166,7 @@ export class WeightSet {
   get computeBytes(): number {
     let bytes = 0;
     for (const r of this.records.values()) {
-      const count = r.shape.reduce((a, b) => a * b, 1);
+      const count = shapeSize(r.shape);
       bytes += count * (isFloatingDType(r.dtype) ? 4 : bytesPerElement(r.dtype));
     }
     return bytes;
@@ -233,7 +233,7 @@ export class WeightSet {
       try {
         await writeSafetensors(path, entries);
       } catch (error) {
-        const bytes = half.reduce((n, r) => n + 4 * r.shape.reduce((a, b) => a * b, 1), 0);
+        const bytes = half.reduce((n, r) => n + 4 * shapeSize(r.shape), 0);
         throw new UserError(
           'weight-copy-failed',
           `could not write the float32 copy of ${this.origin}'s half-precision weights (${(bytes / 1e9).toFixed(2)} GB) to ${path}: ${(error as Error).message}; free that space, point GESSO_CACHE_DIR at a disk with room, or use float32 weight files`,

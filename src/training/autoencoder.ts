@@ -11,7 +11,7 @@ import type { ParameterSource } from '../nn/module.js';
 import { Vae } from '../pipelines/components.js';
 import type { RuntimeOptions } from '../runtime/session.js';
 import type { TorchGenerator } from '../tensor/rng.js';
-import { Tensor } from '../tensor/tensor.js';
+import { shapeSize, Tensor } from '../tensor/tensor.js';
 import { DataRandom, type TrainingTask } from './trainer.js';
 
 /**
@@ -348,7 +348,7 @@ export class DecoderTask implements TrainingTask {
 
   get trainedParameters(): number {
     let n = 0;
-    for (const shape of this.shapes.values()) n += shape.reduce((a, d) => a * d, 1);
+    for (const shape of this.shapes.values()) n += shapeSize(shape);
     return n;
   }
 

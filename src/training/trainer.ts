@@ -15,6 +15,7 @@ import {
   type AdamWConfig,
   type ParameterLayout,
   type StateName,
+  unflatten,
 } from './step.js';
 
 /**
@@ -188,18 +189,8 @@ export class StepRunner {
 
   /** Named weights (the EMA by default) as inference loads them. */
   weights(which: 'ema' | 'params' = 'ema'): Record<string, Tensor<'float32'>> {
-    const flat = this.state[which];
-    const out: Record<string, Tensor<'float32'>> = {};
-    for (const key of this.layout.keys) {
-      const shape = this.layout.shapes.get(key)!;
-      const offset = this.layout.offsets.get(key)!;
-      out[key] = new Tensor(
-        'float32',
-        shape,
-        flat.slice(offset, offset + shape.reduce((a, d) => a * d, 1)),
-      );
-    }
-    return out;
+    // A copy: the state's vectors are the step's outputs, replaced every step.
+    return unflatten(this.layout, this.state[which].slice());
   }
 
   /** The state tensors for a checkpoint, names prefixed. */
