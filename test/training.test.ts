@@ -283,6 +283,10 @@ test('learning_rate_scales: a parameter moves its scale times as far in a step, 
     () => resolveTrainConfig({ learning_rate_scales: { 'unet.': -1 } }),
     /'learning_rate_scales' must be a mapping of names to numbers of at least 0/,
   );
+  assert.throws(
+    () => resolveTrainConfig({ route: 'autoencoder', learning_rate_scales: { 'decoder.': 2 } }),
+    /learning_rate_scales applies to the diffusion route only; remove it to train route autoencoder/,
+  );
 });
 
 test('a trained model folder loads and generates through the ordinary pipeline', async () => {

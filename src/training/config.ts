@@ -337,7 +337,13 @@ export function resolveTrainConfig(...layers: readonly Record<string, unknown>[]
           : value;
     }
   }
-  return config as unknown as TrainConfig;
+  const resolved = config as unknown as TrainConfig;
+  if (resolved.route !== 'diffusion' && Object.keys(resolved.learning_rate_scales).length > 0)
+    throw new UserError(
+      'bad-config',
+      `learning_rate_scales applies to the diffusion route only; remove it to train route ${resolved.route}`,
+    );
+  return resolved;
 }
 
 export function describeFields(): string {
