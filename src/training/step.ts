@@ -185,39 +185,31 @@ export function buildTrainStep(
     const m2 = op.add(op.mul(m, config.beta1), op.mul(g, 1 - config.beta1));
     const v2 = op.add(op.mul(v, config.beta2), op.mul(op.mul(g, g), 1 - config.beta2));
     const update = op.div(op.mul(m2, bc1), op.add(op.sqrt(op.mul(v2, bc2)), config.eps));
-    // A step size per element when any parameter's learning rate is scaled; the scalar otherwise.
-    const scales = layout.keys.map((key) => learningRateScaleOf(config.learningRateScales, key));
-    let step: Value = lr;
-    if (scales.some((s) => s !== 1)) {
-      const perElement = new Float32Array(layout.size);
-      layout.keys.forEach((key, i) => {
-        const offset = layout.offsets.get(key)!;
-        perElement.fill(scales[i]!, offset, offset + shapeSize(layout.shapes.get(key)!));
-      });
-      step = op.mul(
-        graph.constant(new Tensor('float32', [layout.size], perElement), 'learning_rate_scale'),
-        lr,
-      );
-    }
-    let p = flat;
-    if (config.weightDecay > 0) {
-      const mask = new Float32Array(layout.size);
+    // A vector over the flat parameters holding each parameter's own value in its range.
+    const perElement = (
+      valueOf: (key: string, shape: readonly number[]) => number,
+      name: string,
+    ) => {
+      const values = new Float32Array(layout.size);
       for (const key of layout.keys) {
         const shape = layout.shapes.get(key)!;
-        if (decays(key, shape))
-          mask.fill(
-            config.weightDecay,
-            layout.offsets.get(key)!,
-            layout.offsets.get(key)! + shapeSize(shape),
-          );
+        const offset = layout.offsets.get(key)!;
+        values.fill(valueOf(key, shape), offset, offset + shapeSize(shape));
       }
-      p = op.sub(
-        p,
-        op.mul(
-          op.mul(p, graph.constant(new Tensor('float32', [layout.size], mask), 'weight_decay')),
-          step,
-        ),
+      return graph.constant(new Tensor('float32', [layout.size], values), name);
+    };
+    // A step size per element when any parameter's learning rate is scaled; the scalar otherwise.
+    const scaleOf = (key: string) => learningRateScaleOf(config.learningRateScales, key);
+    const step: Value = layout.keys.some((key) => scaleOf(key) !== 1)
+      ? op.mul(perElement(scaleOf, 'learning_rate_scale'), lr)
+      : lr;
+    let p = flat;
+    if (config.weightDecay > 0) {
+      const decay = perElement(
+        (key, shape) => (decays(key, shape) ? config.weightDecay : 0),
+        'weight_decay',
       );
+      p = op.sub(p, op.mul(op.mul(p, decay), step));
     }
     const p2 = op.sub(p, op.mul(update, step));
     graph.output(p2, next('params'));
