@@ -2,8 +2,8 @@
 # The bundled default model, models/shapes-diffusion, from nothing: the autoencoder whose latents
 # it works in, then the diffusion model, then a fine-tune of it, fp16 weights into models/, and a
 # second and third fine-tune of those: about 5 h 45 min on 2 CPU cores up to the second fine-tune,
-# which took 50 min more on a faster 2-core host, and the third 95 min there. A stage whose run folder already holds a checkpoint continues
-# it with --resume (a finished stage then does nothing).
+# which took 50 min more on a faster 2-core host, and the third 95 min there. A stage whose run
+# folder already holds a checkpoint continues it with --resume (a finished stage then does nothing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gesso() { node dist/src/cli/main.js "$@"; }
