@@ -9,6 +9,7 @@ import { decodePng, encodePng, readPngText } from '../src/io/png.js';
 import { parseInfotext } from '../src/io/infotext.js';
 import { StableDiffusionPipeline } from '../src/pipelines/stable-diffusion.js';
 import { createServer, type GessoServer } from '../src/server/app.js';
+import type { JobEvent } from '../src/server/jobs.js';
 import { ModelManager } from '../src/server/models.js';
 import { fixtures, golden, needsGolden, tinyModel, writeRandomLora } from './helpers.js';
 
@@ -415,9 +416,28 @@ test('AUTOMATIC1111 txt2img: its response shape, base64 images and info as a JSO
 });
 
 test('the event stream reports every step, previews, and the finished image URLs', async () => {
+  // A job's step never runs ahead of the events announced for it, even while a preview is made:
+  // a stream opening in between would otherwise show a step and then be sent it again.
+  const announced = new Map<string, number>();
+  const ahead: string[] = [];
+  const record = (event: JobEvent) => {
+    if (event.type === 'progress') announced.set(event.job.id, event.job.step);
+  };
+  server.queue.on('event', record);
   const submitted = await post('/api/jobs', { prompt: 'a yellow diamond', steps: 6, seed: 5 });
   assert.equal(submitted.status, 202);
-  const events = await readEvents(submitted.body.id as string);
+  const id = submitted.body.id as string;
+  const watching = (async () => {
+    for (let job = server.queue.get(id)!; !['done', 'failed'].includes(job.state);) {
+      if (job.state === 'running' && job.step > (announced.get(id) ?? 0))
+        ahead.push(`step ${job.step} before its event`);
+      await new Promise((f) => setImmediate(f));
+    }
+  })();
+  const events = await readEvents(id);
+  await watching;
+  server.queue.off('event', record);
+  assert.deepEqual(ahead, []);
   // The stream opens with the job as it stands (steps may have run before the client connected:
   // the server is not blocked by them), then reports every step after that one.
   const opened = events[0]!.data.progress.step;

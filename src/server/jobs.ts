@@ -334,15 +334,19 @@ export class JobQueue extends EventEmitter {
           ...(r.prompt_syntax !== undefined ? { promptSyntax: r.prompt_syntax } : {}),
           signal: controller.signal,
           onProgress: (step, steps, latents) => {
-            job.step = done + Math.round((step / steps) * stepsPerBatch);
+            // The job's step moves only as it is announced: a stream that opens while a preview
+            // is being made must not show a step whose event is still to come.
+            const reached = done + Math.round((step / steps) * stepsPerBatch);
             const wantPreview =
               step === steps || (this.previewEvery > 0 && step % this.previewEvery === 0);
             if (!wantPreview || !(pipe instanceof StableDiffusionPipeline)) {
+              job.step = reached;
               this.announce({ type: 'progress', job });
               return;
             }
             return this.previewOf(pipe, latents).then((preview) => {
               this.latestPreview = preview;
+              job.step = reached;
               this.announce({ type: 'progress', job, preview });
             });
           },
