@@ -79,6 +79,49 @@ test('fidelity: wrong images fail — blank canvases, and each image scored agai
   assert.ok(score.perCategory.counting < 0.5, `counting ${score.perCategory.counting}`);
 });
 
+test('fidelity: the binding diagnosis tells swapped colours and mirrored relations from misses', () => {
+  const relation: FidelityPrompt = {
+    category: 'spatial relation',
+    prompt: 'a red circle to the left of a blue square',
+    expect: { kind: 'pair', a: ['red', 'circle'], b: ['blue', 'square'], relation: 'left of' },
+  };
+  const sameColour: FidelityPrompt = {
+    category: 'two objects',
+    prompt: 'a red circle and a red square',
+    expect: { kind: 'pair', a: ['red', 'circle'], b: ['red', 'square'] },
+  };
+  const object = (shape: 'circle' | 'square', colour: 'red' | 'blue', cx: number) =>
+    ({ shape, colour, size: 20, cx, cy: 32 }) as const;
+  const scenes = [
+    [object('circle', 'red', 16), object('square', 'blue', 48)], // as asked
+    [object('circle', 'red', 48), object('square', 'blue', 16)], // mirrored
+    [object('square', 'red', 16), object('circle', 'blue', 48)], // colours swapped, named side
+    [object('circle', 'red', 32)], // one object: neither
+    [object('circle', 'red', 16), object('square', 'red', 48)], // the same-colour prompt, as asked
+  ].map((objects) => ({ background: 'gray' as const, objects }));
+  const prompts = [relation, relation, relation, relation, sameColour];
+  const result = scoreFidelity(prompts, render(scenes));
+  assert.deepEqual(
+    result.results.map((r) => r.passed),
+    [true, false, false, false, true],
+  );
+  assert.deepEqual(result.binding, {
+    pairImages: 4,
+    swapped: 1,
+    relationImages: 3,
+    relationNamed: 2,
+    relationMirrored: 1,
+  });
+
+  // Clean renders of a whole prompt set: nothing swapped or mirrored, every relation as named.
+  const all = fidelityPrompts(5, 12);
+  const clean = scoreFidelity(all, perfectImages(all, 3)).binding;
+  assert.ok(clean.pairImages > 10 && clean.relationImages > 5, JSON.stringify(clean));
+  assert.equal(clean.swapped, 0);
+  assert.equal(clean.relationMirrored, 0);
+  assert.equal(clean.relationNamed, clean.relationImages);
+});
+
 test('statistics: eigen decomposition, matrix square root and Fréchet distance in closed form', () => {
   const a = [
     Float64Array.from([4, 1, 0.5]),
@@ -412,9 +455,11 @@ test('GAN route: trains, resumes bit for bit, exports a folder that generates in
     assert.ok(report.size.parameters > 0);
     assert.equal(report.autoencoder, undefined, 'a GAN has no latent space to bound it');
     const saved = JSON.parse(await readFile(join(dir, 'eval', 'report.json'), 'utf8')) as {
-      fidelity: { overall: number };
+      fidelity: { overall: number; binding: unknown };
     };
     assert.equal(saved.fidelity.overall, report.fidelity.overall);
+    assert.deepEqual(saved.fidelity.binding, report.fidelity.binding);
+    assert.match(formatReport(report), /^binding: colours swapped .* in \d+ of \d+ pair images;/m);
     const sheet = decodePng(await readFile(join(dir, 'eval', 'counting.png')));
     assert.equal(sheet.width, 2 * 64);
     assert.equal(sheet.height, 64);

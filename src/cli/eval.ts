@@ -6,14 +6,15 @@ import { bundledModelPath, resolveModel } from '../generation/models.js';
 
 export const EVAL_USAGE = `usage: gesso eval [--model DIR] [options]
 
-Measures a model on the shapes world: prompt fidelity per category (a pixel detector checks
-colour, shape, size, position, count and relations), diversity, realism (a Fréchet distance in the
-feature space of gesso's shapes network), speed and peak memory. For a latent model, also its
-autoencoder's ceiling: real images of the same prompts scored after a round trip through its VAE.
-Given an autoencoder's folder instead (a vae/ folder, or what gesso train --route autoencoder
-writes), scores the real images of the prompts after its round trip: the most a latent model
-trained on it could reach. Prints a table; with --out, writes report.json and a contact sheet per
-category.
+Measures a model on the shapes world: prompt fidelity per category (a pixel detector checks colour,
+shape, size, position, count and relations), diversity, realism (a Fréchet distance in the feature
+space of gesso's shapes network), speed and peak memory, and a binding diagnosis of the two-object
+prompts (images with each named colour on the other's shape; for relations, on which side the
+first-named colour's object lands). For a latent model, also its autoencoder's ceiling: real images
+of the same prompts scored after a round trip through its VAE. Given an autoencoder's folder
+instead (a vae/ folder, or what gesso train --route autoencoder writes), scores the real images of
+the prompts after its round trip: the most a latent model trained on it could reach. Prints a
+table; with --out, writes report.json and a contact sheet per category.
 
   --model DIR|NAME        a model folder, bundled name, Hub id or autoencoder folder
                           (default: shapes-diffusion)

@@ -20,6 +20,7 @@ import {
   fidelityPrompts,
   sceneFor,
   scoreFidelity,
+  type BindingDiagnosis,
   type Category,
   type FidelityPrompt,
   type FidelityResult,
@@ -64,6 +65,7 @@ export interface FidelityScores {
   readonly perCategory: Record<Category, number>;
   readonly overall: number;
   readonly overallSeen: number;
+  readonly binding: BindingDiagnosis;
 }
 
 function scoresOf(result: FidelityResult): FidelityScores {
@@ -71,6 +73,7 @@ function scoresOf(result: FidelityResult): FidelityScores {
     perCategory: { ...result.perCategory },
     overall: result.overall,
     overallSeen: result.overallSeen,
+    binding: result.binding,
   };
 }
 
@@ -313,6 +316,11 @@ export function formatReport(r: EvalReport): string {
     lines.push(`  ${c.padEnd(18)} ${r.fidelity.perCategory[c].toFixed(3)}`);
   lines.push(
     `  ${'overall'.padEnd(18)} ${r.fidelity.overall.toFixed(3)}   (seen pairs only: ${r.fidelity.overallSeen.toFixed(3)})`,
+  );
+  const b = r.fidelity.binding;
+  lines.push(
+    `binding: colours swapped between the two shapes in ${b.swapped} of ${b.pairImages} pair images; ` +
+      `of ${b.relationImages} relation images with one object of each colour, the first-named in the named relation ${b.relationNamed}, in the mirrored one ${b.relationMirrored}`,
   );
   lines.push(
     `diversity: ${r.diversity.generated.toFixed(3)} generated vs ${r.diversity.real.toFixed(3)} real (ratio ${r.diversity.ratio.toFixed(2)})`,

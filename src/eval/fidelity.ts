@@ -210,12 +210,74 @@ export function passes(expect: Expectation, detection: Detection): boolean {
   }
 }
 
+/**
+ * What the pair prompts' images say about binding, beyond pass or fail: whether a model puts each
+ * colour on its own shape and the first-named object on the named side, or only draws the words.
+ */
+export interface BindingDiagnosis {
+  /** Images of pair prompts (two objects, relations) naming two colours and two shapes. */
+  readonly pairImages: number;
+  /** Of those, images of the two named colours and shapes with each colour on the other's shape. */
+  readonly swapped: number;
+  /** Images of relation prompts naming two colours that show exactly one object of each. */
+  readonly relationImages: number;
+  /** Of those, the first-named colour's object in the named relation to the other (any shapes). */
+  readonly relationNamed: number;
+  /** Of those, the first-named colour's object in the mirrored relation. */
+  readonly relationMirrored: number;
+}
+
+const MIRRORED: Readonly<Record<Relation, Relation>> = {
+  'left of': 'right of',
+  'right of': 'left of',
+  above: 'below',
+  below: 'above',
+};
+
+/** Tallies binding outcomes over scored images (see BindingDiagnosis). */
+export function diagnoseBinding(
+  results: readonly { prompt: FidelityPrompt; detection: Detection }[],
+): BindingDiagnosis {
+  let pairImages = 0;
+  let swapped = 0;
+  let relationImages = 0;
+  let relationNamed = 0;
+  let relationMirrored = 0;
+  for (const { prompt, detection } of results) {
+    const expect = prompt.expect;
+    if (expect.kind !== 'pair') continue;
+    const [colourA, shapeA] = expect.a;
+    const [colourB, shapeB] = expect.b;
+    if (colourA === colourB) continue;
+    const objects = detection.objects;
+    if (shapeA !== shapeB) {
+      pairImages++;
+      const [x, y] = objects;
+      if (
+        objects.length === 2 &&
+        ((matches(x!, colourA, shapeB) && matches(y!, colourB, shapeA)) ||
+          (matches(y!, colourA, shapeB) && matches(x!, colourB, shapeA)))
+      )
+        swapped++;
+    }
+    if (expect.relation === undefined) continue;
+    const ofA = objects.filter((o) => o.colour === colourA);
+    const ofB = objects.filter((o) => o.colour === colourB);
+    if (ofA.length !== 1 || ofB.length !== 1) continue;
+    relationImages++;
+    if (holds(ofA[0]!, ofB[0]!, expect.relation)) relationNamed++;
+    else if (holds(ofA[0]!, ofB[0]!, MIRRORED[expect.relation])) relationMirrored++;
+  }
+  return { pairImages, swapped, relationImages, relationNamed, relationMirrored };
+}
+
 export interface FidelityResult {
   readonly perCategory: Readonly<Record<Category, number>>;
   /** Mean of all category scores, held-out pairs included. */
   readonly overall: number;
   /** Mean of the category scores over the colour–shape pairs seen in training. */
   readonly overallSeen: number;
+  readonly binding: BindingDiagnosis;
   readonly results: readonly { prompt: FidelityPrompt; passed: boolean; detection: Detection }[];
 }
 
@@ -250,6 +312,7 @@ export function scoreFidelity(
     perCategory,
     overall: mean(CATEGORIES),
     overallSeen: mean(CATEGORIES.filter((c) => c !== 'held-out pairs')),
+    binding: diagnoseBinding(results),
     results,
   };
 }
