@@ -319,8 +319,8 @@ export function formatReport(r: EvalReport): string {
   );
   const b = r.fidelity.binding;
   lines.push(
-    `binding: colours swapped between the two shapes in ${b.swapped} of ${b.pairImages} pair images; ` +
-      `of ${b.relationImages} relation images with one object of each colour, the first-named in the named relation ${b.relationNamed}, in the mirrored one ${b.relationMirrored}`,
+    `binding: each colour on the other's shape in ${b.swapped} of ${b.pairImages} pair images`,
+    `  relations: of ${b.relationImages} images with one object of each colour, the first-named in the named relation ${b.relationNamed}, in the mirrored one ${b.relationMirrored}`,
   );
   lines.push(
     `diversity: ${r.diversity.generated.toFixed(3)} generated vs ${r.diversity.real.toFixed(3)} real (ratio ${r.diversity.ratio.toFixed(2)})`,
