@@ -47,9 +47,9 @@ install_model runs/shapes-diffusion-ft/model
 # on --prompts 32 --images 2 --seed 9 0.553 → 0.592, on --prompts 8 --images 2 0.586 → 0.594.
 stage configs/shapes-diffusion-ft2.yaml runs/shapes-diffusion-ft2
 install_model runs/shapes-diffusion-ft2/model
-# Then a third, with a token-mixing window added to the text encoder and trained at ten times the
-# schedule's rate (seed 4, 6000 steps, resumed to 12000; about 95 min at 2.0–2.3 steps/s): on
-# --prompts 32 --images 2 --seed 9 0.592 → 0.625 (two objects 0.141 → 0.344), on --prompts 8
+# Then a third, with a token-mixing window of 11 added to the text encoder and trained at ten times
+# the schedule's rate (seed 4, 6000 steps, resumed to 12000; about 95 min at 2.0–2.1 steps/s): on
+# --prompts 32 --images 2 --seed 9 0.592 → 0.648 (two objects 0.141 → 0.328), on --prompts 8
 # --images 2 0.594 → 0.656.
 stage configs/shapes-diffusion-ft3.yaml runs/shapes-diffusion-ft3
 gesso train --resume --out runs/shapes-diffusion-ft3 --steps 12000
