@@ -428,7 +428,7 @@ test('the event stream reports every step, previews, and the finished image URLs
   assert.equal(submitted.status, 202);
   const id = submitted.body.id as string;
   const watching = (async () => {
-    for (let job = server.queue.get(id)!; !['done', 'failed'].includes(job.state);) {
+    for (let job = server.queue.get(id)!; !['done', 'failed', 'cancelled'].includes(job.state);) {
       if (job.state === 'running' && job.step > (announced.get(id) ?? 0))
         ahead.push(`step ${job.step} before its event`);
       await new Promise((f) => setImmediate(f));

@@ -249,20 +249,15 @@ export function diagnoseBinding(
     const [colourA, shapeA] = expect.a;
     const [colourB, shapeB] = expect.b;
     if (colourA === colourB) continue;
-    const objects = detection.objects;
     if (shapeA !== shapeB) {
       pairImages++;
-      const [x, y] = objects;
-      if (
-        objects.length === 2 &&
-        ((matches(x!, colourA, shapeB) && matches(y!, colourB, shapeA)) ||
-          (matches(y!, colourA, shapeB) && matches(x!, colourB, shapeA)))
-      )
+      // Swapped is the pair prompt with the shapes exchanged, in either order.
+      if (passes({ kind: 'pair', a: [colourA, shapeB], b: [colourB, shapeA] }, detection))
         swapped++;
     }
     if (expect.relation === undefined) continue;
-    const ofA = objects.filter((o) => o.colour === colourA);
-    const ofB = objects.filter((o) => o.colour === colourB);
+    const ofA = detection.objects.filter((o) => o.colour === colourA);
+    const ofB = detection.objects.filter((o) => o.colour === colourB);
     if (ofA.length !== 1 || ofB.length !== 1) continue;
     relationImages++;
     if (holds(ofA[0]!, ofB[0]!, expect.relation)) relationNamed++;
